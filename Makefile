@@ -1,0 +1,47 @@
+# meshiam task runner. `make demo` and `make test` are the README's two commands; CI runs
+# `make test` (.ci/run). Every target sets up what it needs first.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+VENV := .venv
+PY := $(VENV)/bin/python
+WASM := target/wasm32-wasip1/release/meshiam_filter.wasm
+BROKER := target/release/meshiam-broker
+
+.PHONY: help setup build wasm broker demo test lint unit integration clean
+
+help:
+	@echo "make demo   - set up, build, run the local demo"
+	@echo "make test   - set up, build, run every test (what CI runs)"
+	@echo "make lint   - rustfmt and clippy (host and wasm)"
+	@echo "make build  - release filter (.wasm) and broker"
+
+setup:
+	@scripts/setup
+
+wasm:
+	cargo build --release --target wasm32-wasip1 -p meshiam-filter
+	@ls -l $(WASM) | awk '{printf "filter size: %d bytes\n", $$5}'
+
+broker:
+	cargo build --release -p meshiam-broker
+
+build: wasm broker
+
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+	cargo clippy --target wasm32-wasip1 -p meshiam-filter -p meshiam-imds -- -D warnings
+
+unit:
+	cargo test --workspace
+
+integration: build
+	$(PY) -m pytest -q tests
+
+test: setup lint unit integration
+
+demo: setup build
+	@scripts/demo
+
+clean:
+	cargo clean

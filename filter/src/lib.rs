@@ -1,0 +1,1 @@
+//! The meshiam proxy-wasm filter (under construction).
