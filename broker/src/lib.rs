@@ -1,1 +1,2 @@
+pub mod kube_source;
 pub mod pods;
