@@ -23,7 +23,7 @@ wasm:
 	@ls -l $(WASM) | awk '{printf "filter size: %d bytes\n", $$5}'
 
 broker:
-	cargo build --release -p meshiam-broker
+	cargo build --release -p meshiam-broker -p meshiam-kube-double --bins --example sdk_client
 
 build: wasm broker
 
