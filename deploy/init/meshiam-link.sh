@@ -11,11 +11,14 @@
 #                        broker pod and nothing is left behind on uninstall.
 #
 # Environment: MESHIAM_LINK_NAME (default meshiam0), MESHIAM_LINK_ADDRESS (default
-# 169.254.170.52/32). Needs CAP_NET_ADMIN in the node's network namespace, nothing else.
+# 169.254.170.52/32), MESHIAM_LINK_TYPE (default dummy; any link type that holds an
+# address without traffic, e.g. bridge on kernels built without the dummy driver).
+# Needs CAP_NET_ADMIN in the node's network namespace, nothing else.
 set -euo pipefail
 
 name=${MESHIAM_LINK_NAME:-meshiam0}
 address=${MESHIAM_LINK_ADDRESS:-169.254.170.52/32}
+link_type=${MESHIAM_LINK_TYPE:-dummy}
 
 log() { printf 'meshiam-link: %s\n' "$*" >&2; }
 
@@ -23,8 +26,8 @@ has_address() { ip -o addr show dev "$name" 2>/dev/null | grep -qF " ${address%/
 
 up() {
   if ! ip link show dev "$name" >/dev/null 2>&1; then
-    ip link add "$name" type dummy
-    log "created $name"
+    ip link add "$name" type "$link_type"
+    log "created $name ($link_type)"
   fi
   if ! has_address; then
     # noprefixroute: the /32 needs no route beyond the local one the kernel adds.
