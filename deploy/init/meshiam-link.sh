@@ -51,8 +51,10 @@ case "${1:-}" in
   down) down ;;
   check) check ;;
   hold)
-    up
+    # The trap first: a SIGTERM that arrives while the link is being set up must still
+    # remove it.
     trap 'down; exit 0' TERM INT
+    up
     # sleep in the background and wait, so the trap runs as soon as the signal arrives.
     while :; do sleep 3600 & wait $! || true; done
     ;;
