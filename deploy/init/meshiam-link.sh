@@ -22,7 +22,13 @@ link_type=${MESHIAM_LINK_TYPE:-dummy}
 
 log() { printf 'meshiam-link: %s\n' "$*" >&2; }
 
-has_address() { ip -o addr show dev "$name" 2>/dev/null | grep -qF " ${address%/*}/"; }
+# Read ip's output whole before matching: with pipefail, `ip | grep -q` fails whenever grep
+# exits early and ip dies of SIGPIPE.
+has_address() {
+  local out
+  out=$(ip -o addr show dev "$name" 2>/dev/null) || return 1
+  [[ $out == *" ${address%/*}/"* ]]
+}
 
 up() {
   if ! ip link show dev "$name" >/dev/null 2>&1; then
@@ -44,7 +50,12 @@ down() {
   fi
 }
 
-check() { has_address && ip -o link show dev "$name" | grep -q 'UP'; }
+check() {
+  local out
+  has_address || return 1
+  out=$(ip -o link show dev "$name" 2>/dev/null) || return 1
+  [[ $out == *"<"*UP*">"* ]]
+}
 
 case "${1:-}" in
   up) up ;;

@@ -38,8 +38,11 @@ def netns():
 
 
 def nsrun(ns, *cmd, check=True, env=None, timeout=30):
-    return subprocess.run(["ip", "netns", "exec", ns, *cmd], capture_output=True, text=True,
-                          check=check, env=env, timeout=timeout)
+    out = subprocess.run(["ip", "netns", "exec", ns, *cmd], capture_output=True, text=True,
+                         env=env, timeout=timeout)
+    if check and out.returncode != 0:
+        pytest.fail(f"{' '.join(cmd)} exited {out.returncode}: {out.stderr.strip()}")
+    return out
 
 
 def save(ns, tool="iptables-save"):
