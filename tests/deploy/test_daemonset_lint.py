@@ -35,7 +35,7 @@ def test_placement(pod):
 
 def test_node_name_from_downward_api(pod):
     env = {e["name"]: e for e in pod["containers"][0]["env"]}
-    assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+    assert env["MESHIAM_NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
 
 
 def test_broker_container_hardened(pod):

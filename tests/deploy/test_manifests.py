@@ -3,27 +3,49 @@ objects strictly against the Kubernetes OpenAPI schemas (kubernetes-validate), I
 objects against the fields of Istio's API (istio_schema.py)."""
 
 import copy
+import shutil
+import subprocess
+import sys
 
 import jsonschema
 import kubernetes_validate
 import pytest
 
-from conftest import KUBE_VERSIONS, MANIFESTS, REPO, is_component, kustomization_dirs, render
+from conftest import (KUBE_VERSIONS, MANIFESTS, REPO, SIDECAR_RENDER_SETS, is_component,
+                      kustomization_dirs, render)
 from istio_schema import SCHEMAS
 
 DIRS = [d for d in kustomization_dirs() if not is_component(d)]
 IDS = [d.relative_to(MANIFESTS).as_posix() for d in DIRS]
 
-# The plain-Envoy sidecar configuration belongs to the filter's side of the project; the
-# kustomizations that embed it can render only once it exists.
-SIDECAR = REPO / "envoy" / "sidecar.yaml"
+# The plain-Envoy sidecar configuration belongs to the filter's side of the project (the
+# template envoy/sidecar.yaml and envoy/render.py); the kustomizations that embed it render
+# only once it exists.
+RENDER_PY = REPO / "envoy" / "render.py"
 
 
-def _render_or_skip(path):
+def render_sidecar(dest):
+    cmd = [sys.executable, str(RENDER_PY), str(REPO / "envoy" / "sidecar.yaml"), "-o", str(dest)]
+    for k, v in SIDECAR_RENDER_SETS.items():
+        cmd += ["--set", f"{k}={v}"]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=30)
+
+
+def _render_or_skip(path, tmp_path):
     rel = path.relative_to(MANIFESTS).as_posix()
-    if rel == "examples/myapp-plain-envoy" and not SIDECAR.exists():
-        pytest.skip("envoy/sidecar.yaml not in this tree yet (the filter branch adds it)")
-    return render(path)
+    if rel != "examples/myapp-plain-envoy":
+        return render(path)
+    if not RENDER_PY.exists():
+        pytest.skip("envoy/render.py and envoy/sidecar.yaml not in this tree yet (the filter branch adds them)")
+    # Render in a copy: the generated envoy.yaml is not kept in the source tree.
+    copy_root = tmp_path / "manifests"
+    shutil.copytree(MANIFESTS, copy_root)
+    render_sidecar(copy_root / "overlays" / "plain-envoy" / "sidecar" / "envoy.yaml")
+    objects = render(copy_root / rel)
+    (cm,) = [o for o in objects if o["kind"] == "ConfigMap"]
+    envoy = cm["data"]["envoy.yaml"]
+    assert "169.254.170.52" in envoy and "8787" in envoy and "@POD_NAME@" in envoy
+    return objects
 
 
 def validate_object(obj, version):
@@ -42,8 +64,8 @@ def test_expected_kustomizations_exist():
 
 @pytest.mark.parametrize("path", DIRS, ids=IDS)
 @pytest.mark.parametrize("version", KUBE_VERSIONS)
-def test_renders_and_validates(path, version):
-    objects = _render_or_skip(path)
+def test_renders_and_validates(path, version, tmp_path):
+    objects = _render_or_skip(path, tmp_path)
     assert objects, "rendered nothing"
     for obj in objects:
         try:
