@@ -372,14 +372,73 @@ def delete_netns(ns):
 # ---------------------------------------------------------------------------- envoy
 
 
+def plugin_config(state):
+    """The filter's plugin config for the stack's sidecars, with --filter-option overrides."""
+    cfg = {
+        "brokerCluster": "meshiam_broker",
+        "brokerAuthority": "meshiam-broker",
+        # Longer than the broker's wait for a pod it has not seen yet, so a pod that asks the
+        # moment it starts is answered rather than timed out by its own sidecar.
+        "brokerTimeoutMs": 3000,
+        "allowPaths": ["meta-data/placement/region", "meta-data/placement/availability-zone"],
+        "identity": {"source": "nodeMetadata"},
+    }
+    if state["mode"] == "loopback":
+        # No iptables capture: the pod addresses its sidecar directly.
+        cfg["metadataHosts"] = ["169.254.169.254", "[fd00:ec2::254]", "127.0.0.1"]
+    for item in state.get("filter_options", []):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise StackError(f"--filter-option wants KEY=JSON, got {item!r}")
+        try:
+            cfg[key] = json.loads(value)
+        except ValueError:
+            cfg[key] = value
+    return cfg
+
+
 def render_envoy(state, entry):
-    raise StackError("envoy rendering not wired yet")
+    sys.path.insert(0, str(ROOT / "envoy"))
+    from render import render  # envoy/render.py
+
+    spec = entry["spec"]
+    loop = state["mode"] == "loopback"
+    values = {
+        "NODE_ID": f"sidecar~{entry['ip']}~{spec['name']}.{spec['namespace']}",
+        "POD_NAME": spec["name"],
+        "POD_NAMESPACE": spec["namespace"],
+        "ADMIN_ADDRESS": "127.0.0.1",
+        "ADMIN_PORT": entry["admin_port"] if loop else ENVOY_ADMIN,
+        "CAPTURE_ADDRESS": "127.0.0.1" if loop else "0.0.0.0",
+        "CAPTURE_PORT": entry["port"] if loop else ENVOY_LISTEN,
+        "BROKER_ADDRESS": node_addr(state),
+        "BROKER_PORT": port(state, "broker"),
+        "WASM_PATH": WASM,
+        "PLUGIN_CONFIG": json.dumps(plugin_config(state), separators=(",", ":")),
+    }
+    text = render(str(ROOT / "envoy/sidecar.yaml"), **values)
+    if loop:
+        # The broker knows a pod by its address: on loopback each sidecar calls it from the
+        # pod's own 127.1.0.x.
+        doc = yaml.safe_load(text)
+        for c in doc["static_resources"]["clusters"]:
+            if c["name"] == "meshiam_broker":
+                c["upstream_bind_config"] = {"source_address": {"address": entry["ip"], "port_value": 0}}
+        text = yaml.safe_dump(doc, sort_keys=False)
+    out = STATE_DIR / "envoy" / f"{entry['index']}.yaml"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    return out
+
+
+def envoy_name(entry):
+    return f"envoy-{entry['spec']['namespace']}-{entry['spec']['name']}"
 
 
 def start_envoy(state, key):
     entry = state["pods"][key]
     cfg = render_envoy(state, entry)
-    name = f"envoy-{entry['netns']}"
+    name = envoy_name(entry)
     argv = [VENV / "bin/envoy", "-c", cfg, "--disable-hot-restart", "--log-level", "warning",
             "--concurrency", "2"]
     if state["mode"] == "netns":
@@ -396,7 +455,37 @@ def start_envoy(state, key):
 
 
 def broker_argv(state):
-    raise StackError("broker arguments not wired yet")
+    kubeconfig = STATE_DIR / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "stack",
+        "clusters": [{"name": "stack", "cluster": {"server": f"http://127.0.0.1:{port(state, 'kube')}"}}],
+        "users": [{"name": "stack", "user": {}}],
+        "contexts": [{"name": "stack", "context": {"cluster": "stack", "user": "stack"}}],
+    }))
+    listen = "0.0.0.0" if state["mode"] == "netns" else "127.0.0.1"
+    argv = [
+        BROKER_BIN,
+        "--listen", f"{listen}:{port(state, 'broker')}",
+        "--admin-listen", f"{listen}:{port(state, 'admin')}",
+        "--pod-source", "kube",
+        "--node-name", NODE_NAME,
+        "--base-role-arn", f"arn:aws:iam::{ACCOUNT}:role/",
+        "--namespace-restriction", "allowed-roles",
+        "--region", REGION,
+        "--node-imds-url", f"http://127.0.0.1:{port(state, 'nodeimds')}",
+        *state.get("broker_args", []),
+    ]
+    env = {
+        "KUBECONFIG": str(kubeconfig),
+        # The node's own credentials (fake, marked): the broker assumes pod roles with them.
+        "AWS_ACCESS_KEY_ID": NODE_ACCESS_KEY,
+        "AWS_SECRET_ACCESS_KEY": NODE_SECRET_KEY,
+        "AWS_REGION": REGION,
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "AWS_ENDPOINT_URL_STS": f"http://127.0.0.1:{port(state, 'sts')}",
+        "MESHIAM_LOG": "info,meshiam_broker=debug",
+    }
+    return argv, env
 
 
 def start_component(state, name):
@@ -476,8 +565,7 @@ def delete_pod(state, key):
         raise StackError(f"no pod {key} in the stack")
     if entry.get("registered"):
         api_delete_pod(state, key)
-    name = f"envoy-{entry['netns']}" if entry["netns"] else f"envoy-loop{entry['index']}"
-    stop_proc(state, name)
+    stop_proc(state, envoy_name(entry))
     if entry["netns"]:
         delete_netns(entry["netns"])
     state["pods"].pop(key, None)
