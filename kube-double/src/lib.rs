@@ -4,8 +4,8 @@
 //! ```no_run
 //! # async fn demo() -> anyhow::Result<()> {
 //! let double = meshiam_kube_double::KubeDouble::start("127.0.0.1:0".parse()?).await?;
-//! let client = kube::Client::try_from(kube::Config::new(double.url().parse()?))?;
-//! # let _ = client; Ok(()) }
+//! let config = kube::Config::new(double.url().parse()?); // plain HTTP, no auth
+//! # let _ = config; Ok(()) }
 //! ```
 //!
 //! Besides the core API, tests can break things on purpose: compact history (the next watch

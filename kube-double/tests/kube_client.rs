@@ -18,8 +18,19 @@ fn pod(name: &str, node: &str) -> Pod {
     .unwrap()
 }
 
+/// A kube client over plain HTTP. `kube::Client::try_from` would build a rustls connector,
+/// which panics when the workspace build enables both of rustls's crypto providers (the
+/// broker's AWS SDK brings aws-lc-rs next to kube's ring) and none is installed.
 async fn client(double: &KubeDouble) -> kube::Client {
-    kube::Client::try_from(kube::Config::new(double.url().parse().unwrap())).unwrap()
+    use kube::client::ConfigExt;
+    let config = kube::Config::new(double.url().parse().unwrap());
+    let http = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http();
+    let service = tower::ServiceBuilder::new()
+        .layer(config.base_uri_layer())
+        .map_err(tower::BoxError::from)
+        .service(http);
+    kube::Client::new(service, config.default_namespace)
 }
 
 #[tokio::test]
