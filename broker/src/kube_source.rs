@@ -1,7 +1,20 @@
 //! The Kubernetes pod source: watches this node's pods (and, for namespace restrictions, the
 //! namespaces) and keeps a [`PodStore`] up to date.
+//!
+//! kube-rs's `watcher` does the list/watch protocol (paged list, resume from the last
+//! resourceVersion or bookmark, re-list after 410 Gone) and `default_backoff` paces retries
+//! after API errors. The [`PodStore`] plays the part of kube's reflector store: a re-list
+//! (`Init` … `InitDone`) is buffered and swapped in whole, so pods deleted while the watch
+//! was down disappear, and the store only reports synced after the first complete list.
 
-use crate::pods::PodStore;
+use std::net::IpAddr;
+
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::core::v1 as k8s;
+use kube::Api;
+use kube::runtime::{WatchStreamExt, watcher};
+
+use crate::pods::{Namespace, Pod, PodKey, PodPhase, PodStore, canonical};
 
 /// What the Kubernetes source watches.
 #[derive(Debug, Clone)]
@@ -14,11 +27,279 @@ pub struct KubeSourceConfig {
 }
 
 /// Runs until the client fails for good. Marks the store synced after the first full lists.
+///
+/// API errors are retried with kube's default backoff and logged; they never end the source.
+/// It returns only if a watch stream ends, which kube's watcher never does.
 pub async fn run(
     client: kube::Client,
     cfg: KubeSourceConfig,
     store: PodStore,
 ) -> anyhow::Result<()> {
-    let _ = (client, cfg, store);
-    anyhow::bail!("the Kubernetes pod source is not built yet")
+    let pods = watcher(
+        Api::<k8s::Pod>::all(client.clone()),
+        watcher::Config::default().fields(&format!("spec.nodeName={}", cfg.node_name)),
+    )
+    .default_backoff();
+    tracing::info!(node = %cfg.node_name, namespaces = cfg.watch_namespaces, "watching pods");
+    let pods = mirror(pods, PodMirror(store.clone()));
+    if cfg.watch_namespaces {
+        let namespaces = watcher(
+            Api::<k8s::Namespace>::all(client),
+            watcher::Config::default(),
+        )
+        .default_backoff();
+        let namespaces = mirror(namespaces, NamespaceMirror(store));
+        tokio::try_join!(pods, namespaces)?;
+    } else {
+        store.mark_namespaces_synced();
+        pods.await?;
+    }
+    Ok(())
+}
+
+/// Where one watched resource lands in the [`PodStore`].
+trait Mirror<K> {
+    const WHAT: &'static str;
+    fn apply(&self, obj: &K);
+    fn delete(&self, obj: &K);
+    /// A complete list: replaces everything.
+    fn replace(&self, objs: &[K]);
+    fn mark_synced(&self);
+}
+
+/// Feeds a watcher's events into `target` until the stream ends.
+async fn mirror<K, S, M>(events: S, target: M) -> anyhow::Result<()>
+where
+    S: Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
+    M: Mirror<K>,
+{
+    let mut events = std::pin::pin!(events);
+    let mut relist: Vec<K> = Vec::new();
+    let mut synced = false;
+    while let Some(event) = events.next().await {
+        match event {
+            Ok(watcher::Event::Apply(obj)) => target.apply(&obj),
+            Ok(watcher::Event::Delete(obj)) => target.delete(&obj),
+            Ok(watcher::Event::Init) => relist.clear(),
+            Ok(watcher::Event::InitApply(obj)) => relist.push(obj),
+            Ok(watcher::Event::InitDone) => {
+                target.replace(&relist);
+                tracing::info!(what = M::WHAT, count = relist.len(), "listed");
+                relist = Vec::new();
+                if !synced {
+                    synced = true;
+                    target.mark_synced();
+                }
+            }
+            // kube errors carry the API's status message and the request path, never
+            // credentials.
+            Err(err) => tracing::warn!(what = M::WHAT, error = %err, "watch failed; retrying"),
+        }
+    }
+    anyhow::bail!("the {} watch ended", M::WHAT)
+}
+
+struct PodMirror(PodStore);
+
+impl Mirror<k8s::Pod> for PodMirror {
+    const WHAT: &'static str = "pods";
+
+    fn apply(&self, obj: &k8s::Pod) {
+        if let Some(pod) = pod_from_k8s(obj) {
+            tracing::debug!(pod = %pod.key(), ips = ?pod.ips, phase = ?pod.phase, "pod applied");
+            self.0.upsert_pod(pod);
+        }
+    }
+
+    fn delete(&self, obj: &k8s::Pod) {
+        if let Some(pod) = pod_from_k8s(obj) {
+            tracing::debug!(pod = %pod.key(), "pod deleted");
+            self.0.remove_pod(&PodKey::new(pod.namespace, pod.name));
+        }
+    }
+
+    fn replace(&self, objs: &[k8s::Pod]) {
+        self.0.replace_pods(objs.iter().filter_map(pod_from_k8s));
+    }
+
+    fn mark_synced(&self) {
+        self.0.mark_pods_synced();
+    }
+}
+
+struct NamespaceMirror(PodStore);
+
+impl Mirror<k8s::Namespace> for NamespaceMirror {
+    const WHAT: &'static str = "namespaces";
+
+    fn apply(&self, obj: &k8s::Namespace) {
+        if let Some(ns) = namespace_from_k8s(obj) {
+            self.0.upsert_namespace(ns);
+        }
+    }
+
+    fn delete(&self, obj: &k8s::Namespace) {
+        if let Some(name) = &obj.metadata.name {
+            self.0.remove_namespace(name);
+        }
+    }
+
+    fn replace(&self, objs: &[k8s::Namespace]) {
+        self.0
+            .replace_namespaces(objs.iter().filter_map(namespace_from_k8s));
+    }
+
+    fn mark_synced(&self) {
+        self.0.mark_namespaces_synced();
+    }
+}
+
+/// What the broker needs of a Kubernetes Pod; `None` for an object without a name (the API
+/// never sends one).
+pub fn pod_from_k8s(pod: &k8s::Pod) -> Option<Pod> {
+    let meta = &pod.metadata;
+    let name = meta.name.clone().filter(|n| !n.is_empty())?;
+    let spec = pod.spec.as_ref();
+    let status = pod.status.as_ref();
+    // Dual-stack pods list every address in podIPs; podIP is its first entry, and all an
+    // older API server (or a partial status) may give.
+    let mut ips: Vec<IpAddr> = status
+        .and_then(|s| s.pod_ips.as_ref())
+        .map(|ips| ips.iter().filter_map(|ip| parse_ip(&ip.ip)).collect())
+        .unwrap_or_default();
+    if ips.is_empty()
+        && let Some(ip) = status.and_then(|s| s.pod_ip.as_deref()).and_then(parse_ip)
+    {
+        ips.push(ip);
+    }
+    Some(Pod {
+        namespace: meta.namespace.clone().unwrap_or_default(),
+        name,
+        uid: meta.uid.clone().unwrap_or_default(),
+        ips,
+        service_account: spec
+            .and_then(|s| {
+                s.service_account_name
+                    .clone()
+                    .or_else(|| s.service_account.clone())
+            })
+            .unwrap_or_default(),
+        node: spec.and_then(|s| s.node_name.clone()).unwrap_or_default(),
+        host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
+        // No phase yet: the pod has just been created, which the API calls Pending.
+        phase: status
+            .and_then(|s| s.phase.as_deref())
+            .map(PodPhase::parse)
+            .unwrap_or_default(),
+        annotations: meta.annotations.clone().unwrap_or_default(),
+    })
+}
+
+fn parse_ip(s: &str) -> Option<IpAddr> {
+    match s.parse() {
+        Ok(ip) => Some(canonical(ip)),
+        Err(_) => {
+            tracing::warn!(ip = s, "ignoring an unparsable pod IP");
+            None
+        }
+    }
+}
+
+/// A namespace's name and annotations; `None` without a name.
+pub fn namespace_from_k8s(ns: &k8s::Namespace) -> Option<Namespace> {
+    let name = ns.metadata.name.clone().filter(|n| !n.is_empty())?;
+    Some(Namespace {
+        name,
+        annotations: ns.metadata.annotations.clone().unwrap_or_default(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn k8s_pod(v: serde_json::Value) -> k8s::Pod {
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn converts_a_running_dual_stack_pod() {
+        let pod = pod_from_k8s(&k8s_pod(json!({
+            "metadata": {"namespace": "default", "name": "myapp", "uid": "u-1",
+                         "annotations": {"iam.amazonaws.com/role": "myapp-iam-role"}},
+            "spec": {"nodeName": "node-1", "serviceAccountName": "myapp",
+                     "containers": [{"name": "app"}]},
+            "status": {"phase": "Running", "podIP": "198.18.1.10",
+                       "podIPs": [{"ip": "198.18.1.10"}, {"ip": "fd00::10"}]},
+        })))
+        .unwrap();
+        assert_eq!(pod.key(), PodKey::new("default", "myapp"));
+        assert_eq!(pod.uid, "u-1");
+        assert_eq!(
+            pod.ips,
+            vec![
+                "198.18.1.10".parse::<IpAddr>().unwrap(),
+                "fd00::10".parse().unwrap()
+            ]
+        );
+        assert_eq!(pod.service_account, "myapp");
+        assert_eq!(pod.node, "node-1");
+        assert!(!pod.host_network);
+        assert_eq!(pod.phase, PodPhase::Running);
+        assert_eq!(
+            pod.annotation("iam.amazonaws.com/role"),
+            Some("myapp-iam-role")
+        );
+    }
+
+    #[test]
+    fn falls_back_to_pod_ip_and_defaults() {
+        let pod = pod_from_k8s(&k8s_pod(json!({
+            "metadata": {"namespace": "kube-system", "name": "agent"},
+            "spec": {"hostNetwork": true, "serviceAccount": "legacy", "containers": []},
+            "status": {"podIP": "::ffff:10.0.0.5"},
+        })))
+        .unwrap();
+        assert_eq!(pod.ips, vec!["10.0.0.5".parse::<IpAddr>().unwrap()]);
+        assert!(pod.host_network);
+        assert_eq!(pod.service_account, "legacy");
+        assert_eq!(pod.phase, PodPhase::Pending);
+        assert!(pod.annotations.is_empty());
+    }
+
+    #[test]
+    fn a_new_pod_has_no_address_and_odd_values_are_tolerated() {
+        let pending = pod_from_k8s(&k8s_pod(
+            json!({"metadata": {"namespace": "a", "name": "p"}}),
+        ))
+        .unwrap();
+        assert!(pending.ips.is_empty());
+        assert_eq!(pending.phase, PodPhase::Pending);
+        let odd = pod_from_k8s(&k8s_pod(json!({
+            "metadata": {"namespace": "a", "name": "p"},
+            "status": {"phase": "Weird", "podIPs": [{"ip": "not-an-ip"}], "podIP": "198.18.0.3"},
+        })))
+        .unwrap();
+        assert_eq!(odd.phase, PodPhase::Unknown);
+        assert_eq!(odd.ips, vec!["198.18.0.3".parse::<IpAddr>().unwrap()]);
+        assert!(pod_from_k8s(&k8s_pod(json!({"metadata": {}}))).is_none());
+    }
+
+    #[test]
+    fn converts_a_namespace() {
+        let ns: k8s::Namespace = serde_json::from_value(json!({
+            "metadata": {"name": "restricted",
+                         "annotations": {"iam.amazonaws.com/allowed-roles": "[\"allowed-*\"]"}},
+        }))
+        .unwrap();
+        let ns = namespace_from_k8s(&ns).unwrap();
+        assert_eq!(ns.name, "restricted");
+        assert_eq!(
+            ns.annotations
+                .get("iam.amazonaws.com/allowed-roles")
+                .map(String::as_str),
+            Some("[\"allowed-*\"]")
+        );
+    }
 }
