@@ -54,7 +54,8 @@ def start_envoy(wasm, tmp_path):
         n = len(started)
         config = tmp_path / f"envoy-{n}.yaml"
         config.write_text(render(os.path.join(ENVOY_DIR, "sidecar.yaml"), **values))
-        e = Envoy(str(config), port, admin, str(tmp_path / f"envoy-{n}.log"))
+        log = str(tmp_path / f"envoy-{n}.log")
+        e = Envoy(str(config), int(values["CAPTURE_PORT"]), int(values["ADMIN_PORT"]), log)
         started.append(e)
         return e
 

@@ -9,7 +9,7 @@ import pytest
 import requests
 from botocore.utils import InstanceMetadataFetcher
 
-from meshiam_filter_harness import ENVOY_BIN, ENVOY_DIR, ROLE, render
+from meshiam_filter_harness import ENVOY_BIN, ENVOY_DIR, ROLE, free_port, render
 
 CREDS = f"/latest/meta-data/iam/security-credentials/{ROLE}"
 ROLE_LIST = "/latest/meta-data/iam/security-credentials/"
@@ -255,3 +255,22 @@ def test_envoy_validates_every_config(template, wasm, tmp_path):
     )
     assert r.returncode == 0, r.stdout.decode() + r.stderr.decode()
     assert b"OK" in r.stdout + r.stderr
+
+
+def test_recognised_by_original_destination_whatever_the_host(start_envoy, broker, upstream):
+    # On loopback without iptables, the original destination is the listener's own address:
+    # name it as the metadata address, and use an unrelated Host.
+    port = free_port()
+    e = start_envoy(
+        broker.port,
+        plugin={"metadataHosts": [], "metadataAddresses": [f"127.0.0.1:{port}"]},
+        CAPTURE_PORT=port,
+    )
+    r = e.get(ROLE_LIST, host="metadata.example")
+    assert (r.status_code, r.text) == (200, ROLE)
+    # The Host 169.254.169.254 alone no longer makes it metadata traffic in this config,
+    # but the destination still does.
+    r = e.get(ROLE_LIST, host="169.254.169.254")
+    assert (r.status_code, r.text, r.headers["x-meshiam-source"]) == (200, ROLE, "cache")
+    assert upstream.requests == []
+    assert len(broker.requests) == 1
