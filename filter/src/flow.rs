@@ -275,8 +275,14 @@ impl RequestFlow {
             },
             Some(status @ 400..=499) => {
                 let reason = resp.reason.as_deref().unwrap_or("-");
+                // A pod without a role asks again and again: 404 is routine, 403 is not.
+                let level = if status == 404 {
+                    Level::Debug
+                } else {
+                    Level::Info
+                };
                 h.log(
-                    Level::Info,
+                    level,
                     &alloc::format!(
                         "meshiam: broker refused {} with {status} (reason {})",
                         p.label,

@@ -209,8 +209,9 @@ def test_broker_errors_and_timeouts_are_quick_5xx(start_envoy, broker):
 
 
 def test_cached_answers_while_the_broker_is_down(start_envoy, broker):
-    # Fresh for 1 s: the first repeat comes from the cache, later ones are stale serves.
-    e = start_envoy(broker.port, plugin={"cacheFreshSeconds": 1})
+    # Fresh for 2 s (whole seconds: at least 1 s whatever the clock's fraction): the first
+    # repeat comes from the cache; once no longer fresh, answers are stale serves.
+    e = start_envoy(broker.port, plugin={"cacheFreshSeconds": 2})
     assert e.get(ROLE_LIST).text == ROLE
     first = e.get(CREDS).json()
     assert len(broker.requests) == 2
@@ -218,7 +219,7 @@ def test_cached_answers_while_the_broker_is_down(start_envoy, broker):
     assert r.headers["x-meshiam-source"] == "cache"
     assert len(broker.requests) == 2
     broker.stop()
-    time.sleep(1.1)
+    time.sleep(2.05)
     for path in (ROLE_LIST, CREDS):
         r = e.get(path)
         assert r.status_code == 200, path
