@@ -65,6 +65,18 @@ def main(wasm, logdir):
                          timeout=5)
         out["broker_down"] = [r.status_code, "AccessKeyId" in r.text, time.monotonic() - t0]
         out["stats"] = envoy.stats()
+        envoy.stop()
+
+        # Defence in depth: a filter that does not recognise the traffic (misconfigured on
+        # purpose) still cannot send it on: the metadata chain has no upstream.
+        with open(config, "w") as f:
+            f.write(render(os.path.join(ENVOY_DIR, "sidecar.yaml"), WASM_PATH=wasm,
+                           PLUGIN_CONFIG=json.dumps({"metadataHosts": ["nothing.example"],
+                                                     "metadataAddresses": ["192.0.2.1:80"]})))
+        envoy = Envoy(config, 15001, 15000, os.path.join(logdir, "netns-envoy-2.log"))
+        r = requests.get(f"http://169.254.169.254{ROLE_LIST}", headers={"Host": "imds.example"},
+                         timeout=5)
+        out["unrecognised"] = [r.status_code, r.text]
     finally:
         envoy.stop()
         broker.stop()

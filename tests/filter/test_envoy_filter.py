@@ -275,3 +275,14 @@ def test_recognised_by_original_destination_whatever_the_host(start_envoy, broke
     assert (r.status_code, r.text, r.headers["x-meshiam-source"]) == (200, ROLE, "cache")
     assert upstream.requests == []
     assert len(broker.requests) == 1
+
+
+def test_a_metadata_host_is_never_routed_upstream(start_envoy, broker, upstream):
+    # Defence in depth: with a filter that does not recognise the host (misconfigured on
+    # purpose), the route for metadata hosts still answers 503 and forwards nothing.
+    e = start_envoy(
+        broker.port, plugin={"metadataHosts": ["nothing.example"], "metadataAddresses": []}
+    )
+    r = e.get(CREDS, headers={"x-envoy-original-dst-host": f"127.0.0.1:{upstream.port}"})
+    assert (r.status_code, r.text) == (503, "metadata request not answered")
+    assert upstream.requests == [] and broker.requests == []

@@ -44,3 +44,4 @@ def test_pod_namespace_with_iptables_capture(wasm, tmp_path):
     status, leaked, seconds = out["broker_down"]
     assert status in (502, 503, 504) and not leaked and seconds < 1.0
     assert out["stats"].get("wasmcustom.meshiam.tokens_issued", 0) >= 1
+    assert out["unrecognised"] == [503, "metadata request not answered"]
