@@ -1,0 +1,440 @@
+//! Plugin configuration: camelCase JSON, parsed and validated once in `on_configure`.
+//!
+//! Every field is optional; the defaults are a safe sidecar (IMDSv1 allowed as on EC2,
+//! no metadata path beyond the credential paths, identity from Istio's node metadata).
+
+use alloc::format;
+use alloc::string::{String, ToString};
+use alloc::vec;
+use alloc::vec::Vec;
+use core::fmt;
+
+use crate::json::{self, Value};
+
+pub const DEFAULT_BROKER_CLUSTER: &str = "meshiam_broker";
+pub const DEFAULT_BROKER_AUTHORITY: &str = "meshiam-broker";
+/// Below botocore's and aws-sdk-rust's 1 s timeouts, so a stale answer still arrives in time.
+pub const DEFAULT_BROKER_TIMEOUT_MS: u32 = 800;
+pub const DEFAULT_CACHE_FRESH_SECONDS: u64 = 30;
+pub const DEFAULT_STALE_MIN_REMAINING_SECONDS: u64 = 300;
+pub const DEFAULT_METADATA_HOSTS: [&str; 2] = ["169.254.169.254", "[fd00:ec2::254]"];
+pub const DEFAULT_METADATA_ADDRESSES: [&str; 2] = ["169.254.169.254:80", "[fd00:ec2::254]:80"];
+
+/// Where the filter learns which pod it serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IdentitySource {
+    /// Envoy node metadata `NAMESPACE` and `NAME`, as Istio sets them.
+    NodeMetadata,
+    /// Fixed in the plugin config.
+    Config { namespace: String, name: String },
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub broker_cluster: String,
+    pub broker_authority: String,
+    pub broker_timeout_ms: u32,
+    /// Lowercase hosts without port (`169.254.169.254`, `[fd00:ec2::254]`).
+    pub metadata_hosts: Vec<String>,
+    /// `address:port` as Envoy's `destination.address` renders it.
+    pub metadata_addresses: Vec<String>,
+    pub require_imdsv2: bool,
+    pub allow_paths: Vec<String>,
+    pub cache_fresh_seconds: u64,
+    pub stale_min_remaining_seconds: u64,
+    pub identity: IdentitySource,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            broker_cluster: DEFAULT_BROKER_CLUSTER.to_string(),
+            broker_authority: DEFAULT_BROKER_AUTHORITY.to_string(),
+            broker_timeout_ms: DEFAULT_BROKER_TIMEOUT_MS,
+            metadata_hosts: DEFAULT_METADATA_HOSTS
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            metadata_addresses: DEFAULT_METADATA_ADDRESSES
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            require_imdsv2: false,
+            allow_paths: vec![],
+            cache_fresh_seconds: DEFAULT_CACHE_FRESH_SECONDS,
+            stale_min_remaining_seconds: DEFAULT_STALE_MIN_REMAINING_SECONDS,
+            identity: IdentitySource::NodeMetadata,
+        }
+    }
+}
+
+/// Why a configuration was refused: one line, safe to log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError(pub String);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid meshiam plugin configuration: {}", self.0)
+    }
+}
+
+fn err<T>(msg: impl Into<String>) -> Result<T, ConfigError> {
+    Err(ConfigError(msg.into()))
+}
+
+/// The fields of the top-level object, taken one by one so unknown ones are refused.
+struct Fields(Vec<(String, Value)>);
+
+impl Fields {
+    fn take(&mut self, name: &str) -> Option<Value> {
+        let i = self.0.iter().position(|(k, _)| k == name)?;
+        Some(self.0.remove(i).1)
+    }
+
+    fn string(&mut self, name: &str) -> Result<Option<String>, ConfigError> {
+        match self.take(name) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(v) => err(format!("{name} must be a string, not {}", v.kind())),
+        }
+    }
+
+    fn bool(&mut self, name: &str) -> Result<Option<bool>, ConfigError> {
+        match self.take(name) {
+            None => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(b)),
+            Some(v) => err(format!("{name} must be true or false, not {}", v.kind())),
+        }
+    }
+
+    fn number(&mut self, name: &str, max: u64) -> Result<Option<u64>, ConfigError> {
+        match self.take(name) {
+            None => Ok(None),
+            Some(Value::Number(Some(n))) if n >= 0 && n as u64 <= max => Ok(Some(n as u64)),
+            Some(Value::Number(_)) => err(format!("{name} must be a whole number from 0 to {max}")),
+            Some(v) => err(format!("{name} must be a number, not {}", v.kind())),
+        }
+    }
+
+    fn strings(&mut self, name: &str) -> Result<Option<Vec<String>>, ConfigError> {
+        match self.take(name) {
+            None => Ok(None),
+            Some(Value::Array(items)) => items
+                .into_iter()
+                .map(|v| match v {
+                    Value::String(s) => Ok(s),
+                    v => err(format!("{name} must hold strings, not {}", v.kind())),
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map(Some),
+            Some(v) => err(format!(
+                "{name} must be an array of strings, not {}",
+                v.kind()
+            )),
+        }
+    }
+
+    fn object(&mut self, name: &str) -> Result<Option<Fields>, ConfigError> {
+        match self.take(name) {
+            None => Ok(None),
+            Some(Value::Object(f)) => Ok(Some(Fields(f))),
+            Some(v) => err(format!("{name} must be an object, not {}", v.kind())),
+        }
+    }
+
+    /// Refuses whatever was not taken: a misspelt option must not be silently ignored.
+    fn finish(self, within: &str) -> Result<(), ConfigError> {
+        match self.0.first() {
+            None => Ok(()),
+            Some((k, _)) => err(format!("unknown field {within}{k:?}")),
+        }
+    }
+}
+
+/// Parses and validates the plugin configuration. Empty input means all defaults.
+pub fn parse(bytes: &[u8]) -> Result<Config, ConfigError> {
+    let trimmed = bytes.trim_ascii();
+    let mut f = if trimmed.is_empty() {
+        Fields(Vec::new())
+    } else {
+        match json::parse(trimmed).map_err(ConfigError)? {
+            Value::Object(fields) => Fields(fields),
+            v => {
+                return err(format!(
+                    "the configuration must be a JSON object, not {}",
+                    v.kind()
+                ));
+            }
+        }
+    };
+    let raw_broker_cluster = f.string("brokerCluster")?;
+    let raw_broker_authority = f.string("brokerAuthority")?;
+    let raw_timeout = f.number("brokerTimeoutMs", 60_000)?;
+    let raw_hosts = f.strings("metadataHosts")?;
+    let raw_addresses = f.strings("metadataAddresses")?;
+    let require_imdsv2 = f.bool("requireImdsv2")?;
+    let raw_allow = f.strings("allowPaths")?;
+    let raw_fresh = f.number("cacheFreshSeconds", 3600)?;
+    let raw_stale = f.number("staleMinRemainingSeconds", 43_200)?;
+    let raw_identity = match f.object("identity")? {
+        None => None,
+        Some(mut i) => {
+            let source = i.string("source")?;
+            let namespace = i.string("namespace")?;
+            let name = i.string("name")?;
+            i.finish("identity.")?;
+            Some((source.unwrap_or_default(), namespace, name))
+        }
+    };
+    f.finish("")?;
+    let d = Config::default();
+    let broker_cluster = raw_broker_cluster.unwrap_or(d.broker_cluster);
+    if broker_cluster.is_empty() || !is_token(&broker_cluster) {
+        return err("brokerCluster must be a non-empty cluster name without spaces");
+    }
+    let broker_authority = raw_broker_authority.unwrap_or(d.broker_authority);
+    if broker_authority.is_empty() || !is_token(&broker_authority) {
+        return err("brokerAuthority must be a non-empty host[:port] without spaces");
+    }
+    let broker_timeout_ms = raw_timeout.map_or(d.broker_timeout_ms, |t| t as u32);
+    if broker_timeout_ms == 0 {
+        return err("brokerTimeoutMs must be a whole number from 1 to 60000");
+    }
+    let mut metadata_hosts = Vec::new();
+    for h in raw_hosts.unwrap_or(d.metadata_hosts) {
+        match crate::identity::authority_host(&h.to_ascii_lowercase()) {
+            Some(host) if !host.is_empty() && is_token(host) => {
+                metadata_hosts.push(host.to_string())
+            }
+            _ => {
+                return err(format!(
+                    "metadataHosts entry {h:?} is not a host (port 80 only)"
+                ));
+            }
+        }
+    }
+    let metadata_addresses = raw_addresses.unwrap_or(d.metadata_addresses);
+    for a in &metadata_addresses {
+        if a.is_empty() || !is_token(a) || !a.contains(':') {
+            return err(format!("metadataAddresses entry {a:?} is not address:port"));
+        }
+    }
+    if metadata_hosts.is_empty() && metadata_addresses.is_empty() {
+        return err("metadataHosts and metadataAddresses are both empty: nothing to serve");
+    }
+    let allow_paths = raw_allow.unwrap_or(d.allow_paths);
+    for p in &allow_paths {
+        check_allow_path(p)?;
+    }
+    let cache_fresh_seconds = raw_fresh.unwrap_or(d.cache_fresh_seconds);
+    let stale_min_remaining_seconds = raw_stale.unwrap_or(d.stale_min_remaining_seconds);
+    let identity = match raw_identity {
+        None => IdentitySource::NodeMetadata,
+        Some((source, namespace, name)) => match source.as_str() {
+            "nodeMetadata" if namespace.is_none() && name.is_none() => IdentitySource::NodeMetadata,
+            "nodeMetadata" => {
+                return err("identity.namespace and identity.name need identity.source \"config\"");
+            }
+            "config" => match (namespace, name) {
+                (Some(ns), Some(n)) if is_k8s_name(&ns) && is_k8s_name(&n) => {
+                    IdentitySource::Config {
+                        namespace: ns,
+                        name: n,
+                    }
+                }
+                _ => {
+                    return err(
+                        "identity source \"config\" needs namespace and name (Kubernetes names)",
+                    );
+                }
+            },
+            other => {
+                return err(format!(
+                    "identity.source {other:?} is not \"nodeMetadata\" or \"config\""
+                ));
+            }
+        },
+    };
+    Ok(Config {
+        broker_cluster,
+        broker_authority,
+        broker_timeout_ms,
+        metadata_hosts,
+        metadata_addresses,
+        require_imdsv2: require_imdsv2.unwrap_or(d.require_imdsv2),
+        allow_paths,
+        cache_fresh_seconds,
+        stale_min_remaining_seconds,
+        identity,
+    })
+}
+
+fn check_allow_path(p: &str) -> Result<(), ConfigError> {
+    let rel = p.strip_prefix('/').unwrap_or(p);
+    let star = rel.find('*');
+    let ok = !rel.is_empty()
+        && rel
+            .bytes()
+            .all(|c| c.is_ascii_graphic() && !b"%?\\#".contains(&c))
+        && !rel.contains("//")
+        && !rel.split('/').any(|s| s == ".." || s == ".")
+        && star.is_none_or(|i| i + 1 == rel.len());
+    if !ok {
+        return err(format!(
+            "allowPaths entry {p:?} must be a metadata path below the version, \
+             optionally ending in *"
+        ));
+    }
+    // Credential paths are always answered by the broker; an allow-list entry covering them
+    // would be a misunderstanding, so say so rather than silently ignoring it.
+    for reserved in ["meta-data/iam", "api/token"] {
+        let prefix = rel.trim_end_matches('*');
+        if prefix.starts_with(reserved) || (star.is_some() && reserved.starts_with(prefix)) {
+            return err(format!(
+                "allowPaths entry {p:?} covers {reserved}, which the filter handles itself"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Header-safe, no whitespace.
+fn is_token(s: &str) -> bool {
+    s.bytes().all(|c| c.is_ascii_graphic())
+}
+
+/// A Kubernetes object name: lowercase alphanumerics, `-` and `.`, at most 253 characters.
+pub fn is_k8s_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.bytes()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-' || c == b'.')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bad(json: &str) -> String {
+        match parse(json.as_bytes()) {
+            Ok(c) => panic!("accepted {json}: {c:?}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn empty_config_is_all_defaults() {
+        assert_eq!(parse(b""), Ok(Config::default()));
+        assert_eq!(parse(b" {} "), Ok(Config::default()));
+        let d = Config::default();
+        assert_eq!(d.metadata_hosts, ["169.254.169.254", "[fd00:ec2::254]"]);
+        assert_eq!(d.cache_fresh_seconds, 30);
+        assert_eq!(d.stale_min_remaining_seconds, 300);
+        assert!(!d.require_imdsv2);
+        assert!(d.allow_paths.is_empty());
+    }
+
+    #[test]
+    fn full_config_is_read() {
+        let c = parse(
+            br#"{"brokerCluster":"b","brokerAuthority":"broker:8080","brokerTimeoutMs":250,
+                "metadataHosts":["169.254.169.254:80","Metadata.Local"],"metadataAddresses":[],
+                "requireImdsv2":true,"allowPaths":["meta-data/placement/*"],
+                "cacheFreshSeconds":0,"staleMinRemainingSeconds":600,
+                "identity":{"source":"config","namespace":"default","name":"myapp-1"}}"#,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.broker_cluster, "b");
+        assert_eq!(c.broker_timeout_ms, 250);
+        assert_eq!(c.metadata_hosts, ["169.254.169.254", "metadata.local"]);
+        assert!(c.metadata_addresses.is_empty());
+        assert!(c.require_imdsv2);
+        assert_eq!(c.cache_fresh_seconds, 0);
+        assert_eq!(
+            c.identity,
+            IdentitySource::Config {
+                namespace: "default".into(),
+                name: "myapp-1".into()
+            }
+        );
+    }
+
+    #[test]
+    fn validation_errors_are_one_clear_line() {
+        for (json, needle) in [
+            ("{", "JSON error"),
+            ("[]", "must be a JSON object, not an array"),
+            (r#"{"brokerCluter":"x"}"#, "unknown field \"brokerCluter\""),
+            (
+                r#"{"brokerTimeoutMs":"800"}"#,
+                "brokerTimeoutMs must be a number, not a string",
+            ),
+            (r#"{"brokerTimeoutMs":0}"#, "brokerTimeoutMs"),
+            (r#"{"brokerTimeoutMs":-5}"#, "whole number from 0 to 60000"),
+            (r#"{"brokerTimeoutMs":1.5}"#, "whole number"),
+            (r#"{"requireImdsv2":"yes"}"#, "true or false"),
+            (r#"{"metadataHosts":"169.254.169.254"}"#, "array of strings"),
+            (r#"{"metadataHosts":[1]}"#, "must hold strings"),
+            (
+                r#"{"identity":{"source":"config","namespace":"a","name":"b","x":1}}"#,
+                "unknown field identity.\"x\"",
+            ),
+            (r#"{"brokerCluster":""}"#, "brokerCluster"),
+            (r#"{"brokerAuthority":"a b"}"#, "brokerAuthority"),
+            (
+                r#"{"metadataHosts":["169.254.169.254:8080"]}"#,
+                "metadataHosts",
+            ),
+            (r#"{"metadataAddresses":["nope"]}"#, "metadataAddresses"),
+            (
+                r#"{"metadataHosts":[],"metadataAddresses":[]}"#,
+                "both empty",
+            ),
+            (r#"{"allowPaths":["meta-data/iam/*"]}"#, "meta-data/iam"),
+            (r#"{"allowPaths":["meta-data/*"]}"#, "meta-data/iam"),
+            (r#"{"allowPaths":["*"]}"#, "covers"),
+            (r#"{"allowPaths":["meta-data/../iam"]}"#, "allowPaths"),
+            (r#"{"allowPaths":["a*b"]}"#, "allowPaths"),
+            (r#"{"allowPaths":[""]}"#, "allowPaths"),
+            (
+                r#"{"cacheFreshSeconds":3601}"#,
+                "cacheFreshSeconds must be a whole number from 0 to 3600",
+            ),
+            (
+                r#"{"staleMinRemainingSeconds":99999}"#,
+                "staleMinRemainingSeconds",
+            ),
+            (r#"{"identity":{"source":"pod"}}"#, "identity.source"),
+            (
+                r#"{"identity":{"source":"config","name":"a"}}"#,
+                "namespace and name",
+            ),
+            (
+                r#"{"identity":{"source":"config","namespace":"A","name":"a"}}"#,
+                "namespace",
+            ),
+            (
+                r#"{"identity":{"source":"nodeMetadata","name":"a"}}"#,
+                "config",
+            ),
+        ] {
+            let e = bad(json);
+            assert!(
+                e.starts_with("invalid meshiam plugin configuration: "),
+                "{e}"
+            );
+            assert!(e.contains(needle), "{json}: {e}");
+            assert!(!e.contains('\n'), "{e}");
+        }
+    }
+
+    #[test]
+    fn allow_paths_for_region_discovery_are_fine() {
+        let c = parse(
+            br#"{"allowPaths":["meta-data/placement/region","/meta-data/placement/availability-zone"]}"#,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.allow_paths.len(), 2);
+    }
+}

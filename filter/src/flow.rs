@@ -1,0 +1,458 @@
+//! The decisions for one request: is it metadata traffic, what IMDS would answer, whether
+//! the broker must be asked, and what to tell the application when it answers or fails.
+//!
+//! Every metadata request ends in a local reply: nothing the application sent to the
+//! metadata address is ever forwarded anywhere. The broker sees a call-out built here from
+//! scratch, so no header of the application (an `x-meshiam-*` identity, a token) reaches it.
+
+use alloc::rc::Rc;
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
+use core::cell::OnceCell;
+
+use meshiam_imds::headers::{
+    self, APPLICATION_JSON, FILTER, POD_NAME, POD_NAMESPACE, TEXT_PLAIN, TOKEN, TOKEN_TTL,
+};
+use meshiam_imds::rules::{self, Admission, Refusal};
+use meshiam_imds::{Credentials, PathClass, classify, is_allowed};
+
+use crate::cache::{self, CacheKey, Entry};
+use crate::config::Config;
+use crate::host::{Callout, CalloutResponse, Host, Level};
+use crate::identity::{self, Identity};
+use crate::{metrics, secret};
+
+/// The filter's version, sent to the broker in `x-meshiam-filter`.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// Answers the filter itself marks, for operators and tests: `broker`, `cache`, `stale`.
+pub const SOURCE_HEADER: &str = "x-meshiam-source";
+/// The largest broker answer the filter reads.
+pub const MAX_BROKER_BODY: usize = 64 * 1024;
+
+/// What the proxy should do with the request's headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Not metadata traffic: on to the next filter, untouched.
+    Continue,
+    /// Answered locally, or waiting for the broker (which ends in a local reply).
+    Pause,
+}
+
+/// State of one VM, shared by its request flows.
+#[derive(Debug)]
+pub struct Shared {
+    pub config: Config,
+    /// Resolved on configure when possible, else on the first metadata request.
+    pub identity: OnceCell<Identity>,
+}
+
+impl Shared {
+    pub fn new(config: Config) -> Self {
+        Shared {
+            config,
+            identity: OnceCell::new(),
+        }
+    }
+
+    pub fn identity<H: Host>(&self, h: &H) -> &Identity {
+        self.identity.get_or_init(|| {
+            let id = identity::resolve(h, &self.config);
+            if !id.is_complete() {
+                h.log(
+                    Level::Warn,
+                    "meshiam: pod identity unknown (no NAMESPACE/NAME node metadata); \
+                     the broker will rely on the source address alone",
+                );
+            }
+            id
+        })
+    }
+}
+
+/// What the pending call-out was for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    RoleList,
+    Credentials,
+    IamInfo,
+    Allowed,
+}
+
+#[derive(Debug)]
+struct Pending {
+    kind: Kind,
+    key: CacheKey,
+    label: &'static str,
+    head: bool,
+}
+
+/// The decision flow of one HTTP request.
+#[derive(Debug)]
+pub struct RequestFlow {
+    shared: Rc<Shared>,
+    pending: Option<Pending>,
+}
+
+impl RequestFlow {
+    pub fn new(shared: Rc<Shared>) -> Self {
+        RequestFlow {
+            shared,
+            pending: None,
+        }
+    }
+
+    pub fn on_request_headers<H: Host>(&mut self, h: &H) -> Action {
+        let cfg = &self.shared.config;
+        if !identity::is_metadata_request(h, cfg) {
+            return Action::Continue;
+        }
+        let method = h.request_header(":method").unwrap_or_default();
+        let path = h.request_header(":path").unwrap_or_default();
+        let head = method == "HEAD";
+        let class = classify(&path);
+        let label = class.label();
+        let ttl = h.request_header(TOKEN_TTL);
+        let forwarded = h.request_header(headers::FORWARDED_FOR).is_some();
+        match rules::admit(&method, &class, ttl.as_deref(), forwarded) {
+            Err(r) => refuse(h, label, r, head),
+            Ok(Admission::IssueToken { ttl }) => self.issue_token(h, ttl),
+            Ok(Admission::Read) => self.read(h, &path, class, head),
+        }
+        Action::Pause
+    }
+
+    fn issue_token<H: Host>(&self, h: &H, ttl: u32) {
+        let Some(issuer) = secret::issuer_or_create(h) else {
+            h.log(
+                Level::Error,
+                "meshiam: no token secret; cannot issue tokens",
+            );
+            return answer(
+                h,
+                "token",
+                503,
+                TEXT_PLAIN,
+                b"Service Unavailable",
+                false,
+                None,
+            );
+        };
+        let binding = self.shared.identity(h).binding();
+        let token = issuer.issue(h.now(), ttl, binding.as_bytes());
+        let ttl = ttl.to_string();
+        h.count(metrics::TOKENS_ISSUED);
+        h.count(&metrics::request("token", 200));
+        h.reply(
+            200,
+            &[("content-type", TEXT_PLAIN), (TOKEN_TTL, &ttl)],
+            Some(token.as_bytes()),
+        );
+    }
+
+    fn read<H: Host>(&mut self, h: &H, path: &str, class: PathClass<'_>, head: bool) {
+        let cfg = &self.shared.config;
+        let label = class.label();
+        let token = h.request_header(TOKEN);
+        if token.is_some() || cfg.require_imdsv2 {
+            let Some(issuer) = secret::issuer_or_create(h) else {
+                return answer(
+                    h,
+                    label,
+                    503,
+                    TEXT_PLAIN,
+                    b"Service Unavailable",
+                    head,
+                    None,
+                );
+            };
+            let binding = self.shared.identity(h).binding();
+            if let Err(r) = rules::check_session(
+                token.as_deref(),
+                &issuer,
+                h.now(),
+                binding.as_bytes(),
+                cfg.require_imdsv2,
+            ) {
+                return refuse(h, label, r, head);
+            }
+        }
+        let (kind, key) = match class {
+            PathClass::RoleList => (Kind::RoleList, CacheKey::RoleList),
+            PathClass::RoleCredentials(role) => {
+                (Kind::Credentials, CacheKey::Credentials(role.to_string()))
+            }
+            PathClass::IamInfo => (Kind::IamInfo, CacheKey::IamInfo),
+            PathClass::Other(rel) if is_allowed(rel, &cfg.allow_paths) => {
+                (Kind::Allowed, CacheKey::Other(rel.to_string()))
+            }
+            // `-extended` credential documents are not implemented: SDKs fall back on 404.
+            _ => return refuse(h, label, rules::NOT_FOUND, head),
+        };
+        let now = h.now();
+        if let Some(e) = cache::get(h, &key)
+            && e.is_fresh(
+                now,
+                cfg.cache_fresh_seconds,
+                cfg.stale_min_remaining_seconds,
+            )
+        {
+            h.count(metrics::CACHE_HITS);
+            return answer(h, label, 200, &e.content_type, &e.body, head, Some("cache"));
+        }
+        self.call_broker(
+            h,
+            path,
+            Pending {
+                kind,
+                key,
+                label,
+                head,
+            },
+        );
+    }
+
+    fn call_broker<H: Host>(&mut self, h: &H, path: &str, p: Pending) {
+        let cfg = &self.shared.config;
+        let path = path.split('?').next().unwrap_or(path);
+        let id = self.shared.identity(h);
+        let mut headers: Vec<(&str, &str)> = Vec::with_capacity(7);
+        headers.push((":method", "GET"));
+        headers.push((":path", path));
+        headers.push((":authority", &cfg.broker_authority));
+        headers.push((":scheme", "http"));
+        headers.push((FILTER, VERSION));
+        if let Some(ns) = &id.namespace {
+            headers.push((POD_NAMESPACE, ns));
+        }
+        if let Some(n) = &id.name {
+            headers.push((POD_NAME, n));
+        }
+        let call = Callout {
+            cluster: &cfg.broker_cluster,
+            headers,
+            timeout_ms: cfg.broker_timeout_ms,
+        };
+        h.count(metrics::CALLOUTS);
+        match h.dispatch(&call) {
+            Ok(()) => self.pending = Some(p),
+            Err(_) => {
+                h.log(
+                    Level::Warn,
+                    "meshiam: could not dispatch to the broker cluster (is it configured?)",
+                );
+                broker_failed(h, &self.shared.config, &p, 503);
+            }
+        }
+    }
+
+    /// The broker answered, or the call-out failed (`resp.status == None`).
+    pub fn on_callout_response<H: Host>(&mut self, h: &H, resp: CalloutResponse) {
+        let Some(p) = self.pending.take() else {
+            return;
+        };
+        let cfg = &self.shared.config;
+        match resp.status {
+            Some(200) => match accept(&p, &resp, h.now()) {
+                Ok(entry) => {
+                    cache::put(h, &p.key, &entry);
+                    answer(
+                        h,
+                        p.label,
+                        200,
+                        &entry.content_type,
+                        &entry.body,
+                        p.head,
+                        Some("broker"),
+                    );
+                }
+                Err(why) => {
+                    h.log(
+                        Level::Warn,
+                        &alloc::format!("meshiam: broker answer refused: {why}"),
+                    );
+                    broker_failed(h, cfg, &p, 502);
+                }
+            },
+            Some(status @ 400..=499) => {
+                let reason = resp.reason.as_deref().unwrap_or("-");
+                // A pod without a role asks again and again: 404 is routine, 403 is not.
+                let level = if status == 404 {
+                    Level::Debug
+                } else {
+                    Level::Info
+                };
+                h.log(
+                    level,
+                    &alloc::format!(
+                        "meshiam: broker refused {} with {status} (reason {})",
+                        p.label,
+                        printable(reason)
+                    ),
+                );
+                let body = if resp.body.len() <= 256 && resp.body.is_ascii() {
+                    resp.body.as_slice()
+                } else {
+                    b"Refused".as_slice()
+                };
+                answer(h, p.label, status, TEXT_PLAIN, body, p.head, Some("broker"));
+            }
+            Some(status @ 500..=599) => {
+                h.log(
+                    Level::Warn,
+                    &alloc::format!(
+                        "meshiam: broker failed {} with {status} (reason {})",
+                        p.label,
+                        printable(resp.reason.as_deref().unwrap_or("-"))
+                    ),
+                );
+                let status = match status {
+                    503 | 504 => status,
+                    _ => 502,
+                };
+                broker_failed(h, cfg, &p, status);
+            }
+            Some(other) => {
+                h.log(
+                    Level::Warn,
+                    &alloc::format!("meshiam: broker answered unexpected status {other}"),
+                );
+                broker_failed(h, cfg, &p, 502);
+            }
+            None => {
+                h.log(
+                    Level::Warn,
+                    "meshiam: broker call-out failed without an answer",
+                );
+                broker_failed(h, cfg, &p, 503);
+            }
+        }
+    }
+}
+
+/// Checks a `200` from the broker and turns it into what the application gets.
+fn accept(p: &Pending, resp: &CalloutResponse, now: u64) -> Result<Entry, &'static str> {
+    let text = core::str::from_utf8(&resp.body).map_err(|_| "body is not UTF-8")?;
+    let (content_type, body, expiration) = match p.kind {
+        Kind::RoleList => {
+            // Bare role name: botocore pastes the body into the next URL as is.
+            let role = text.trim_end();
+            if role.is_empty() || !role.bytes().all(|c| c.is_ascii_graphic()) || role.contains('/')
+            {
+                return Err("role list is not a role name");
+            }
+            (TEXT_PLAIN, role.as_bytes().to_vec(), 0)
+        }
+        Kind::Credentials => {
+            let c = Credentials::from_imds_json(text).map_err(|_| "unreadable credentials")?;
+            if c.remaining(now) == 0 {
+                return Err("credentials already expired");
+            }
+            // Re-rendered: field order and second-precision `Z` timestamps as SDKs expect.
+            (
+                APPLICATION_JSON,
+                c.to_imds_json().into_bytes(),
+                c.expiration,
+            )
+        }
+        Kind::IamInfo => {
+            meshiam_imds::creds::parse_flat_object(text).map_err(|_| "unreadable iam/info")?;
+            (APPLICATION_JSON, resp.body.clone(), 0)
+        }
+        Kind::Allowed => {
+            let ct = match resp.content_type.as_deref() {
+                Some(ct) if ct.starts_with(APPLICATION_JSON) => APPLICATION_JSON,
+                _ => TEXT_PLAIN,
+            };
+            (ct, resp.body.clone(), 0)
+        }
+    };
+    Ok(Entry {
+        fetched: now,
+        expiration,
+        content_type: String::from(content_type),
+        body,
+    })
+}
+
+/// The broker could not answer: serve still-valid cached credentials, else fail closed.
+fn broker_failed<H: Host>(h: &H, cfg: &Config, p: &Pending, status: u16) {
+    h.count(metrics::CALLOUT_FAILURES);
+    if let Some(e) = stale_entry(h, cfg, p) {
+        h.count(metrics::STALE_SERVES);
+        return answer(
+            h,
+            p.label,
+            200,
+            &e.content_type,
+            &e.body,
+            p.head,
+            Some("stale"),
+        );
+    }
+    let body: &[u8] = match status {
+        503 => b"Service Unavailable",
+        504 => b"Gateway Timeout",
+        _ => b"Bad Gateway",
+    };
+    answer(h, p.label, status, TEXT_PLAIN, body, p.head, None);
+}
+
+/// A cached answer that may be served while the broker is down: credentials with more than
+/// `staleMinRemainingSeconds` left, or the role list when the credentials of the role it
+/// names are such. Nothing else is served stale.
+fn stale_entry<H: Host>(h: &H, cfg: &Config, p: &Pending) -> Option<Entry> {
+    let now = h.now();
+    let min = cfg.stale_min_remaining_seconds;
+    let valid_creds = |role: &str| {
+        cache::get(h, &CacheKey::Credentials(role.to_string()))
+            .filter(|e| e.expiration != 0 && e.has_left(now, min))
+    };
+    match (&p.kind, &p.key) {
+        (Kind::Credentials, CacheKey::Credentials(role)) => valid_creds(role),
+        (Kind::RoleList, _) => {
+            let list = cache::get(h, &CacheKey::RoleList)?;
+            let role = core::str::from_utf8(&list.body).ok()?;
+            valid_creds(role).map(|_| list)
+        }
+        _ => None,
+    }
+}
+
+fn refuse<H: Host>(h: &H, label: &str, r: Refusal, head: bool) {
+    answer(
+        h,
+        label,
+        r.status,
+        TEXT_PLAIN,
+        r.body.as_bytes(),
+        head,
+        None,
+    );
+}
+
+/// Every local reply goes through here: one metric, correct content type, no body on HEAD.
+fn answer<H: Host>(
+    h: &H,
+    label: &str,
+    status: u16,
+    content_type: &str,
+    body: &[u8],
+    head: bool,
+    source: Option<&str>,
+) {
+    h.count(&metrics::request(label, status));
+    let mut hs: Vec<(&str, &str)> = Vec::with_capacity(2);
+    hs.push(("content-type", content_type));
+    if let Some(s) = source {
+        hs.push((SOURCE_HEADER, s));
+    }
+    h.reply(status, &hs, if head { None } else { Some(body) });
+}
+
+/// A broker-supplied reason code, shortened and stripped to safe characters for a log line.
+fn printable(s: &str) -> String {
+    s.chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
+        .take(64)
+        .collect()
+}

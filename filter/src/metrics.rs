@@ -1,0 +1,21 @@
+//! Metric names. Envoy shows proxy-wasm counters under the `wasmcustom.` stats prefix,
+//! e.g. `wasmcustom.meshiam.requests.credentials.200`.
+
+use alloc::format;
+use alloc::string::String;
+
+/// Call-outs started to the broker.
+pub const CALLOUTS: &str = "meshiam.callouts";
+/// Call-outs that failed: no answer, timeout, 5xx, or an unreadable answer.
+pub const CALLOUT_FAILURES: &str = "meshiam.callout_failures";
+/// Answers served from a fresh cache entry, without a call-out.
+pub const CACHE_HITS: &str = "meshiam.cache_hits";
+/// Answers served from the cache because the broker failed.
+pub const STALE_SERVES: &str = "meshiam.stale_serves";
+/// IMDSv2 tokens issued.
+pub const TOKENS_ISSUED: &str = "meshiam.tokens_issued";
+
+/// Metadata requests by path class (see `PathClass::label`) and answered status.
+pub fn request(class: &str, status: u16) -> String {
+    format!("meshiam.requests.{class}.{status}")
+}

@@ -1,0 +1,664 @@
+//! The filter's decisions, end to end through the mock host: every status code the issue
+//! names, the token's cross-worker and cross-pod rules, the cache and fail-closed paths.
+
+#[cfg(test)]
+mod decisions {
+
+    use std::rc::Rc;
+
+    use meshiam_imds::Credentials;
+
+    use crate::config::{self, Config};
+    use crate::flow::{Action, RequestFlow, Shared};
+    use crate::host::{CalloutResponse, Host};
+    use crate::metrics;
+    use crate::mock::MockHost;
+    use crate::secret;
+
+    const IMDS: &str = "169.254.169.254";
+    const ROLE_LIST: &str = "/latest/meta-data/iam/security-credentials/";
+    const CREDS: &str = "/latest/meta-data/iam/security-credentials/myapp-iam-role";
+    const NOW: u64 = 1_767_225_600;
+
+    /// A pod's sidecar: node metadata as Istio sets it, secret created as on_configure does.
+    fn pod_with(cfg: Config) -> (MockHost, Rc<Shared>) {
+        let h = MockHost::new()
+            .property(&["xds", "node", "metadata", "NAMESPACE"], "default")
+            .property(&["xds", "node", "metadata", "NAME"], "myapp-7d9f");
+        assert_eq!(secret::ensure(&h), Ok(()));
+        (h, Rc::new(Shared::new(cfg)))
+    }
+
+    fn pod() -> (MockHost, Rc<Shared>) {
+        pod_with(Config::default())
+    }
+
+    /// Sends one request; returns the flow (for a pending call-out) and the action.
+    fn send(
+        h: &MockHost,
+        s: &Rc<Shared>,
+        method: &str,
+        path: &str,
+        extra: &[(&str, &str)],
+    ) -> (RequestFlow, Action) {
+        let mut headers = vec![(":method", method), (":path", path), (":authority", IMDS)];
+        headers.extend_from_slice(extra);
+        h.set_request(&headers);
+        let mut flow = RequestFlow::new(s.clone());
+        let action = flow.on_request_headers(h);
+        (flow, action)
+    }
+
+    fn creds_doc(expiration: u64) -> String {
+        Credentials {
+            access_key_id: "ASIAEXAMPLEKEY".into(),
+            secret_access_key: "wJalrXUtnFEMI/SECRET".into(),
+            token: "FwoGZXIvYXdzSESSIONTOKEN".into(),
+            expiration,
+            last_updated: NOW,
+        }
+        .to_imds_json()
+    }
+
+    fn ok(body: &str, ct: &str) -> CalloutResponse {
+        CalloutResponse {
+            status: Some(200),
+            content_type: Some(ct.into()),
+            reason: None,
+            body: body.as_bytes().to_vec(),
+        }
+    }
+
+    fn status(code: u16, reason: &str) -> CalloutResponse {
+        CalloutResponse {
+            status: Some(code),
+            content_type: Some("text/plain".into()),
+            reason: Some(reason.into()),
+            body: b"short text".to_vec(),
+        }
+    }
+
+    /// GET through the broker: asserts a call-out was made, feeds `resp`, returns the reply.
+    fn via_broker(
+        h: &MockHost,
+        s: &Rc<Shared>,
+        path: &str,
+        resp: CalloutResponse,
+    ) -> crate::mock::Reply {
+        let before = h.dispatched.borrow().len();
+        let (mut flow, action) = send(h, s, "GET", path, &[]);
+        assert_eq!(action, Action::Pause);
+        assert_eq!(
+            h.dispatched.borrow().len(),
+            before + 1,
+            "no call-out for {path}"
+        );
+        let replies = h.replies.borrow().len();
+        flow.on_callout_response(h, resp);
+        assert_eq!(
+            h.replies.borrow().len(),
+            replies + 1,
+            "no answer for {path}"
+        );
+        h.last_reply().unwrap_or_else(|| panic!("no reply"))
+    }
+
+    fn local(
+        h: &MockHost,
+        s: &Rc<Shared>,
+        method: &str,
+        path: &str,
+        extra: &[(&str, &str)],
+    ) -> crate::mock::Reply {
+        let calls = h.dispatched.borrow().len();
+        let (_, action) = send(h, s, method, path, extra);
+        assert_eq!(action, Action::Pause);
+        assert_eq!(
+            h.dispatched.borrow().len(),
+            calls,
+            "unexpected call-out for {method} {path}"
+        );
+        h.last_reply()
+            .unwrap_or_else(|| panic!("no reply to {method} {path}"))
+    }
+
+    fn token(h: &MockHost, s: &Rc<Shared>, ttl: &str) -> String {
+        let r = local(
+            h,
+            s,
+            "PUT",
+            "/latest/api/token",
+            &[("x-aws-ec2-metadata-token-ttl-seconds", ttl)],
+        );
+        assert_eq!(r.status, 200);
+        r.text()
+    }
+
+    #[test]
+    fn non_metadata_traffic_passes_untouched() {
+        let (h, s) = pod();
+        h.set_request(&[
+            (":method", "POST"),
+            (":path", "/latest/meta-data/iam/security-credentials/"),
+            (":authority", "api.example.com"),
+            ("x-meshiam-pod-name", "x"),
+        ]);
+        let mut flow = RequestFlow::new(s.clone());
+        assert_eq!(flow.on_request_headers(&h), Action::Continue);
+        assert!(h.replies.borrow().is_empty());
+        assert!(h.dispatched.borrow().is_empty());
+        assert!(
+            h.metrics.borrow().is_empty(),
+            "passthrough must not cost metrics"
+        );
+        // Nothing to do when a call-out answer arrives for a passthrough stream.
+        flow.on_callout_response(&h, ok("x", "text/plain"));
+        assert!(h.replies.borrow().is_empty());
+    }
+
+    #[test]
+    fn role_list_comes_from_the_broker_bare_and_with_the_filters_identity() {
+        let (h, s) = pod();
+        let (mut flow, action) = send(
+            &h,
+            &s,
+            "GET",
+            "/latest/meta-data/iam/security-credentials/?x=1",
+            &[
+                ("x-meshiam-pod-name", "someone-else"),
+                ("x-meshiam-pod-namespace", "kube-system"),
+                ("x-aws-ec2-metadata-token-ttl-seconds", "5"),
+                ("authorization", "secret"),
+            ],
+        );
+        assert_eq!(action, Action::Pause);
+        let call = h.dispatched.borrow()[0].clone();
+        assert_eq!(call.cluster, "meshiam_broker");
+        assert_eq!(call.timeout_ms, 800);
+        let names: Vec<&str> = call.headers.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                ":method",
+                ":path",
+                ":authority",
+                ":scheme",
+                "x-meshiam-filter",
+                "x-meshiam-pod-namespace",
+                "x-meshiam-pod-name"
+            ]
+        );
+        assert_eq!(call.header(":method"), Some("GET"));
+        assert_eq!(
+            call.header(":path"),
+            Some(ROLE_LIST),
+            "query string dropped"
+        );
+        assert_eq!(call.header(":authority"), Some("meshiam-broker"));
+        assert_eq!(
+            call.header("x-meshiam-filter"),
+            Some(env!("CARGO_PKG_VERSION"))
+        );
+        assert_eq!(call.header("x-meshiam-pod-namespace"), Some("default"));
+        assert_eq!(call.header("x-meshiam-pod-name"), Some("myapp-7d9f"));
+        flow.on_callout_response(&h, ok("myapp-iam-role\n", "text/plain"));
+        let r = h.last_reply().unwrap_or_else(|| panic!("no reply"));
+        assert_eq!(r.status, 200);
+        assert_eq!(r.body.as_deref(), Some(b"myapp-iam-role".as_slice()));
+        assert_eq!(r.header("content-type"), Some("text/plain"));
+        assert_eq!(h.metric("meshiam.requests.role_list.200"), 1);
+        assert_eq!(h.metric(metrics::CALLOUTS), 1);
+    }
+
+    #[test]
+    fn identity_from_config_and_omitted_when_unknown() {
+        let cfg = config::parse(
+            br#"{"identity":{"source":"config","namespace":"team-a","name":"web-0"}}"#,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let (h, s) = pod_with(cfg);
+        send(&h, &s, "GET", ROLE_LIST, &[]);
+        let call = h.dispatched.borrow()[0].clone();
+        assert_eq!(call.header("x-meshiam-pod-namespace"), Some("team-a"));
+        assert_eq!(call.header("x-meshiam-pod-name"), Some("web-0"));
+
+        let h = MockHost::new();
+        let s = Rc::new(Shared::new(Config::default()));
+        send(
+            &h,
+            &s,
+            "GET",
+            ROLE_LIST,
+            &[("x-meshiam-pod-name", "forged")],
+        );
+        let call = h.dispatched.borrow()[0].clone();
+        assert_eq!(call.header("x-meshiam-pod-name"), None);
+        assert_eq!(call.header("x-meshiam-pod-namespace"), None);
+        assert!(
+            h.logs
+                .borrow()
+                .iter()
+                .any(|(_, m)| m.contains("identity unknown"))
+        );
+    }
+
+    #[test]
+    fn credentials_are_relayed_as_json_then_cached_while_fresh() {
+        let (h, s) = pod();
+        let r = via_broker(
+            &h,
+            &s,
+            CREDS,
+            ok(&creds_doc(NOW + 3600), "application/json"),
+        );
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("content-type"), Some("application/json"));
+        assert_eq!(r.header("x-meshiam-source"), Some("broker"));
+        let c = Credentials::from_imds_json(&r.text()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.access_key_id, "ASIAEXAMPLEKEY");
+        assert_eq!(c.expiration, NOW + 3600);
+
+        // Fresh: answered from the cache by another worker VM, without a call-out.
+        let other = h.other_vm();
+        h.advance(29);
+        let r = local(
+            &other,
+            &s,
+            "GET",
+            "/2021-03-23/meta-data/iam/security-credentials/myapp-iam-role",
+            &[],
+        );
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("x-meshiam-source"), Some("cache"));
+        assert_eq!(Credentials::from_imds_json(&r.text()), Ok(c));
+        assert_eq!(other.metric(metrics::CACHE_HITS), 1);
+
+        // No longer fresh: asks the broker again.
+        h.advance(1);
+        via_broker(
+            &h,
+            &s,
+            CREDS,
+            ok(&creds_doc(NOW + 3600), "application/json"),
+        );
+    }
+
+    #[test]
+    fn iam_info_and_allow_listed_paths_go_to_the_broker() {
+        let cfg = config::parse(br#"{"allowPaths":["meta-data/placement/region"]}"#)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let (h, s) = pod_with(cfg);
+        let info = r#"{"Code":"Success","LastUpdated":"2026-01-01T00:00:00Z","InstanceProfileArn":"arn:aws:iam::1:instance-profile/x","InstanceProfileId":"AIPA"}"#;
+        let r = via_broker(
+            &h,
+            &s,
+            "/latest/meta-data/iam/info",
+            ok(info, "application/json"),
+        );
+        assert_eq!((r.status, r.text().as_str()), (200, info));
+        assert_eq!(r.header("content-type"), Some("application/json"));
+        let r = via_broker(
+            &h,
+            &s,
+            "/latest/meta-data/placement/region",
+            ok("eu-west-1", "text/plain"),
+        );
+        assert_eq!((r.status, r.text().as_str()), (200, "eu-west-1"));
+        assert_eq!(r.header("content-type"), Some("text/plain"));
+        assert_eq!(
+            h.dispatched.borrow()[1].header(":path"),
+            Some("/latest/meta-data/placement/region")
+        );
+    }
+
+    #[test]
+    fn status_404_for_unknown_extended_and_unlisted_paths() {
+        let (h, s) = pod();
+        for p in [
+            "/latest/meta-data/placement/region",
+            "/latest/meta-data/iam/security-credentials-extended/myapp-iam-role",
+            "/latest/user-data",
+            "/latest/meta-data/../iam/security-credentials/",
+            "/nope",
+        ] {
+            let r = local(&h, &s, "GET", p, &[]);
+            assert_eq!((r.status, r.text().as_str()), (404, "Not Found"), "{p}");
+            assert_eq!(r.header("content-type"), Some("text/plain"));
+        }
+        assert_eq!(h.metric("meshiam.requests.extended.404"), 1);
+        assert_eq!(h.metric("meshiam.requests.other.404"), 2);
+    }
+
+    #[test]
+    fn broker_refusals_are_relayed() {
+        let (h, s) = pod();
+        let r = via_broker(&h, &s, ROLE_LIST, status(404, "no-role"));
+        assert_eq!((r.status, r.text().as_str()), (404, "short text"));
+        let r = via_broker(&h, &s, CREDS, status(403, "identity-mismatch"));
+        assert_eq!(r.status, 403);
+        assert_eq!(r.header("content-type"), Some("text/plain"));
+        assert!(
+            h.logs
+                .borrow()
+                .iter()
+                .any(|(_, m)| m.contains("identity-mismatch"))
+        );
+        // Refusals are not cached.
+        via_broker(&h, &s, CREDS, status(404, "no-role"));
+    }
+
+    #[test]
+    fn token_put_issues_a_token_and_echoes_the_ttl() {
+        let (h, s) = pod();
+        let r = local(
+            &h,
+            &s,
+            "PUT",
+            "/latest/api/token",
+            &[("x-aws-ec2-metadata-token-ttl-seconds", "21600")],
+        );
+        assert_eq!(r.status, 200);
+        assert_eq!(
+            r.header("x-aws-ec2-metadata-token-ttl-seconds"),
+            Some("21600")
+        );
+        assert_eq!(r.header("content-type"), Some("text/plain"));
+        assert_eq!(r.text().len(), meshiam_imds::token::TOKEN_LEN);
+        assert_eq!(h.metric(metrics::TOKENS_ISSUED), 1);
+        assert_eq!(h.metric("meshiam.requests.token.200"), 1);
+    }
+
+    #[test]
+    fn token_put_refusals_400_403_405() {
+        let (h, s) = pod();
+        let ttl = "x-aws-ec2-metadata-token-ttl-seconds";
+        for bad in [None, Some("0"), Some("21601"), Some("abc"), Some("")] {
+            let extra: Vec<(&str, &str)> = bad.map(|v| (ttl, v)).into_iter().collect();
+            let r = local(&h, &s, "PUT", "/latest/api/token", &extra);
+            assert_eq!(
+                (r.status, r.text().as_str()),
+                (400, "Bad Request"),
+                "{bad:?}"
+            );
+        }
+        let r = local(
+            &h,
+            &s,
+            "PUT",
+            "/latest/api/token",
+            &[(ttl, "60"), ("x-forwarded-for", "10.0.0.1")],
+        );
+        assert_eq!(r.status, 403);
+        let r = local(&h, &s, "PUT", "/2021-03-23/api/token", &[(ttl, "60")]);
+        assert_eq!(r.status, 403);
+        let r = local(&h, &s, "GET", "/latest/api/token", &[]);
+        assert_eq!(r.status, 405);
+        for m in ["POST", "DELETE", "PATCH", "PUT"] {
+            let r = local(&h, &s, m, CREDS, &[(ttl, "60")]);
+            assert_eq!(
+                (r.status, r.text().as_str()),
+                (405, "Method Not Allowed"),
+                "{m}"
+            );
+        }
+        assert!(h.dispatched.borrow().is_empty());
+    }
+
+    #[test]
+    fn token_is_valid_on_every_worker_vm_of_the_pod_for_its_whole_ttl() {
+        let (h, s) = pod();
+        let t = token(&h, &s, "60");
+        // Another worker VM of the same Envoy: own VM state, same shared data.
+        let other = h.other_vm();
+        assert_eq!(secret::ensure(&other), Ok(()));
+        let s2 = Rc::new(Shared::new(Config::default()));
+        h.advance(59);
+        let (_, action) = send(
+            &other,
+            &s2,
+            "GET",
+            ROLE_LIST,
+            &[("x-aws-ec2-metadata-token", &t)],
+        );
+        assert_eq!(action, Action::Pause);
+        assert_eq!(
+            other.dispatched.borrow().len(),
+            1,
+            "valid token must reach the broker"
+        );
+        assert!(other.replies.borrow().is_empty());
+        // Expired: 401.
+        h.advance(1);
+        let r = local(
+            &other,
+            &s2,
+            "GET",
+            ROLE_LIST,
+            &[("x-aws-ec2-metadata-token", &t)],
+        );
+        assert_eq!((r.status, r.text().as_str()), (401, "Unauthorized"));
+    }
+
+    #[test]
+    fn token_of_another_pod_or_garbage_is_401() {
+        let (a, sa) = pod();
+        let (b, sb) = pod(); // same names, but another Envoy: another secret
+        let t = token(&a, &sa, "600");
+        let r = local(
+            &b,
+            &sb,
+            "GET",
+            ROLE_LIST,
+            &[("x-aws-ec2-metadata-token", &t)],
+        );
+        assert_eq!(r.status, 401);
+        let r = local(
+            &a,
+            &sa,
+            "GET",
+            ROLE_LIST,
+            &[("x-aws-ec2-metadata-token", "not-a-token")],
+        );
+        assert_eq!(r.status, 401);
+        assert!(b.dispatched.borrow().is_empty() && a.dispatched.borrow().is_empty());
+    }
+
+    #[test]
+    fn imdsv1_works_unless_imdsv2_is_required() {
+        let (h, s) = pod();
+        let (_, action) = send(&h, &s, "GET", ROLE_LIST, &[]);
+        assert_eq!(action, Action::Pause);
+        assert_eq!(h.dispatched.borrow().len(), 1);
+
+        let cfg = config::parse(br#"{"requireImdsv2":true}"#).unwrap_or_else(|e| panic!("{e}"));
+        let (h, s) = pod_with(cfg);
+        let r = local(&h, &s, "GET", ROLE_LIST, &[]);
+        assert_eq!(r.status, 401);
+        let r = local(&h, &s, "HEAD", CREDS, &[]);
+        assert_eq!((r.status, r.body.clone()), (401, None));
+        let t = token(&h, &s, "60");
+        let r = local(&h, &s, "GET", CREDS, &[]);
+        assert_eq!(r.status, 401, "the token must be sent, it was not");
+        let (_, action) = send(
+            &h,
+            &s,
+            "GET",
+            ROLE_LIST,
+            &[("x-aws-ec2-metadata-token", &t)],
+        );
+        assert_eq!(action, Action::Pause);
+        assert_eq!(h.dispatched.borrow().len(), 1);
+    }
+
+    #[test]
+    fn head_is_answered_without_a_body() {
+        let (h, s) = pod();
+        let (mut flow, _) = send(&h, &s, "HEAD", ROLE_LIST, &[]);
+        assert_eq!(h.dispatched.borrow()[0].header(":method"), Some("GET"));
+        flow.on_callout_response(&h, ok("myapp-iam-role", "text/plain"));
+        let r = h.last_reply().unwrap_or_else(|| panic!("no reply"));
+        assert_eq!(r.header("content-type"), Some("text/plain"));
+        assert_eq!((r.status, r.body), (200, None));
+        let r = local(&h, &s, "HEAD", "/latest/user-data", &[]);
+        assert_eq!((r.status, r.body), (404, None));
+    }
+
+    #[test]
+    fn broker_failures_are_502_503_504_without_cached_credentials() {
+        let (h, s) = pod();
+        for (resp, want) in [
+            (status(500, "internal"), 502),
+            (status(502, "sts-failed"), 502),
+            (status(503, "sts-unavailable"), 503),
+            (status(504, "sts-timeout"), 504),
+            (CalloutResponse::default(), 503),
+            (status(302, "moved"), 502),
+            (ok("{not json", "application/json"), 502),
+            (ok(&creds_doc(NOW - 1), "application/json"), 502),
+        ] {
+            let r = via_broker(&h, &s, CREDS, resp);
+            assert_eq!(r.status, want);
+            assert_eq!(r.header("content-type"), Some("text/plain"));
+            assert!(!r.text().contains("Secret") && !r.text().contains("Access"));
+        }
+        let r = via_broker(&h, &s, ROLE_LIST, ok("two/roles", "text/plain"));
+        assert_eq!(r.status, 502);
+        assert_eq!(h.metric(metrics::CALLOUT_FAILURES), 9);
+        // The proxy refuses to start the call-out (no such cluster): 503 at once.
+        h.dispatch_fails.set(true);
+        let r = local(&h, &s, "GET", CREDS, &[]);
+        assert_eq!(r.status, 503);
+    }
+
+    #[test]
+    fn stale_credentials_are_served_while_the_broker_is_down() {
+        let (h, s) = pod();
+        via_broker(&h, &s, ROLE_LIST, ok("myapp-iam-role", "text/plain"));
+        via_broker(
+            &h,
+            &s,
+            CREDS,
+            ok(&creds_doc(NOW + 3600), "application/json"),
+        );
+        h.advance(600);
+        let r = via_broker(&h, &s, CREDS, CalloutResponse::default());
+        assert_eq!(
+            (r.status, r.header("x-meshiam-source")),
+            (200, Some("stale"))
+        );
+        assert_eq!(
+            Credentials::from_imds_json(&r.text()).map(|c| c.expiration),
+            Ok(NOW + 3600)
+        );
+        let r = via_broker(&h, &s, ROLE_LIST, status(503, "sts-unavailable"));
+        assert_eq!((r.status, r.text().as_str()), (200, "myapp-iam-role"));
+        assert_eq!(h.metric(metrics::STALE_SERVES), 2);
+        // 5 minutes or less left: not served, fail closed.
+        h.advance(3600 - 600 - 300);
+        let r = via_broker(&h, &s, CREDS, status(504, "timeout"));
+        assert_eq!(r.status, 504);
+        let r = via_broker(&h, &s, ROLE_LIST, CalloutResponse::default());
+        assert_eq!(r.status, 503);
+        // A broker refusal is never overridden by the cache.
+        h.advance(0);
+        let r = via_broker(&h, &s, CREDS, status(403, "identity-mismatch"));
+        assert_eq!(r.status, 403);
+    }
+
+    #[test]
+    fn stale_is_only_for_credentials_of_that_role() {
+        let cfg = config::parse(
+            br#"{"allowPaths":["meta-data/placement/region"],"cacheFreshSeconds":0}"#,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let (h, s) = pod_with(cfg);
+        via_broker(
+            &h,
+            &s,
+            "/latest/meta-data/placement/region",
+            ok("eu-west-1", "text/plain"),
+        );
+        via_broker(
+            &h,
+            &s,
+            CREDS,
+            ok(&creds_doc(NOW + 3600), "application/json"),
+        );
+        let r = via_broker(
+            &h,
+            &s,
+            "/latest/meta-data/placement/region",
+            CalloutResponse::default(),
+        );
+        assert_eq!(r.status, 503);
+        let r = via_broker(
+            &h,
+            &s,
+            "/latest/meta-data/iam/security-credentials/other-role",
+            CalloutResponse::default(),
+        );
+        assert_eq!(r.status, 503);
+        // cacheFreshSeconds 0: every request asks the broker, and stale still works.
+        let r = via_broker(&h, &s, CREDS, CalloutResponse::default());
+        assert_eq!(r.status, 200);
+    }
+
+    #[test]
+    fn logs_never_contain_credentials_tokens_or_secrets() {
+        let (h, s) = pod();
+        let t = token(&h, &s, "60");
+        via_broker(
+            &h,
+            &s,
+            CREDS,
+            ok(&creds_doc(NOW + 3600), "application/json"),
+        );
+        h.advance(30);
+        via_broker(
+            &h,
+            &s,
+            CREDS,
+            ok(
+                "{\"AccessKeyId\":\"ASIALEAK\",\"SecretAccessKey\":\"LEAKSECRET\"}",
+                "application/json",
+            ),
+        );
+        via_broker(&h, &s, CREDS, status(500, "x\nSECRETREASON"));
+        local(
+            &h,
+            &s,
+            "GET",
+            ROLE_LIST,
+            &[("x-aws-ec2-metadata-token", "bad-token-value")],
+        );
+        let (secret_bytes, _) = h.shared_get(secret::KEY);
+        let secret_hex: String = secret_bytes
+            .unwrap_or_default()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        for (_, line) in h.logs.borrow().iter() {
+            for needle in [
+                t.as_str(),
+                "wJalr",
+                "SESSIONTOKEN",
+                "LEAKSECRET",
+                "ASIALEAK",
+                "bad-token-value",
+                &secret_hex[..16],
+                "\n",
+            ] {
+                assert!(!line.contains(needle), "log line leaks {needle:?}: {line}");
+            }
+        }
+        assert!(!h.logs.borrow().is_empty());
+    }
+
+    #[test]
+    fn callout_answer_without_a_pending_request_is_ignored() {
+        let (h, s) = pod();
+        let mut flow = RequestFlow::new(s);
+        flow.on_callout_response(&h, ok("x", "text/plain"));
+        assert!(h.replies.borrow().is_empty());
+    }
+}
