@@ -1,2 +1,91 @@
+//! meshiam-broker: the node service that tells a caller's pod from its TCP source address,
+//! decides the pod's IAM role, and answers IMDS credential requests with STS credentials.
+//!
+//! - [`imds::router`]: the IMDS paths, for filter call-outs and for pods calling directly.
+//! - [`admin::router`]: health, readiness, metrics and the per-pod explanation.
+//! - [`Broker`]: the shared state both routers read; [`background`] keeps the cache warm.
+
+pub mod admin;
+pub mod audit;
+pub mod background;
+pub mod cache;
+pub mod clock;
+pub mod config;
+pub mod error;
+pub mod file_source;
+pub mod identity;
+pub mod imds;
 pub mod kube_source;
+pub mod metrics;
+pub mod node_imds;
 pub mod pods;
+pub mod policy;
+pub mod session;
+pub mod sts;
+#[doc(hidden)]
+pub mod testing;
+
+use std::time::Duration;
+
+pub use imds::router;
+
+/// The version and git commit, as `--version` prints them.
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("MESHIAM_GIT_COMMIT"),
+    ")"
+);
+
+/// How the IMDS router serves.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// How long a request from an unknown address waits for the pod store.
+    pub ip_wait: Duration,
+    pub direct_mode: imds::DirectMode,
+    /// Non-credential metadata paths fetched from the node's IMDS.
+    pub metadata_allow: Vec<String>,
+    pub request_timeout: Duration,
+    pub max_body_bytes: usize,
+    pub max_concurrency: usize,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        Self {
+            ip_wait: Duration::from_secs(2),
+            direct_mode: imds::DirectMode::Optional,
+            metadata_allow: vec![
+                "meta-data/placement/region".into(),
+                "meta-data/placement/availability-zone".into(),
+            ],
+            request_timeout: Duration::from_secs(15),
+            max_body_bytes: 4096,
+            max_concurrency: 1024,
+        }
+    }
+}
+
+/// Everything a request needs. Shared by the routers and the background tasks.
+#[derive(Debug)]
+pub struct Broker {
+    pub store: pods::PodStore,
+    pub policy: policy::RolePolicy,
+    pub cache: cache::CredentialCache,
+    pub issuer: meshiam_imds::TokenIssuer,
+    pub node_imds: node_imds::NodeImds,
+    pub metrics: metrics::Metrics,
+    pub clock: clock::Clock,
+    pub serve: ServeConfig,
+}
+
+impl Broker {
+    /// A fresh random secret for direct-mode IMDSv2 tokens. Tokens do not survive a
+    /// restart; SDKs ask for a new one on `401`.
+    pub fn random_token_secret() -> [u8; meshiam_imds::token::SECRET_LEN] {
+        use rand::RngCore;
+        let mut s = [0u8; meshiam_imds::token::SECRET_LEN];
+        rand::rng().fill_bytes(&mut s);
+        s
+    }
+}

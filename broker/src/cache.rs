@@ -1,0 +1,532 @@
+//! The credential cache: one STS call per key however many requests wait on it, refresh
+//! ahead of expiry, prefetch, a node-wide STS rate limit with backoff, a short negative
+//! cache, and still-valid credentials served while STS fails.
+//!
+//! Times: credential expiry is wall-clock Unix seconds ([`Clock`]); waiting, backoff and the
+//! negative cache use `tokio::time` (tests pause it).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use meshiam_imds::Credentials;
+use meshiam_imds::time::format_rfc3339;
+use rand::Rng;
+use serde::Serialize;
+use tokio::time::Instant;
+
+use crate::clock::Clock;
+use crate::metrics::Metrics;
+use crate::sts::{AssumeRoleRequest, StsApi, StsError, StsErrorKind};
+
+/// Tuning, all operator-settable (see `config`).
+#[derive(Debug, Clone)]
+pub struct CacheConfig {
+    /// Every answer has at least this much lifetime left (default 30 min).
+    pub min_remaining: Duration,
+    /// Background refresh starts this much before `min_remaining` is reached, so requests
+    /// rarely wait on STS.
+    pub refresh_margin: Duration,
+    /// One STS call's budget; also how long a request waits for the node-wide limiter.
+    pub sts_timeout: Duration,
+    /// How long a key's failure is remembered after its first failure (doubles on each
+    /// further failure, up to `backoff_max`).
+    pub negative_ttl: Duration,
+    /// Node-wide backoff after throttling or an STS outage: first step and ceiling.
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+    /// Node-wide STS call rate (token bucket).
+    pub rate_per_sec: f64,
+    pub burst: u32,
+    /// Prefetch and background refresh wait a random delay up to this, so pods created
+    /// together do not call STS together.
+    pub jitter: Duration,
+    /// While STS fails, credentials with at least this much left are still served.
+    pub stale_floor: Duration,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            min_remaining: Duration::from_secs(30 * 60),
+            refresh_margin: Duration::from_secs(5 * 60),
+            sts_timeout: Duration::from_secs(5),
+            negative_ttl: Duration::from_secs(5),
+            backoff_base: Duration::from_millis(500),
+            backoff_max: Duration::from_secs(60),
+            rate_per_sec: 5.0,
+            burst: 10,
+            jitter: Duration::from_secs(2),
+            stale_floor: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Why credentials are being fetched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    /// A pod asked.
+    Request,
+    /// A role-annotated pod appeared.
+    Prefetch,
+    /// Credentials approach the minimum lifetime.
+    Refresh,
+}
+
+impl Purpose {
+    pub fn label(self) -> &'static str {
+        match self {
+            Purpose::Request => "request",
+            Purpose::Prefetch => "prefetch",
+            Purpose::Refresh => "refresh",
+        }
+    }
+}
+
+/// How an answer was obtained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Served {
+    Hit,
+    Fetched,
+    /// STS is failing; these are still valid.
+    Stale,
+}
+
+impl Served {
+    pub fn label(self) -> &'static str {
+        match self {
+            Served::Hit => "hit",
+            Served::Fetched => "fetched",
+            Served::Stale => "stale",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Failure {
+    error: StsError,
+    count: u32,
+    retry_at: Instant,
+}
+
+#[derive(Debug, Default)]
+struct SlotState {
+    creds: Option<Credentials>,
+    failure: Option<Failure>,
+}
+
+#[derive(Debug, Default)]
+struct Slot {
+    /// Held by whoever calls STS for this key: the single flight.
+    fetch: tokio::sync::Mutex<()>,
+    state: Mutex<SlotState>,
+}
+
+impl Slot {
+    fn state(&self) -> std::sync::MutexGuard<'_, SlotState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn fresh(&self, now: u64, min_left: u64) -> Option<Credentials> {
+        self.state()
+            .creds
+            .as_ref()
+            .filter(|c| c.remaining(now) >= min_left)
+            .cloned()
+    }
+}
+
+/// A node-wide token bucket plus a backoff window opened by throttling or outages.
+#[derive(Debug)]
+struct Limiter {
+    rate: f64,
+    burst: f64,
+    base: Duration,
+    max: Duration,
+    state: Mutex<LimiterState>,
+}
+
+#[derive(Debug)]
+struct LimiterState {
+    tokens: f64,
+    last: Instant,
+    blocked_until: Option<Instant>,
+    streak: u32,
+    last_kind: StsErrorKind,
+}
+
+fn jittered(d: Duration) -> Duration {
+    // Between half and all of `d`: spread out, never longer than promised.
+    d.mul_f64(rand::rng().random_range(0.5..=1.0))
+}
+
+fn doubled(base: Duration, step: u32, max: Duration) -> Duration {
+    base.saturating_mul(1u32 << step.saturating_sub(1).min(20))
+        .min(max)
+}
+
+impl Limiter {
+    fn new(cfg: &CacheConfig) -> Self {
+        Self {
+            rate: cfg.rate_per_sec.max(0.001),
+            burst: f64::from(cfg.burst.max(1)),
+            base: cfg.backoff_base,
+            max: cfg.backoff_max,
+            state: Mutex::new(LimiterState {
+                tokens: f64::from(cfg.burst.max(1)),
+                last: Instant::now(),
+                blocked_until: None,
+                streak: 0,
+                last_kind: StsErrorKind::Throttled,
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, LimiterState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits for permission to call STS; gives up (without waiting) when that would take
+    /// past `deadline`.
+    async fn acquire(&self, deadline: Option<Instant>) -> Result<(), StsError> {
+        loop {
+            let (wait, err) = {
+                let mut s = self.lock();
+                let now = Instant::now();
+                let elapsed = now.saturating_duration_since(s.last).as_secs_f64();
+                s.tokens = (s.tokens + elapsed * self.rate).min(self.burst);
+                s.last = now;
+                match s.blocked_until {
+                    Some(until) if until > now => {
+                        (until - now, StsError::new(s.last_kind, "node-backoff"))
+                    }
+                    _ if s.tokens >= 1.0 => {
+                        s.tokens -= 1.0;
+                        return Ok(());
+                    }
+                    _ => (
+                        Duration::from_secs_f64((1.0 - s.tokens) / self.rate),
+                        StsError::new(StsErrorKind::Throttled, "node-rate-limit"),
+                    ),
+                }
+            };
+            if let Some(d) = deadline
+                && Instant::now() + wait > d
+            {
+                return Err(err);
+            }
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    fn record(&self, result: Result<(), StsErrorKind>) {
+        let mut s = self.lock();
+        match result {
+            Ok(()) => {
+                s.streak = 0;
+                s.blocked_until = None;
+            }
+            Err(kind) if kind.is_systemic() => {
+                s.streak = s.streak.saturating_add(1);
+                s.last_kind = kind;
+                let wait = jittered(doubled(self.base, s.streak, self.max));
+                s.blocked_until = Some(Instant::now() + wait);
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+struct Inner {
+    sts: Arc<dyn StsApi>,
+    cfg: CacheConfig,
+    clock: Clock,
+    metrics: Metrics,
+    slots: Mutex<HashMap<AssumeRoleRequest, Arc<Slot>>>,
+    limiter: Limiter,
+}
+
+/// What the cache holds for a key, for the operator (no secrets).
+#[derive(Debug, Clone, Serialize)]
+pub struct EntryView {
+    /// `fresh`, `refresh-due`, `below-minimum`, `expired`, `empty`, `not-cached`.
+    pub state: &'static str,
+    pub access_key_id: Option<String>,
+    pub expiration: Option<String>,
+    pub remaining_secs: Option<u64>,
+    pub last_error: Option<String>,
+    pub consecutive_failures: u32,
+    pub retry_in_ms: Option<u64>,
+}
+
+/// See the module documentation. Cheap to clone.
+#[derive(Clone)]
+pub struct CredentialCache {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for CredentialCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CredentialCache")
+            .field("entries", &self.len())
+            .finish()
+    }
+}
+
+impl CredentialCache {
+    pub fn new(sts: Arc<dyn StsApi>, cfg: CacheConfig, clock: Clock, metrics: Metrics) -> Self {
+        let limiter = Limiter::new(&cfg);
+        Self {
+            inner: Arc::new(Inner {
+                sts,
+                cfg,
+                clock,
+                metrics,
+                slots: Mutex::new(HashMap::new()),
+                limiter,
+            }),
+        }
+    }
+
+    pub fn config(&self) -> &CacheConfig {
+        &self.inner.cfg
+    }
+
+    fn slots(&self) -> std::sync::MutexGuard<'_, HashMap<AssumeRoleRequest, Arc<Slot>>> {
+        self.inner.slots.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn slot(&self, req: &AssumeRoleRequest) -> Arc<Slot> {
+        let mut slots = self.slots();
+        let slot = slots.entry(req.clone()).or_default().clone();
+        self.inner.metrics.set_cache_entries(slots.len());
+        slot
+    }
+
+    pub fn len(&self) -> usize {
+        self.slots().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn threshold(&self, purpose: Purpose) -> u64 {
+        let cfg = &self.inner.cfg;
+        let t = match purpose {
+            Purpose::Request | Purpose::Prefetch => cfg.min_remaining,
+            Purpose::Refresh => cfg.min_remaining + cfg.refresh_margin,
+        };
+        t.as_secs()
+    }
+
+    /// Credentials for `req` with at least the minimum lifetime left, calling STS if needed
+    /// (once per key, however many callers wait).
+    pub async fn get(
+        &self,
+        req: &AssumeRoleRequest,
+        purpose: Purpose,
+    ) -> Result<(Credentials, Served), StsError> {
+        let min_left = self.threshold(purpose);
+        let slot = self.slot(req);
+        let metrics = &self.inner.metrics;
+        if let Some(c) = slot.fresh(self.inner.clock.now(), min_left) {
+            if purpose == Purpose::Request {
+                metrics.cache_hit();
+            }
+            return Ok((c, Served::Hit));
+        }
+        let _flight = slot.fetch.lock().await;
+        // Whoever held the flight before us may have fetched already.
+        if let Some(c) = slot.fresh(self.inner.clock.now(), min_left) {
+            if purpose == Purpose::Request {
+                metrics.cache_hit();
+            }
+            return Ok((c, Served::Hit));
+        }
+        if let Some(f) = slot.state().failure.clone()
+            && Instant::now() < f.retry_at
+        {
+            return self.fallback(&slot, f.error);
+        }
+        match purpose {
+            Purpose::Request => metrics.cache_miss(purpose.label()),
+            _ => metrics.cache_refresh(purpose.label()),
+        }
+        let result = self.call_sts(req, purpose).await;
+        match result {
+            Ok(c) => {
+                let mut st = slot.state();
+                st.creds = Some(c.clone());
+                st.failure = None;
+                Ok((c, Served::Fetched))
+            }
+            Err((e, called)) => {
+                if called {
+                    let mut st = slot.state();
+                    let count = st.failure.as_ref().map_or(0, |f| f.count) + 1;
+                    let wait = jittered(doubled(
+                        self.inner.cfg.negative_ttl,
+                        count,
+                        self.inner.cfg.backoff_max.max(self.inner.cfg.negative_ttl),
+                    ));
+                    st.failure = Some(Failure {
+                        error: e.clone(),
+                        count,
+                        retry_at: Instant::now() + wait,
+                    });
+                }
+                self.fallback(&slot, e)
+            }
+        }
+    }
+
+    /// STS failed: still-valid credentials are better than none.
+    fn fallback(&self, slot: &Slot, e: StsError) -> Result<(Credentials, Served), StsError> {
+        let floor = self.inner.cfg.stale_floor.as_secs();
+        match slot.fresh(self.inner.clock.now(), floor.max(1)) {
+            Some(c) => {
+                self.inner.metrics.stale_served();
+                Ok((c, Served::Stale))
+            }
+            None => Err(e),
+        }
+    }
+
+    /// One rate-limited, timed STS call. The flag says whether STS was actually called
+    /// (a local limiter refusal is not a failure of the key).
+    async fn call_sts(
+        &self,
+        req: &AssumeRoleRequest,
+        purpose: Purpose,
+    ) -> Result<Credentials, (StsError, bool)> {
+        let cfg = &self.inner.cfg;
+        let deadline = (purpose == Purpose::Request).then(|| Instant::now() + cfg.sts_timeout);
+        self.inner
+            .limiter
+            .acquire(deadline)
+            .await
+            .map_err(|e| (e, false))?;
+        let t0 = Instant::now();
+        let result =
+            match tokio::time::timeout(cfg.sts_timeout, self.inner.sts.assume_role(req)).await {
+                Ok(r) => r,
+                Err(_) => Err(StsError::new(StsErrorKind::Timeout, "timeout")),
+            };
+        let secs = t0.elapsed().as_secs_f64();
+        let label = result.as_ref().map_or_else(|e| e.kind.label(), |_| "ok");
+        self.inner.metrics.sts_call(label, secs);
+        self.inner
+            .limiter
+            .record(result.as_ref().map(|_| ()).map_err(|e| e.kind));
+        match &result {
+            Ok(c) => tracing::debug!(
+                role_arn = %req.role_arn,
+                session_name = %req.session_name,
+                access_key_id = %c.access_key_id,
+                purpose = purpose.label(),
+                seconds = secs,
+                "STS AssumeRole succeeded"
+            ),
+            Err(e) => tracing::warn!(
+                role_arn = %req.role_arn,
+                session_name = %req.session_name,
+                kind = e.kind.label(),
+                code = %e.code,
+                purpose = purpose.label(),
+                "STS AssumeRole failed"
+            ),
+        }
+        result.map_err(|e| (e, true))
+    }
+
+    /// Fetches `req` in the background after a random delay (prefetch or refresh).
+    pub fn spawn_fetch(&self, req: AssumeRoleRequest, purpose: Purpose) {
+        let cache = self.clone();
+        let jitter = self.inner.cfg.jitter;
+        tokio::spawn(async move {
+            if !jitter.is_zero() {
+                let delay = jitter.mul_f64(rand::rng().random_range(0.0..1.0));
+                tokio::time::sleep(delay).await;
+            }
+            let _ = cache.get(&req, purpose).await;
+        });
+    }
+
+    /// Keys whose credentials should be fetched now in the background: close to the
+    /// minimum lifetime, or failed and ready to retry.
+    pub fn due_for_refresh(&self) -> Vec<AssumeRoleRequest> {
+        let now = self.inner.clock.now();
+        let min_left = self.threshold(Purpose::Refresh);
+        let slots: Vec<(AssumeRoleRequest, Arc<Slot>)> = self
+            .slots()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        slots
+            .into_iter()
+            .filter(|(_, slot)| {
+                let st = slot.state();
+                let retry_ok = st
+                    .failure
+                    .as_ref()
+                    .is_none_or(|f| Instant::now() >= f.retry_at);
+                let due = st
+                    .creds
+                    .as_ref()
+                    .is_none_or(|c| c.remaining(now) < min_left);
+                due && retry_ok
+            })
+            .map(|(k, _)| k)
+            .collect()
+    }
+
+    /// Drops every entry not in `live`: credentials no live pod uses are not kept or
+    /// refreshed.
+    pub fn retain(&self, live: &HashSet<AssumeRoleRequest>) -> usize {
+        let mut slots = self.slots();
+        let before = slots.len();
+        slots.retain(|k, _| live.contains(k));
+        self.inner.metrics.set_cache_entries(slots.len());
+        before - slots.len()
+    }
+
+    /// What the cache holds for `req`.
+    pub fn view(&self, req: &AssumeRoleRequest) -> EntryView {
+        let Some(slot) = self.slots().get(req).cloned() else {
+            return EntryView {
+                state: "not-cached",
+                access_key_id: None,
+                expiration: None,
+                remaining_secs: None,
+                last_error: None,
+                consecutive_failures: 0,
+                retry_in_ms: None,
+            };
+        };
+        let now = self.inner.clock.now();
+        let st = slot.state();
+        let remaining = st.creds.as_ref().map(|c| c.remaining(now));
+        let state = match remaining {
+            None => "empty",
+            Some(0) => "expired",
+            Some(r) if r < self.threshold(Purpose::Request) => "below-minimum",
+            Some(r) if r < self.threshold(Purpose::Refresh) => "refresh-due",
+            Some(_) => "fresh",
+        };
+        EntryView {
+            state,
+            access_key_id: st.creds.as_ref().map(|c| c.access_key_id.clone()),
+            expiration: st.creds.as_ref().map(|c| format_rfc3339(c.expiration)),
+            remaining_secs: remaining,
+            last_error: st.failure.as_ref().map(|f| f.error.to_string()),
+            consecutive_failures: st.failure.as_ref().map_or(0, |f| f.count),
+            retry_in_ms: st.failure.as_ref().map(|f| {
+                f.retry_at
+                    .saturating_duration_since(Instant::now())
+                    .as_millis() as u64
+            }),
+        }
+    }
+}

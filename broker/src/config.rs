@@ -1,0 +1,418 @@
+//! Command line and environment. Every flag has a `MESHIAM_…` environment equivalent;
+//! invalid settings stop the broker at start with one clear message.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{ArgAction, Parser, ValueEnum};
+
+use crate::ServeConfig;
+use crate::cache::CacheConfig;
+use crate::imds::DirectMode;
+use crate::policy::{BaseArn, PolicyConfig, Restriction, RolePolicy};
+
+/// Where pods come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PodSource {
+    /// A YAML file, reloaded when it changes (local demo, hosts without Kubernetes).
+    File,
+    /// The Kubernetes API: this node's pods (and namespaces for restrictions).
+    Kube,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Parses `500ms`, `2s`, `30m`, `1h` or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration such as 500ms, 2s, 30m or 1h"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "" | "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        "h" => Ok(Duration::from_secs(n * 3600)),
+        _ => Err(format!("{s:?} has an unknown unit (use ms, s, m or h)")),
+    }
+}
+
+/// Metadata paths that hold or lead to the node's own credentials: never forwarded.
+pub const NEVER_FORWARDED: [&str; 2] = ["meta-data/iam", "meta-data/identity-credentials"];
+
+/// True when an allow-list entry could let a path under [`NEVER_FORWARDED`] through.
+pub fn allow_entry_is_dangerous(entry: &str) -> bool {
+    let e = entry.trim().trim_start_matches('/');
+    NEVER_FORWARDED.iter().any(|f| match e.strip_suffix('*') {
+        Some(prefix) => f.starts_with(prefix) || prefix.starts_with(f),
+        None => e.starts_with(f),
+    })
+}
+
+/// meshiam-broker answers pods' instance-metadata (IMDS) credential requests with STS
+/// credentials for the IAM role named in their `iam.amazonaws.com/role` annotation. The
+/// caller is identified by its TCP source address.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "meshiam-broker", version = crate::VERSION, about, long_about = None)]
+pub struct Config {
+    /// Address the IMDS service (filter call-outs and direct pod requests) listens on.
+    #[arg(long, env = "MESHIAM_LISTEN", default_value = "0.0.0.0:8181")]
+    pub listen: SocketAddr,
+
+    /// Address of the admin service: /healthz, /readyz, /metrics, /debug/pods.
+    #[arg(long, env = "MESHIAM_ADMIN_LISTEN", default_value = "0.0.0.0:8182")]
+    pub admin_listen: SocketAddr,
+
+    /// Where pods come from: `file` (YAML, see --pods-file) or `kube` (this node's pods from
+    /// the Kubernetes API; needs --node-name).
+    #[arg(long, env = "MESHIAM_POD_SOURCE", value_enum, default_value_t = PodSource::File)]
+    pub pod_source: PodSource,
+
+    /// The YAML pods file read by `--pod-source file`; reloaded when it changes.
+    #[arg(
+        long,
+        env = "MESHIAM_PODS_FILE",
+        default_value = "/etc/meshiam/pods.yaml"
+    )]
+    pub pods_file: PathBuf,
+
+    /// How often the pods file is checked for changes.
+    #[arg(long, env = "MESHIAM_PODS_FILE_POLL", default_value = "1s", value_parser = parse_duration)]
+    pub pods_file_poll: Duration,
+
+    /// This node's name (downward API `spec.nodeName`). Required for `kube`; with `file`,
+    /// only pods of this node (or without a node) are taken.
+    #[arg(long, env = "MESHIAM_NODE_NAME")]
+    pub node_name: Option<String>,
+
+    /// How long a request from an address not yet in the pod store waits for it to appear.
+    #[arg(long, env = "MESHIAM_IP_WAIT", default_value = "2s", value_parser = parse_duration)]
+    pub ip_wait: Duration,
+
+    /// Prefix for role names, e.g. `arn:aws:iam::123456789012:role/`. When absent it is
+    /// discovered from the node's own role (STS GetCallerIdentity).
+    #[arg(long, env = "MESHIAM_BASE_ROLE_ARN")]
+    pub base_role_arn: Option<String>,
+
+    /// Role for pods without an `iam.amazonaws.com/role` annotation (name, path/name or
+    /// ARN). Without it such pods get no role.
+    #[arg(long, env = "MESHIAM_DEFAULT_ROLE")]
+    pub default_role: Option<String>,
+
+    /// Namespace restriction: `off`, `allowed-roles` (kube2iam's
+    /// iam.amazonaws.com/allowed-roles, JSON list of globs) or `permitted` (kiam's
+    /// iam.amazonaws.com/permitted, regex on the whole ARN).
+    #[arg(long, env = "MESHIAM_NAMESPACE_RESTRICTION", value_enum, default_value_t = Restriction::Off)]
+    pub namespace_restriction: Restriction,
+
+    /// AssumeRole DurationSeconds (900..43200; role chaining caps it at 3600).
+    #[arg(long, env = "MESHIAM_SESSION_DURATION", default_value = "3600s", value_parser = parse_duration)]
+    pub session_duration: Duration,
+
+    /// Every credential answer has at least this much lifetime left; must be shorter than
+    /// --session-duration.
+    #[arg(long, env = "MESHIAM_MIN_REMAINING", default_value = "30m", value_parser = parse_duration)]
+    pub min_remaining: Duration,
+
+    /// Background refresh starts this long before --min-remaining is reached.
+    #[arg(long, env = "MESHIAM_REFRESH_MARGIN", default_value = "5m", value_parser = parse_duration)]
+    pub refresh_margin: Duration,
+
+    /// Tag sessions with the pod's namespace, name, service account and node (and
+    /// --cluster-name). The role's trust policy must allow sts:TagSession.
+    #[arg(long, env = "MESHIAM_SESSION_TAGS", default_value_t = false, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub session_tags: bool,
+
+    /// Cluster name for the `kubernetes-cluster-name` session tag.
+    #[arg(long, env = "MESHIAM_CLUSTER_NAME")]
+    pub cluster_name: Option<String>,
+
+    /// Set SourceIdentity to the session name (namespace.pod). The trust policy must allow
+    /// sts:SetSourceIdentity.
+    #[arg(long, env = "MESHIAM_SOURCE_IDENTITY", default_value_t = false, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub source_identity: bool,
+
+    /// AWS region for the regional STS endpoint (default: the SDK's chain: AWS_REGION, the
+    /// profile, the node's metadata). AWS_ENDPOINT_URL_STS overrides the endpoint.
+    #[arg(long, env = "MESHIAM_REGION")]
+    pub region: Option<String>,
+
+    /// Budget of one STS call (and of a request's wait for the node-wide STS limiter).
+    #[arg(long, env = "MESHIAM_STS_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub sts_timeout: Duration,
+
+    /// Node-wide STS call rate, calls per second.
+    #[arg(long, env = "MESHIAM_STS_RATE", default_value_t = 5.0)]
+    pub sts_rate: f64,
+
+    /// Node-wide STS burst size.
+    #[arg(long, env = "MESHIAM_STS_BURST", default_value_t = 10)]
+    pub sts_burst: u32,
+
+    /// First step of the node-wide backoff after throttling or an STS outage (doubles).
+    #[arg(long, env = "MESHIAM_STS_BACKOFF_BASE", default_value = "500ms", value_parser = parse_duration)]
+    pub sts_backoff_base: Duration,
+
+    /// Longest backoff, node-wide and per role.
+    #[arg(long, env = "MESHIAM_STS_BACKOFF_MAX", default_value = "60s", value_parser = parse_duration)]
+    pub sts_backoff_max: Duration,
+
+    /// How long a failed AssumeRole is remembered before it is retried (doubles on repeated
+    /// failures, up to --sts-backoff-max).
+    #[arg(long, env = "MESHIAM_NEGATIVE_CACHE_TTL", default_value = "5s", value_parser = parse_duration)]
+    pub negative_cache_ttl: Duration,
+
+    /// While STS fails, credentials with at least this long left are still served.
+    #[arg(long, env = "MESHIAM_STALE_FLOOR", default_value = "60s", value_parser = parse_duration)]
+    pub stale_floor: Duration,
+
+    /// Fetch credentials as soon as a role-annotated pod appears.
+    #[arg(long, env = "MESHIAM_PREFETCH", default_value_t = true, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub prefetch: bool,
+
+    /// Prefetch and refresh wait a random delay up to this, so pods started together do
+    /// not call STS together.
+    #[arg(long, env = "MESHIAM_PREFETCH_JITTER", default_value = "2s", value_parser = parse_duration)]
+    pub prefetch_jitter: Duration,
+
+    /// How often unused credentials are dropped and due ones refreshed.
+    #[arg(long, env = "MESHIAM_MAINTENANCE_INTERVAL", default_value = "15s", value_parser = parse_duration)]
+    pub maintenance_interval: Duration,
+
+    /// Pods calling without the filter: `off` (refused), `optional` (IMDSv1 and v2) or
+    /// `required` (IMDSv2 only).
+    #[arg(long, env = "MESHIAM_DIRECT_MODE", value_enum, default_value_t = DirectMode::Optional)]
+    pub direct_mode: DirectMode,
+
+    /// Non-credential metadata paths fetched from the node's IMDS (comma-separated, below
+    /// the version; a trailing `*` matches a prefix). Everything else is 404.
+    #[arg(
+        long,
+        env = "MESHIAM_METADATA_ALLOW",
+        value_delimiter = ',',
+        default_value = "meta-data/placement/region,meta-data/placement/availability-zone"
+    )]
+    pub metadata_allow: Vec<String>,
+
+    /// The node's own IMDS, for allow-listed paths.
+    #[arg(
+        long,
+        env = "MESHIAM_NODE_IMDS_URL",
+        default_value = "http://169.254.169.254"
+    )]
+    pub node_imds_url: String,
+
+    /// Timeout of one call to the node's IMDS.
+    #[arg(long, env = "MESHIAM_NODE_IMDS_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
+    pub node_imds_timeout: Duration,
+
+    /// How long answers from the node's IMDS are cached.
+    #[arg(long, env = "MESHIAM_METADATA_CACHE_TTL", default_value = "5m", value_parser = parse_duration)]
+    pub metadata_cache_ttl: Duration,
+
+    /// Longest time a request may take (answered 504 after).
+    #[arg(long, env = "MESHIAM_REQUEST_TIMEOUT", default_value = "15s", value_parser = parse_duration)]
+    pub request_timeout: Duration,
+
+    /// Largest request body accepted (IMDS requests have none).
+    #[arg(long, env = "MESHIAM_MAX_BODY_BYTES", default_value_t = 4096)]
+    pub max_body_bytes: usize,
+
+    /// Requests served at once; more wait.
+    #[arg(long, env = "MESHIAM_MAX_CONCURRENCY", default_value_t = 1024)]
+    pub max_concurrency: usize,
+
+    /// Log format: `text` or `json`.
+    #[arg(long, env = "MESHIAM_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Log filter (tracing EnvFilter syntax), e.g. `info` or `info,meshiam::audit=warn`.
+    #[arg(long, env = "MESHIAM_LOG", default_value = "info")]
+    pub log: String,
+}
+
+impl Config {
+    /// Cross-field checks clap cannot do. The message names the flag.
+    pub fn validate(&self) -> Result<(), String> {
+        let dur = self.session_duration.as_secs();
+        if !(900..=43_200).contains(&dur) {
+            return Err(format!(
+                "--session-duration must be between 900s and 43200s (STS limits), got {dur}s"
+            ));
+        }
+        if self.min_remaining >= self.session_duration {
+            return Err(format!(
+                "--min-remaining ({}s) must be shorter than --session-duration ({dur}s)",
+                self.min_remaining.as_secs()
+            ));
+        }
+        if self.min_remaining + self.refresh_margin >= self.session_duration {
+            return Err(format!(
+                "--min-remaining + --refresh-margin ({}s) must be shorter than --session-duration ({dur}s), or credentials would always be due for refresh",
+                (self.min_remaining + self.refresh_margin).as_secs()
+            ));
+        }
+        if self.pod_source == PodSource::Kube && self.node_name.as_deref().is_none_or(str::is_empty)
+        {
+            return Err("--pod-source kube needs --node-name (MESHIAM_NODE_NAME, from the downward API spec.nodeName)".into());
+        }
+        if let Some(b) = &self.base_role_arn {
+            BaseArn::parse(b).map_err(|e| format!("--base-role-arn: {e}"))?;
+        }
+        if let Some(r) = &self.default_role {
+            let check = RolePolicy::new(PolicyConfig {
+                base_arn: BaseArn::parse("arn:aws:iam::000000000000:role/").ok(),
+                ..PolicyConfig::default()
+            });
+            check.resolve_arn(r).map_err(|_| {
+                format!("--default-role: {r:?} is not a role name, path/name or role ARN")
+            })?;
+        }
+        if !(self.sts_rate.is_finite() && self.sts_rate > 0.0) {
+            return Err("--sts-rate must be a positive number of calls per second".into());
+        }
+        if self.sts_burst == 0 {
+            return Err("--sts-burst must be at least 1".into());
+        }
+        if self.sts_timeout.is_zero() {
+            return Err("--sts-timeout must be positive".into());
+        }
+        if self.request_timeout <= self.ip_wait {
+            return Err("--request-timeout must be longer than --ip-wait".into());
+        }
+        if let Some(entry) = self
+            .metadata_allow
+            .iter()
+            .find(|e| allow_entry_is_dangerous(e))
+        {
+            return Err(format!(
+                "--metadata-allow entry {entry:?} could expose the node's own credentials (meta-data/iam, meta-data/identity-credentials)"
+            ));
+        }
+        if !self.node_imds_url.starts_with("http://") {
+            return Err("--node-imds-url must be an http:// URL".into());
+        }
+        if self.cluster_name.as_deref().is_some_and(str::is_empty) {
+            return Err("--cluster-name must not be empty".into());
+        }
+        if self.max_concurrency == 0 {
+            return Err("--max-concurrency must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    pub fn policy_config(&self) -> PolicyConfig {
+        PolicyConfig {
+            base_arn: self
+                .base_role_arn
+                .as_deref()
+                .and_then(|b| BaseArn::parse(b).ok()),
+            default_role: self.default_role.clone(),
+            restriction: self.namespace_restriction,
+            session_tags: self.session_tags,
+            cluster_name: self.cluster_name.clone(),
+            source_identity: self.source_identity,
+            duration_secs: self.session_duration.as_secs() as u32,
+        }
+    }
+
+    pub fn cache_config(&self) -> CacheConfig {
+        CacheConfig {
+            min_remaining: self.min_remaining,
+            refresh_margin: self.refresh_margin,
+            sts_timeout: self.sts_timeout,
+            negative_ttl: self.negative_cache_ttl,
+            backoff_base: self.sts_backoff_base,
+            backoff_max: self.sts_backoff_max,
+            rate_per_sec: self.sts_rate,
+            burst: self.sts_burst,
+            jitter: self.prefetch_jitter,
+            stale_floor: self.stale_floor,
+        }
+    }
+
+    pub fn serve_config(&self) -> ServeConfig {
+        ServeConfig {
+            ip_wait: self.ip_wait,
+            direct_mode: self.direct_mode,
+            metadata_allow: self
+                .metadata_allow
+                .iter()
+                .map(|e| e.trim().to_string())
+                .filter(|e| !e.is_empty())
+                .collect(),
+            request_timeout: self.request_timeout,
+            max_body_bytes: self.max_body_bytes,
+            max_concurrency: self.max_concurrency,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, String> {
+        let mut all = vec!["meshiam-broker"];
+        all.extend_from_slice(args);
+        let c = Config::try_parse_from(all).map_err(|e| e.to_string())?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.session_duration, Duration::from_secs(3600));
+        assert_eq!(c.min_remaining, Duration::from_secs(1800));
+        assert_eq!(c.ip_wait, Duration::from_secs(2));
+        assert_eq!(c.metadata_allow.len(), 2);
+        assert!(c.prefetch);
+        assert!(!c.session_tags);
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("30m"), Ok(Duration::from_secs(1800)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert!(parse_duration("1d").is_err());
+        assert!(parse_duration("x").is_err());
+    }
+
+    #[test]
+    fn invalid_settings_fail_with_one_clear_message() {
+        let cases: &[(&[&str], &str)] = &[
+            (&["--min-remaining", "1h"], "--min-remaining"),
+            (&["--session-duration", "100s"], "--session-duration"),
+            (&["--pod-source", "kube"], "--node-name"),
+            (&["--base-role-arn", "arn:aws:s3:::x"], "--base-role-arn"),
+            (&["--default-role", "a b"], "--default-role"),
+            (&["--metadata-allow", "meta-data/*"], "--metadata-allow"),
+            (
+                &["--metadata-allow", "meta-data/iam/info"],
+                "--metadata-allow",
+            ),
+            (
+                &["--metadata-allow", "meta-data/identity-credentials/ec2/*"],
+                "--metadata-allow",
+            ),
+            (&["--sts-rate", "0"], "--sts-rate"),
+            (&["--ip-wait", "1h"], "--request-timeout"),
+        ];
+        for (args, needle) in cases {
+            let e = parse(args).unwrap_err();
+            assert!(e.contains(needle), "{args:?}: {e}");
+        }
+        assert!(parse(&["--session-tags", "--prefetch", "false"]).is_ok());
+        assert!(parse(&["--metadata-allow", "meta-data/placement/*,dynamic/*"]).is_ok());
+    }
+}

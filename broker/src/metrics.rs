@@ -1,0 +1,213 @@
+//! Prometheus metrics (served on the admin port).
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// What the path asked for (`credentials`, `role_list`, `token`, …).
+    pub path: String,
+    /// `ok` or the refusal's reason code.
+    pub outcome: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StsLabels {
+    /// `ok`, `throttled`, `denied`, `unavailable`, `timeout`.
+    pub result: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PurposeLabels {
+    /// `request`, `prefetch`, `refresh`.
+    pub purpose: String,
+}
+
+struct Inner {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    sts_calls: Family<StsLabels, Counter>,
+    sts_latency: Histogram,
+    cache_hits: Counter,
+    cache_misses: Family<PurposeLabels, Counter>,
+    cache_refreshes: Family<PurposeLabels, Counter>,
+    cache_stale_served: Counter,
+    cache_entries: Gauge,
+    pods_tracked: Gauge,
+    identity_mismatches: Counter,
+}
+
+/// Every metric the broker keeps. Cheap to clone.
+#[derive(Clone)]
+pub struct Metrics {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("meshiam_broker");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "requests",
+            "IMDS requests answered, by path kind and outcome (ok or reason code)",
+            requests.clone(),
+        );
+        let sts_calls = Family::<StsLabels, Counter>::default();
+        registry.register(
+            "sts_calls",
+            "STS AssumeRole calls by result",
+            sts_calls.clone(),
+        );
+        let sts_latency = Histogram::new(exponential_buckets(0.005, 2.0, 14));
+        registry.register(
+            "sts_call_duration_seconds",
+            "Latency of STS AssumeRole calls",
+            sts_latency.clone(),
+        );
+        let cache_hits = Counter::default();
+        registry.register(
+            "cache_hits",
+            "Credential requests answered from the cache",
+            cache_hits.clone(),
+        );
+        let cache_misses = Family::<PurposeLabels, Counter>::default();
+        registry.register(
+            "cache_misses",
+            "Credential lookups that had to call STS, by purpose",
+            cache_misses.clone(),
+        );
+        let cache_refreshes = Family::<PurposeLabels, Counter>::default();
+        registry.register(
+            "cache_refreshes",
+            "Credentials fetched ahead of need (prefetch on pod start, refresh before expiry)",
+            cache_refreshes.clone(),
+        );
+        let cache_stale_served = Counter::default();
+        registry.register(
+            "cache_stale_served",
+            "Still-valid credentials served while STS was failing",
+            cache_stale_served.clone(),
+        );
+        let cache_entries = Gauge::default();
+        registry.register(
+            "cache_entries",
+            "Credential cache entries",
+            cache_entries.clone(),
+        );
+        let pods_tracked = Gauge::default();
+        registry.register(
+            "pods_tracked",
+            "Pods in the pod store",
+            pods_tracked.clone(),
+        );
+        let identity_mismatches = Counter::default();
+        registry.register(
+            "identity_mismatches",
+            "Call-outs whose claimed pod identity differed from the caller's address",
+            identity_mismatches.clone(),
+        );
+        Self {
+            inner: Arc::new(Inner {
+                registry,
+                requests,
+                sts_calls,
+                sts_latency,
+                cache_hits,
+                cache_misses,
+                cache_refreshes,
+                cache_stale_served,
+                cache_entries,
+                pods_tracked,
+                identity_mismatches,
+            }),
+        }
+    }
+
+    pub fn request(&self, path: &str, outcome: &str) {
+        self.inner
+            .requests
+            .get_or_create(&RequestLabels {
+                path: path.to_string(),
+                outcome: outcome.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn sts_call(&self, result: &str, seconds: f64) {
+        self.inner
+            .sts_calls
+            .get_or_create(&StsLabels {
+                result: result.to_string(),
+            })
+            .inc();
+        self.inner.sts_latency.observe(seconds);
+    }
+
+    pub fn cache_hit(&self) {
+        self.inner.cache_hits.inc();
+    }
+
+    pub fn cache_miss(&self, purpose: &str) {
+        self.inner
+            .cache_misses
+            .get_or_create(&PurposeLabels {
+                purpose: purpose.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn cache_refresh(&self, purpose: &str) {
+        self.inner
+            .cache_refreshes
+            .get_or_create(&PurposeLabels {
+                purpose: purpose.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn stale_served(&self) {
+        self.inner.cache_stale_served.inc();
+    }
+
+    pub fn set_cache_entries(&self, n: usize) {
+        self.inner.cache_entries.set(n as i64);
+    }
+
+    pub fn set_pods_tracked(&self, n: usize) {
+        self.inner.pods_tracked.set(n as i64);
+    }
+
+    pub fn identity_mismatch(&self) {
+        self.inner.identity_mismatches.inc();
+    }
+
+    pub fn identity_mismatches(&self) -> u64 {
+        self.inner.identity_mismatches.get()
+    }
+
+    /// The text exposition format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.inner.registry);
+        out
+    }
+}

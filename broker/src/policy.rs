@@ -1,0 +1,586 @@
+//! Which role a pod gets: its annotations, the base ARN, the default role and the namespace
+//! restrictions (kube2iam's `allowed-roles` globs or kiam's `permitted` regex).
+
+use std::sync::RwLock;
+
+use serde::Serialize;
+use thiserror::Error;
+
+use crate::pods::{Namespace, Pod};
+use crate::session;
+use crate::sts::AssumeRoleRequest;
+
+/// The pod's role: a name, `path/name`, or a full role ARN.
+pub const ROLE: &str = "iam.amazonaws.com/role";
+/// ExternalId passed to AssumeRole.
+pub const EXTERNAL_ID: &str = "iam.amazonaws.com/external-id";
+/// RoleSessionName instead of `namespace.pod`.
+pub const SESSION_NAME: &str = "iam.amazonaws.com/session-name";
+/// kube2iam: namespace annotation, JSON list of globs over role names or ARNs.
+pub const ALLOWED_ROLES: &str = "iam.amazonaws.com/allowed-roles";
+/// kiam: namespace annotation, regex that must match the whole role ARN.
+pub const PERMITTED: &str = "iam.amazonaws.com/permitted";
+
+/// Which namespace restriction applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Restriction {
+    /// Any role a pod names is assumed.
+    Off,
+    /// kube2iam style: the namespace's `iam.amazonaws.com/allowed-roles` (JSON list of globs).
+    AllowedRoles,
+    /// kiam style: the namespace's `iam.amazonaws.com/permitted` (regex on the full ARN).
+    Permitted,
+}
+
+/// `arn:<partition>:iam::<account>:role/`: what role names are appended to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BaseArn(String);
+
+impl BaseArn {
+    /// From configuration: `arn:aws:iam::123456789012:role/` (trailing slash optional; a
+    /// path such as `role/team/` is kept).
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let parts: Vec<&str> = s.splitn(6, ':').collect();
+        let ok = parts.len() == 6
+            && parts[0] == "arn"
+            && !parts[1].is_empty()
+            && parts[2] == "iam"
+            && parts[3].is_empty()
+            && is_account(parts[4])
+            && (parts[5] == "role" || parts[5].starts_with("role/"));
+        if !ok {
+            return Err(format!(
+                "{s:?} is not a role base ARN such as arn:aws:iam::123456789012:role/"
+            ));
+        }
+        let mut base = s.to_string();
+        if !base.ends_with('/') {
+            base.push('/');
+        }
+        Ok(BaseArn(base))
+    }
+
+    /// From the node's own identity (GetCallerIdentity): any ARN with a partition and an
+    /// account, typically `arn:aws:sts::123456789012:assumed-role/node-role/i-0abc`.
+    pub fn from_caller_arn(arn: &str) -> Option<Self> {
+        let parts: Vec<&str> = arn.splitn(6, ':').collect();
+        if parts.len() == 6 && parts[0] == "arn" && !parts[1].is_empty() && is_account(parts[4]) {
+            Some(BaseArn(format!("arn:{}:iam::{}:role/", parts[1], parts[4])))
+        } else {
+            None
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+fn is_account(s: &str) -> bool {
+    s.len() == 12 && s.bytes().all(|c| c.is_ascii_digit())
+}
+
+fn is_role_segment(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.chars().all(|c| {
+            c.is_ascii_alphanumeric() || matches!(c, '_' | '+' | '=' | ',' | '.' | '@' | '-')
+        })
+}
+
+fn is_role_arn(s: &str) -> bool {
+    let parts: Vec<&str> = s.splitn(6, ':').collect();
+    parts.len() == 6
+        && parts[0] == "arn"
+        && !parts[1].is_empty()
+        && parts[2] == "iam"
+        && parts[3].is_empty()
+        && is_account(parts[4])
+        && parts[5]
+            .strip_prefix("role/")
+            .is_some_and(|p| p.split('/').all(is_role_segment))
+}
+
+fn is_external_id(s: &str) -> bool {
+    (2..=1224).contains(&s.len())
+        && s.chars().all(|c| {
+            c.is_ascii_alphanumeric()
+                || matches!(c, '_' | '+' | '=' | ',' | '.' | '@' | ':' | '/' | '-')
+        })
+}
+
+/// The role's name as IMDS shows it: the last segment of the ARN.
+pub fn role_name(arn: &str) -> &str {
+    arn.rsplit('/').next().unwrap_or(arn)
+}
+
+/// Where the role came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RoleSource {
+    Annotation,
+    Default,
+}
+
+/// The namespace restriction's answer and the rule that gave it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Verdict {
+    pub permitted: bool,
+    pub rule: String,
+}
+
+impl Verdict {
+    fn allow(rule: impl Into<String>) -> Self {
+        Self {
+            permitted: true,
+            rule: rule.into(),
+        }
+    }
+    fn deny(rule: impl Into<String>) -> Self {
+        Self {
+            permitted: false,
+            rule: rule.into(),
+        }
+    }
+}
+
+/// What a pod gets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub role_arn: String,
+    pub source: RoleSource,
+    pub verdict: Verdict,
+    /// The AssumeRole call (and cache key) that serves this pod.
+    pub request: AssumeRoleRequest,
+}
+
+impl Decision {
+    pub fn role_name(&self) -> &str {
+        role_name(&self.role_arn)
+    }
+}
+
+/// Why a pod gets no role.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum PolicyError {
+    #[error("pod has no role annotation and there is no default role")]
+    NoRole,
+    #[error("annotation {annotation} is invalid: {problem}")]
+    InvalidAnnotation {
+        annotation: &'static str,
+        problem: String,
+    },
+    #[error("role {0:?} is a name but the base role ARN is not known yet")]
+    BaseArnUnknown(String),
+    #[error("role {role_arn} not permitted in this namespace: {rule}")]
+    NotPermitted { role_arn: String, rule: String },
+}
+
+/// What the operator configured.
+#[derive(Debug, Clone)]
+pub struct PolicyConfig {
+    pub base_arn: Option<BaseArn>,
+    pub default_role: Option<String>,
+    pub restriction: Restriction,
+    pub session_tags: bool,
+    pub cluster_name: Option<String>,
+    pub source_identity: bool,
+    pub duration_secs: u32,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        Self {
+            base_arn: None,
+            default_role: None,
+            restriction: Restriction::Off,
+            session_tags: false,
+            cluster_name: None,
+            source_identity: false,
+            duration_secs: 3600,
+        }
+    }
+}
+
+/// Decides roles. The base ARN may arrive later (discovered from the node's own role).
+#[derive(Debug)]
+pub struct RolePolicy {
+    cfg: PolicyConfig,
+    base: RwLock<Option<BaseArn>>,
+}
+
+impl RolePolicy {
+    pub fn new(cfg: PolicyConfig) -> Self {
+        let base = RwLock::new(cfg.base_arn.clone());
+        Self { cfg, base }
+    }
+
+    pub fn config(&self) -> &PolicyConfig {
+        &self.cfg
+    }
+
+    pub fn base_arn(&self) -> Option<BaseArn> {
+        self.base.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn set_base_arn(&self, base: BaseArn) {
+        *self.base.write().unwrap_or_else(|e| e.into_inner()) = Some(base);
+    }
+
+    /// A role annotation (or glob) as a full ARN.
+    pub fn resolve_arn(&self, role: &str) -> Result<String, PolicyError> {
+        let role = role.trim();
+        if role.starts_with("arn:") {
+            return if is_role_arn(role) {
+                Ok(role.to_string())
+            } else {
+                Err(PolicyError::InvalidAnnotation {
+                    annotation: ROLE,
+                    problem: format!("{role:?} is not an IAM role ARN"),
+                })
+            };
+        }
+        let rel = role.strip_prefix('/').unwrap_or(role);
+        if !rel.split('/').all(is_role_segment) {
+            return Err(PolicyError::InvalidAnnotation {
+                annotation: ROLE,
+                problem: format!("{role:?} is not a role name or path/name"),
+            });
+        }
+        let base = self
+            .base_arn()
+            .ok_or_else(|| PolicyError::BaseArnUnknown(role.to_string()))?;
+        Ok(format!("{}{rel}", base.as_str()))
+    }
+
+    /// The pod's role and the restriction's verdict; `Err` when there is no usable role.
+    pub fn evaluate(&self, pod: &Pod, ns: Option<&Namespace>) -> Result<Decision, PolicyError> {
+        let annotated = pod
+            .annotation(ROLE)
+            .map(str::trim)
+            .filter(|r| !r.is_empty());
+        let (role, source) = match (annotated, self.cfg.default_role.as_deref()) {
+            (Some(r), _) => (r, RoleSource::Annotation),
+            (None, Some(d)) => (d, RoleSource::Default),
+            (None, None) => return Err(PolicyError::NoRole),
+        };
+        let role_arn = self.resolve_arn(role)?;
+        let verdict = self.check_namespace(&role_arn, source, ns);
+
+        let session_name = match pod.annotation(SESSION_NAME).map(str::trim) {
+            Some(s) if !s.is_empty() => session::fit(s),
+            _ => session::default_name(pod),
+        };
+        let external_id = match pod.annotation(EXTERNAL_ID).map(str::trim) {
+            Some(e) if !e.is_empty() => {
+                if !is_external_id(e) {
+                    return Err(PolicyError::InvalidAnnotation {
+                        annotation: EXTERNAL_ID,
+                        problem: "must be 2-1224 characters of [\\w+=,.@:/-]".into(),
+                    });
+                }
+                Some(e.to_string())
+            }
+            _ => None,
+        };
+        let tags = if self.cfg.session_tags {
+            session::tags(pod, self.cfg.cluster_name.as_deref())
+        } else {
+            Vec::new()
+        };
+        let source_identity = self.cfg.source_identity.then(|| session_name.clone());
+        Ok(Decision {
+            request: AssumeRoleRequest {
+                role_arn: role_arn.clone(),
+                session_name,
+                external_id,
+                tags,
+                source_identity,
+                duration_secs: self.cfg.duration_secs,
+            },
+            role_arn,
+            source,
+            verdict,
+        })
+    }
+
+    /// [`Self::evaluate`], refusing what the namespace does not permit.
+    pub fn decide(&self, pod: &Pod, ns: Option<&Namespace>) -> Result<Decision, PolicyError> {
+        let d = self.evaluate(pod, ns)?;
+        if d.verdict.permitted {
+            Ok(d)
+        } else {
+            Err(PolicyError::NotPermitted {
+                role_arn: d.role_arn,
+                rule: d.verdict.rule,
+            })
+        }
+    }
+
+    fn check_namespace(&self, arn: &str, source: RoleSource, ns: Option<&Namespace>) -> Verdict {
+        if self.cfg.restriction == Restriction::Off {
+            return Verdict::allow("namespace restrictions are off");
+        }
+        if source == RoleSource::Default {
+            // As kube2iam: the operator's default role is permitted everywhere.
+            return Verdict::allow("the default role is permitted in every namespace");
+        }
+        let Some(ns) = ns else {
+            return Verdict::deny("namespace not known (yet)");
+        };
+        match self.cfg.restriction {
+            Restriction::Off => Verdict::allow("namespace restrictions are off"),
+            Restriction::AllowedRoles => self.check_allowed_roles(arn, ns),
+            Restriction::Permitted => check_permitted(arn, ns),
+        }
+    }
+
+    fn check_allowed_roles(&self, arn: &str, ns: &Namespace) -> Verdict {
+        let Some(raw) = ns.annotations.get(ALLOWED_ROLES) else {
+            return Verdict::deny(format!("namespace {} has no {ALLOWED_ROLES}", ns.name));
+        };
+        let Ok(globs) = serde_json::from_str::<Vec<String>>(raw) else {
+            return Verdict::deny(format!(
+                "{ALLOWED_ROLES} of namespace {} is not a JSON list of strings",
+                ns.name
+            ));
+        };
+        let base = self.base_arn();
+        for g in &globs {
+            let g = g.trim();
+            let pattern = if g.starts_with("arn:") {
+                g.to_string()
+            } else if let Some(base) = &base {
+                format!("{}{}", base.as_str(), g.strip_prefix('/').unwrap_or(g))
+            } else {
+                continue;
+            };
+            // `*` matches across `/` too, as kube2iam's globs do.
+            if let Ok(glob) = globset::Glob::new(&pattern)
+                && glob.compile_matcher().is_match(arn)
+            {
+                return Verdict::allow(format!("{ALLOWED_ROLES} entry {g:?}"));
+            }
+        }
+        Verdict::deny(format!(
+            "no {ALLOWED_ROLES} entry of namespace {} matches",
+            ns.name
+        ))
+    }
+}
+
+fn check_permitted(arn: &str, ns: &Namespace) -> Verdict {
+    let Some(raw) = ns.annotations.get(PERMITTED) else {
+        return Verdict::deny(format!("namespace {} has no {PERMITTED}", ns.name));
+    };
+    match regex::Regex::new(&format!("^(?:{raw})$")) {
+        Ok(re) if re.is_match(arn) => Verdict::allow(format!("{PERMITTED} {raw:?}")),
+        Ok(_) => Verdict::deny(format!(
+            "{PERMITTED} of namespace {} does not match the whole ARN",
+            ns.name
+        )),
+        Err(_) => Verdict::deny(format!(
+            "{PERMITTED} of namespace {} is not a valid regex",
+            ns.name
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    const BASE: &str = "arn:aws:iam::123456789012:role/";
+
+    fn policy(restriction: Restriction) -> RolePolicy {
+        RolePolicy::new(PolicyConfig {
+            base_arn: Some(BaseArn::parse(BASE).unwrap()),
+            restriction,
+            ..PolicyConfig::default()
+        })
+    }
+
+    fn pod(anns: &[(&str, &str)]) -> Pod {
+        Pod {
+            namespace: "default".into(),
+            name: "myapp".into(),
+            annotations: anns
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..Pod::default()
+        }
+    }
+
+    fn ns(anns: &[(&str, &str)]) -> Namespace {
+        Namespace {
+            name: "default".into(),
+            annotations: anns
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<BTreeMap<_, _>>(),
+        }
+    }
+
+    #[test]
+    fn base_arn_forms() {
+        assert_eq!(
+            BaseArn::parse("arn:aws:iam::123456789012:role")
+                .unwrap()
+                .as_str(),
+            BASE
+        );
+        assert!(BaseArn::parse("arn:aws:iam::12345:role/").is_err());
+        assert!(BaseArn::parse("arn:aws:s3:::bucket").is_err());
+        assert_eq!(
+            BaseArn::from_caller_arn("arn:aws-cn:sts::123456789012:assumed-role/node/i-1")
+                .unwrap()
+                .as_str(),
+            "arn:aws-cn:iam::123456789012:role/"
+        );
+        assert!(BaseArn::from_caller_arn("nonsense").is_none());
+    }
+
+    #[test]
+    fn role_forms() {
+        let p = policy(Restriction::Off);
+        assert_eq!(p.resolve_arn("myapp").unwrap(), format!("{BASE}myapp"));
+        assert_eq!(
+            p.resolve_arn("team/myapp").unwrap(),
+            format!("{BASE}team/myapp")
+        );
+        assert_eq!(
+            p.resolve_arn("/team/myapp").unwrap(),
+            format!("{BASE}team/myapp")
+        );
+        let full = "arn:aws:iam::999999999999:role/x/y";
+        assert_eq!(p.resolve_arn(full).unwrap(), full);
+        for bad in ["arn:aws:s3:::b", "a b", "team//x", "arn:aws:iam::1:role/x"] {
+            assert!(
+                matches!(
+                    p.resolve_arn(bad),
+                    Err(PolicyError::InvalidAnnotation { .. })
+                ),
+                "{bad}"
+            );
+        }
+        let no_base = RolePolicy::new(PolicyConfig::default());
+        assert_eq!(
+            no_base.resolve_arn("x"),
+            Err(PolicyError::BaseArnUnknown("x".into()))
+        );
+        assert_eq!(no_base.resolve_arn(full).unwrap(), full);
+        no_base.set_base_arn(BaseArn::parse(BASE).unwrap());
+        assert_eq!(no_base.resolve_arn("x").unwrap(), format!("{BASE}x"));
+        assert_eq!(role_name(&format!("{BASE}team/myapp")), "myapp");
+    }
+
+    #[test]
+    fn default_role_and_annotations() {
+        let p = policy(Restriction::Off);
+        assert_eq!(p.decide(&pod(&[]), None), Err(PolicyError::NoRole));
+        let with_default = RolePolicy::new(PolicyConfig {
+            default_role: Some("fallback".into()),
+            ..p.config().clone()
+        });
+        let d = with_default.decide(&pod(&[]), None).unwrap();
+        assert_eq!(d.role_arn, format!("{BASE}fallback"));
+        assert_eq!(d.source, RoleSource::Default);
+        assert_eq!(d.request.session_name, "default.myapp");
+
+        let d = p
+            .decide(
+                &pod(&[
+                    (ROLE, "myapp-iam-role"),
+                    (EXTERNAL_ID, "ext-123"),
+                    (SESSION_NAME, "custom name"),
+                ]),
+                None,
+            )
+            .unwrap();
+        assert_eq!(d.role_name(), "myapp-iam-role");
+        assert_eq!(d.request.external_id.as_deref(), Some("ext-123"));
+        assert_eq!(d.request.session_name, "custom-name");
+        assert!(d.request.tags.is_empty());
+        assert_eq!(d.request.duration_secs, 3600);
+        assert!(matches!(
+            p.decide(&pod(&[(ROLE, "r"), (EXTERNAL_ID, "x")]), None),
+            Err(PolicyError::InvalidAnnotation { .. })
+        ));
+    }
+
+    #[test]
+    fn tags_and_source_identity_when_configured() {
+        let p = RolePolicy::new(PolicyConfig {
+            session_tags: true,
+            source_identity: true,
+            cluster_name: Some("c1".into()),
+            ..policy(Restriction::Off).config().clone()
+        });
+        let d = p.decide(&pod(&[(ROLE, "r")]), None).unwrap();
+        assert_eq!(d.request.source_identity.as_deref(), Some("default.myapp"));
+        assert!(
+            d.request
+                .tags
+                .iter()
+                .any(|(k, v)| k == session::TAG_CLUSTER && v == "c1")
+        );
+    }
+
+    #[test]
+    fn allowed_roles_globs() {
+        let p = policy(Restriction::AllowedRoles);
+        let n = ns(&[(
+            ALLOWED_ROLES,
+            r#"["allowed-*", "arn:aws:iam::999999999999:role/x"]"#,
+        )]);
+        assert!(p.decide(&pod(&[(ROLE, "allowed-one")]), Some(&n)).is_ok());
+        assert!(
+            p.decide(&pod(&[(ROLE, "allowed-team/deep")]), Some(&n))
+                .is_ok()
+        );
+        assert!(
+            p.decide(
+                &pod(&[(ROLE, "arn:aws:iam::999999999999:role/x")]),
+                Some(&n)
+            )
+            .is_ok()
+        );
+        assert!(matches!(
+            p.decide(&pod(&[(ROLE, "other")]), Some(&n)),
+            Err(PolicyError::NotPermitted { .. })
+        ));
+        // No annotation, bad JSON, unknown namespace: refused.
+        for n in [ns(&[]), ns(&[(ALLOWED_ROLES, "allowed-*")])] {
+            assert!(p.decide(&pod(&[(ROLE, "allowed-one")]), Some(&n)).is_err());
+        }
+        assert!(p.decide(&pod(&[(ROLE, "allowed-one")]), None).is_err());
+    }
+
+    #[test]
+    fn permitted_regex_is_anchored_on_the_full_arn() {
+        let p = policy(Restriction::Permitted);
+        let n = ns(&[(PERMITTED, "arn:aws:iam::123456789012:role/app-.*")]);
+        assert!(p.decide(&pod(&[(ROLE, "app-web")]), Some(&n)).is_ok());
+        assert!(p.decide(&pod(&[(ROLE, "evil-app-web")]), Some(&n)).is_err());
+        let partial = ns(&[(PERMITTED, "app-.*")]);
+        assert!(
+            p.decide(&pod(&[(ROLE, "app-web")]), Some(&partial))
+                .is_err()
+        );
+        let bad = ns(&[(PERMITTED, "(")]);
+        assert!(p.decide(&pod(&[(ROLE, "app-web")]), Some(&bad)).is_err());
+    }
+
+    #[test]
+    fn default_role_is_permitted_under_restrictions() {
+        let p = RolePolicy::new(PolicyConfig {
+            default_role: Some("fallback".into()),
+            ..policy(Restriction::Permitted).config().clone()
+        });
+        assert!(p.decide(&pod(&[]), Some(&ns(&[]))).is_ok());
+    }
+}
