@@ -45,6 +45,9 @@ async fn shutdown_signal() {
 
 #[tokio::main]
 async fn main() {
+    // kube (ring) and the AWS SDK (aws-lc-rs) both bring a rustls crypto provider, so
+    // rustls cannot pick one by itself: choose before any TLS client is built.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let cfg = Config::parse();
     if let Err(e) = cfg.validate() {
         fail(e);
