@@ -665,8 +665,9 @@ def cmd_status(args):
 
 
 def pod_env(state, entry):
-    """An environment like a pod's: no AWS credentials, no AWS config files, the emulator as
-    the STS endpoint (a pod would reach the real one)."""
+    """An environment like a pod's: no AWS credentials, no AWS config files, the region set
+    as pod specs usually do, and the emulator as the STS endpoint (a pod would reach the real
+    one)."""
     home = STATE_DIR / "home" / str(entry["index"])
     home.mkdir(parents=True, exist_ok=True)
     env = {
@@ -674,6 +675,9 @@ def pod_env(state, entry):
         "HOME": str(home),
         "LANG": "C.UTF-8",
         "AWS_ENDPOINT_URL_STS": f"http://{node_addr(state)}:{port(state, 'sts')}",
+        # As most pod specs set it: botocore and the AWS CLI do not take the region from IMDS
+        # (aws-sdk-rust does; the tests run it with this unset).
+        "AWS_DEFAULT_REGION": REGION,
         "POD_NAME": entry["spec"]["name"],
         "POD_NAMESPACE": entry["spec"]["namespace"],
     }
