@@ -55,7 +55,9 @@ async fn main() -> anyhow::Result<()> {
     let config = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
     let recorder = SigningKey::default();
     let sts = aws_sdk_sts::Client::from_conf(
-        aws_sdk_sts::config::Builder::from(&config).interceptor(recorder.clone()).build(),
+        aws_sdk_sts::config::Builder::from(&config)
+            .interceptor(recorder.clone())
+            .build(),
     );
 
     let (mut calls, mut failures, mut keys, mut arn) = (0u64, 0u64, HashSet::new(), None);
