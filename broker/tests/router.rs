@@ -526,7 +526,14 @@ async fn direct_mode_issues_tokens_bound_to_the_caller() {
     assert_eq!(expired.status, StatusCode::UNAUTHORIZED);
 
     // The token PUT's rules.
-    let cases: &[(Method, &str, &[(&str, &str)], StatusCode, &str)] = &[
+    type Case<'a> = (
+        Method,
+        &'a str,
+        &'a [(&'a str, &'a str)],
+        StatusCode,
+        &'a str,
+    );
+    let cases: &[Case] = &[
         (
             Method::PUT,
             "/latest/api/token",
