@@ -153,10 +153,10 @@ pub fn explain(b: &Broker, key: &PodKey) -> Option<Value> {
                 "restriction": d.verdict,
             });
             out["cache"] = serde_json::to_value(b.cache.view(r)).unwrap_or(Value::Null);
-            if !d.verdict.permitted {
-                "role-not-permitted"
-            } else if !identity_ok {
+            if !identity_ok {
                 "not-served-identity"
+            } else if !d.verdict.permitted {
+                "role-not-permitted"
             } else {
                 "served"
             }

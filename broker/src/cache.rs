@@ -206,7 +206,9 @@ impl Limiter {
                         return Ok(());
                     }
                     _ => (
-                        Duration::from_secs_f64((1.0 - s.tokens) / self.rate),
+                        // At least a millisecond: a rounding-sized wait would spin.
+                        Duration::from_secs_f64((1.0 - s.tokens) / self.rate)
+                            .max(Duration::from_millis(1)),
                         StsError::new(StsErrorKind::Throttled, "node-rate-limit"),
                     ),
                 }
@@ -249,6 +251,7 @@ struct Inner {
 
 /// What the cache holds for a key, for the operator (no secrets).
 #[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct EntryView {
     /// `fresh`, `refresh-due`, `below-minimum`, `expired`, `empty`, `not-cached`.
     pub state: &'static str,
@@ -345,7 +348,9 @@ impl CredentialCache {
             }
             return Ok((c, Served::Hit));
         }
-        if let Some(f) = slot.state().failure.clone()
+        // Bound first: the guard must be gone before `fallback` locks the state again.
+        let failure = slot.state().failure.clone();
+        if let Some(f) = failure
             && Instant::now() < f.retry_at
         {
             return self.fallback(&slot, f.error);
@@ -528,5 +533,281 @@ impl CredentialCache {
                     .as_millis() as u64
             }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::FakeSts;
+
+    const T0: u64 = 1_767_225_600;
+
+    fn req(role: &str) -> AssumeRoleRequest {
+        AssumeRoleRequest {
+            role_arn: format!("arn:aws:iam::123456789012:role/{role}"),
+            session_name: "default.myapp".into(),
+            external_id: None,
+            tags: Vec::new(),
+            source_identity: None,
+            duration_secs: 3600,
+        }
+    }
+
+    fn setup(cfg: CacheConfig) -> (CredentialCache, Arc<FakeSts>, Clock) {
+        let clock = Clock::manual(T0);
+        let sts = Arc::new(FakeSts::new(clock.clone()));
+        let cache = CredentialCache::new(sts.clone(), cfg, clock.clone(), Metrics::new());
+        (cache, sts, clock)
+    }
+
+    fn quiet() -> CacheConfig {
+        CacheConfig {
+            jitter: Duration::ZERO,
+            ..CacheConfig::default()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_sts_call_however_many_wait() {
+        let (cache, sts, _) = setup(quiet());
+        sts.set_delay(Duration::from_millis(200));
+        let r = req("app");
+        let waiters: Vec<_> = (0..50)
+            .map(|_| {
+                let cache = cache.clone();
+                let r = r.clone();
+                tokio::spawn(async move { cache.get(&r, Purpose::Request).await })
+            })
+            .collect();
+        let mut keys = HashSet::new();
+        for w in waiters {
+            let (c, _) = w.await.unwrap().unwrap();
+            keys.insert(c.access_key_id);
+        }
+        assert_eq!(sts.calls(), 1);
+        assert_eq!(keys.len(), 1);
+        // Another key is another call.
+        cache.get(&req("other"), Purpose::Request).await.unwrap();
+        assert_eq!(sts.calls(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn every_answer_has_at_least_the_minimum_left() {
+        let (cache, sts, clock) = setup(quiet());
+        let r = req("app");
+        let (first, how) = cache.get(&r, Purpose::Request).await.unwrap();
+        assert_eq!(how, Served::Fetched);
+        // Exactly 30 minutes left: still served from the cache.
+        clock.advance(1800);
+        let (c, how) = cache.get(&r, Purpose::Request).await.unwrap();
+        assert_eq!(
+            (how, c.access_key_id.as_str()),
+            (Served::Hit, first.access_key_id.as_str())
+        );
+        // One second less: refreshed before answering.
+        clock.advance(1);
+        let (c, how) = cache.get(&r, Purpose::Request).await.unwrap();
+        assert_eq!(how, Served::Fetched);
+        assert_ne!(c.access_key_id, first.access_key_id);
+        // Over three hours of requests a minute apart, nothing under 30 minutes.
+        for _ in 0..180 {
+            clock.advance(60);
+            let (c, _) = cache.get(&r, Purpose::Request).await.unwrap();
+            assert!(
+                c.remaining(clock.now()) >= 1800,
+                "{}",
+                c.remaining(clock.now())
+            );
+        }
+        // About two calls an hour (each session is good for 30 minutes of answers).
+        assert!((6..=8).contains(&sts.calls()), "{}", sts.calls());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn background_refresh_comes_due_before_the_minimum() {
+        let (cache, _sts, clock) = setup(quiet());
+        let r = req("app");
+        cache.get(&r, Purpose::Request).await.unwrap();
+        assert!(cache.due_for_refresh().is_empty());
+        // 35 minutes left: inside min_remaining (30) + margin (5).
+        clock.advance(3600 - 35 * 60 + 1);
+        assert_eq!(cache.due_for_refresh(), vec![r.clone()]);
+        let (c, how) = cache.get(&r, Purpose::Refresh).await.unwrap();
+        assert_eq!(how, Served::Fetched);
+        assert!(c.remaining(clock.now()) > 55 * 60);
+        assert!(cache.due_for_refresh().is_empty());
+        assert_eq!(cache.view(&r).state, "fresh");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failures_are_remembered_briefly() {
+        let (cache, sts, _) = setup(quiet());
+        sts.fail_with(Some(StsErrorKind::Denied));
+        let r = req("app");
+        let e = cache.get(&r, Purpose::Request).await.unwrap_err();
+        assert_eq!(e.kind, StsErrorKind::Denied);
+        // Within the negative cache: no second call.
+        let e = cache.get(&r, Purpose::Request).await.unwrap_err();
+        assert_eq!(e.kind, StsErrorKind::Denied);
+        assert_eq!(sts.calls(), 1);
+        assert_eq!(cache.view(&r).consecutive_failures, 1);
+        // After it (5 s at most for the first failure): tried again, and now it works.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        sts.fail_with(None);
+        cache.get(&r, Purpose::Request).await.unwrap();
+        assert_eq!(sts.calls(), 2);
+        assert_eq!(cache.view(&r).last_error, None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn negative_cache_grows_on_repeated_failures() {
+        let (cache, sts, _) = setup(CacheConfig {
+            negative_ttl: Duration::from_secs(4),
+            backoff_max: Duration::from_secs(60),
+            ..quiet()
+        });
+        sts.fail_with(Some(StsErrorKind::Denied));
+        let r = req("app");
+        for expected_calls in 1..=4 {
+            let _ = cache.get(&r, Purpose::Request).await;
+            assert_eq!(sts.calls(), expected_calls);
+            let wait = cache.view(&r).retry_in_ms.unwrap();
+            // 4 s, 8 s, 16 s, 32 s, each jittered down by at most half.
+            let full = 4000u64 << (expected_calls - 1);
+            assert!(wait <= full && wait >= full / 2 - 1, "{wait} vs {full}");
+            tokio::time::sleep(Duration::from_millis(wait + 1)).await;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn still_valid_credentials_are_served_while_sts_fails() {
+        let (cache, sts, clock) = setup(quiet());
+        let r = req("app");
+        let (first, _) = cache.get(&r, Purpose::Request).await.unwrap();
+        clock.advance(3000); // 10 minutes left: below the minimum, still valid.
+        sts.fail_with(Some(StsErrorKind::Unavailable));
+        let (c, how) = cache.get(&r, Purpose::Request).await.unwrap();
+        assert_eq!(how, Served::Stale);
+        assert_eq!(c.access_key_id, first.access_key_id);
+        // Past the stale floor (60 s left): nothing to serve.
+        clock.advance(560);
+        tokio::time::sleep(Duration::from_secs(120)).await;
+        assert!(cache.get(&r, Purpose::Request).await.is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_outage_backs_off_node_wide() {
+        let (cache, sts, _) = setup(CacheConfig {
+            backoff_base: Duration::from_secs(2),
+            backoff_max: Duration::from_secs(30),
+            sts_timeout: Duration::from_millis(500),
+            ..quiet()
+        });
+        sts.fail_with(Some(StsErrorKind::Unavailable));
+        assert!(cache.get(&req("a"), Purpose::Request).await.is_err());
+        assert_eq!(sts.calls(), 1);
+        // Another role during the backoff: refused at once, STS not called.
+        let t0 = Instant::now();
+        let e = cache.get(&req("b"), Purpose::Request).await.unwrap_err();
+        assert_eq!(e.kind, StsErrorKind::Unavailable);
+        assert_eq!(e.code, "node-backoff");
+        assert_eq!(sts.calls(), 1);
+        assert!(t0.elapsed() < Duration::from_millis(10));
+        // Background work waits the backoff out instead.
+        sts.fail_with(None);
+        let t0 = Instant::now();
+        cache.get(&req("b"), Purpose::Prefetch).await.unwrap();
+        assert!(t0.elapsed() >= Duration::from_secs(1), "{:?}", t0.elapsed());
+        assert_eq!(sts.calls(), 2);
+        // Success closes the backoff window.
+        cache.get(&req("c"), Purpose::Request).await.unwrap();
+        assert_eq!(sts.calls(), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn throttling_doubles_the_backoff() {
+        let (cache, sts, _) = setup(CacheConfig {
+            backoff_base: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(60),
+            negative_ttl: Duration::from_millis(1),
+            ..quiet()
+        });
+        sts.fail_with(Some(StsErrorKind::Throttled));
+        let mut waits = Vec::new();
+        for i in 0..4 {
+            let t0 = Instant::now();
+            let e = cache
+                .get(&req(&format!("r{i}")), Purpose::Refresh)
+                .await
+                .unwrap_err();
+            assert_eq!(e.kind, StsErrorKind::Throttled);
+            waits.push(t0.elapsed());
+        }
+        assert_eq!(sts.calls(), 4);
+        // No wait before the first call, then about 1, 2, 4 s (each jittered to at least half).
+        assert!(waits[0] < Duration::from_millis(10));
+        for (i, w) in waits[1..].iter().enumerate() {
+            let full = Duration::from_secs(1 << i);
+            assert!(
+                *w >= full / 2 && *w <= full + Duration::from_millis(10),
+                "{i}: {w:?}"
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_node_wide_rate_limit_spaces_calls() {
+        let (cache, sts, _) = setup(CacheConfig {
+            rate_per_sec: 2.0,
+            burst: 2,
+            sts_timeout: Duration::from_millis(200),
+            ..quiet()
+        });
+        let t0 = Instant::now();
+        for i in 0..2 {
+            cache
+                .get(&req(&format!("r{i}")), Purpose::Request)
+                .await
+                .unwrap();
+        }
+        assert!(t0.elapsed() < Duration::from_millis(10));
+        // The bucket is empty: a request cannot wait 500 ms within its 200 ms budget.
+        let e = cache.get(&req("r2"), Purpose::Request).await.unwrap_err();
+        assert_eq!(
+            (e.kind, e.code.as_str()),
+            (StsErrorKind::Throttled, "node-rate-limit")
+        );
+        // A prefetch waits its turn.
+        cache.get(&req("r3"), Purpose::Prefetch).await.unwrap();
+        assert!(
+            t0.elapsed() >= Duration::from_millis(450),
+            "{:?}",
+            t0.elapsed()
+        );
+        assert_eq!(sts.calls(), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn slow_sts_times_out() {
+        let (cache, sts, _) = setup(CacheConfig {
+            sts_timeout: Duration::from_secs(1),
+            ..quiet()
+        });
+        sts.set_delay(Duration::from_secs(10));
+        let e = cache.get(&req("a"), Purpose::Request).await.unwrap_err();
+        assert_eq!(e.kind, StsErrorKind::Timeout);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retain_drops_unused_entries() {
+        let (cache, _, _) = setup(quiet());
+        cache.get(&req("a"), Purpose::Request).await.unwrap();
+        cache.get(&req("b"), Purpose::Request).await.unwrap();
+        let live: HashSet<_> = [req("a")].into_iter().collect();
+        assert_eq!(cache.retain(&live), 1);
+        assert_eq!(cache.len(), 1);
+        assert_eq!(cache.view(&req("b")).state, "not-cached");
+        assert_eq!(cache.view(&req("a")).state, "fresh");
     }
 }

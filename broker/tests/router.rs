@@ -1,0 +1,1080 @@
+//! The IMDS and admin routers, driven with `oneshot` and a mocked peer address (the
+//! caller's identity), against a fake STS and a fake node IMDS.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::connect_info::MockConnectInfo;
+use axum::http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::BodyExt;
+use meshiam_broker::cache::{CacheConfig, CredentialCache};
+use meshiam_broker::clock::Clock;
+use meshiam_broker::imds::DirectMode;
+use meshiam_broker::metrics::Metrics;
+use meshiam_broker::node_imds::NodeImds;
+use meshiam_broker::pods::{Namespace, Pod, PodKey, PodPhase, PodStore};
+use meshiam_broker::policy::{self, BaseArn, PolicyConfig, Restriction, RolePolicy};
+use meshiam_broker::sts::StsErrorKind;
+use meshiam_broker::testing::FakeSts;
+use meshiam_broker::{Broker, ServeConfig, admin, background};
+use meshiam_imds::{Credentials, TokenIssuer, headers};
+use tower::ServiceExt;
+
+const BASE: &str = "arn:aws:iam::123456789012:role/";
+const T0: u64 = 1_767_225_600;
+const CREDS: &str = "/latest/meta-data/iam/security-credentials/";
+
+fn pod(ns: &str, name: &str, ip: &str, role: Option<&str>) -> Pod {
+    let mut annotations = BTreeMap::new();
+    if let Some(r) = role {
+        annotations.insert(policy::ROLE.to_string(), r.to_string());
+    }
+    Pod {
+        namespace: ns.into(),
+        name: name.into(),
+        uid: format!("uid-{name}"),
+        ips: vec![ip.parse().unwrap()],
+        service_account: format!("{name}-sa"),
+        node: "node-1".into(),
+        host_network: false,
+        phase: PodPhase::Running,
+        annotations,
+    }
+}
+
+struct Opts {
+    restriction: Restriction,
+    default_role: Option<&'static str>,
+    direct_mode: DirectMode,
+    node_imds: String,
+    session_tags: bool,
+}
+
+impl Default for Opts {
+    fn default() -> Self {
+        Self {
+            restriction: Restriction::Off,
+            default_role: None,
+            direct_mode: DirectMode::Optional,
+            node_imds: "http://127.0.0.1:9".into(),
+            session_tags: false,
+        }
+    }
+}
+
+struct Harness {
+    broker: Arc<Broker>,
+    sts: Arc<FakeSts>,
+    clock: Clock,
+}
+
+fn harness(o: Opts) -> Harness {
+    let clock = Clock::manual(T0);
+    let sts = Arc::new(FakeSts::new(clock.clone()));
+    let metrics = Metrics::new();
+    let store = PodStore::new();
+    for p in [
+        pod("default", "myapp", "198.18.1.10", Some("myapp-iam-role")),
+        pod("default", "norole", "198.18.1.11", None),
+        pod("default", "pathy", "198.18.1.12", Some("team/pathy")),
+        pod(
+            "default",
+            "arny",
+            "198.18.1.13",
+            Some("arn:aws:iam::999999999999:role/x/arny"),
+        ),
+        pod("restricted", "allowed", "198.18.2.10", Some("allowed-app")),
+        pod("restricted", "denied", "198.18.2.11", Some("other-app")),
+        pod("kiam", "fine", "198.18.4.10", Some("kiam-app")),
+        pod("kiam", "bad", "198.18.4.11", Some("kiam-other")),
+        pod("default", "twin-a", "198.18.3.3", Some("r")),
+        pod("default", "twin-b", "198.18.3.3", Some("r")),
+        Pod {
+            host_network: true,
+            ..pod("kube-system", "agent", "198.18.0.1", Some("node-stuff"))
+        },
+    ] {
+        store.upsert_pod(p);
+    }
+    let ns = |name: &str, k: &str, v: &str| Namespace {
+        name: name.into(),
+        annotations: [(k.to_string(), v.to_string())].into_iter().collect(),
+    };
+    store.replace_namespaces([
+        Namespace {
+            name: "default".into(),
+            annotations: BTreeMap::new(),
+        },
+        ns("restricted", policy::ALLOWED_ROLES, r#"["allowed-*"]"#),
+        ns(
+            "kiam",
+            policy::PERMITTED,
+            "arn:aws:iam::123456789012:role/kiam-app",
+        ),
+    ]);
+    store.mark_pods_synced();
+    store.mark_namespaces_synced();
+    let cache = CredentialCache::new(
+        sts.clone(),
+        CacheConfig {
+            jitter: Duration::ZERO,
+            sts_timeout: Duration::from_millis(500),
+            ..CacheConfig::default()
+        },
+        clock.clone(),
+        metrics.clone(),
+    );
+    let broker = Arc::new(Broker {
+        store,
+        policy: RolePolicy::new(PolicyConfig {
+            base_arn: Some(BaseArn::parse(BASE).unwrap()),
+            default_role: o.default_role.map(str::to_string),
+            restriction: o.restriction,
+            session_tags: o.session_tags,
+            cluster_name: Some("test-cluster".into()),
+            ..PolicyConfig::default()
+        }),
+        cache,
+        issuer: TokenIssuer::new([7; 64]),
+        node_imds: NodeImds::new(
+            &o.node_imds,
+            Duration::from_secs(1),
+            Duration::from_secs(300),
+        ),
+        metrics,
+        clock: clock.clone(),
+        serve: ServeConfig {
+            ip_wait: Duration::from_millis(100),
+            direct_mode: o.direct_mode,
+            ..ServeConfig::default()
+        },
+    });
+    Harness { broker, sts, clock }
+}
+
+struct Answer {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: String,
+}
+
+impl Answer {
+    fn reason(&self) -> &str {
+        self.headers
+            .get(headers::REASON)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    }
+}
+
+async fn call_on(
+    app: Router,
+    peer: &str,
+    method: Method,
+    path: &str,
+    hdrs: &[(&str, &str)],
+) -> Answer {
+    let addr = SocketAddr::new(peer.parse::<IpAddr>().unwrap(), 43_210);
+    let mut req = Request::builder().method(method).uri(path);
+    for (k, v) in hdrs {
+        req = req.header(*k, *v);
+    }
+    let resp = app
+        .layer(MockConnectInfo(addr))
+        .oneshot(req.body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    Answer {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    }
+}
+
+impl Harness {
+    /// A filter call-out (GET, `x-meshiam-filter`).
+    async fn filter(&self, peer: &str, path: &str) -> Answer {
+        self.filter_as(peer, path, &[]).await
+    }
+
+    async fn filter_as(&self, peer: &str, path: &str, extra: &[(&str, &str)]) -> Answer {
+        let mut h = vec![(headers::FILTER, "0.1.0")];
+        h.extend_from_slice(extra);
+        call_on(
+            meshiam_broker::router(self.broker.clone()),
+            peer,
+            Method::GET,
+            path,
+            &h,
+        )
+        .await
+    }
+
+    async fn direct(&self, peer: &str, method: Method, path: &str, h: &[(&str, &str)]) -> Answer {
+        call_on(
+            meshiam_broker::router(self.broker.clone()),
+            peer,
+            method,
+            path,
+            h,
+        )
+        .await
+    }
+
+    async fn admin(&self, path: &str) -> Answer {
+        call_on(
+            admin::router(self.broker.clone()),
+            "127.0.0.1",
+            Method::GET,
+            path,
+            &[],
+        )
+        .await
+    }
+}
+
+#[tokio::test]
+async fn the_caller_gets_its_role_name_and_credentials() {
+    let h = harness(Opts::default());
+    let list = h.filter("198.18.1.10", CREDS).await;
+    assert_eq!(list.status, StatusCode::OK);
+    assert_eq!(list.body, "myapp-iam-role", "bare, no newline");
+    assert_eq!(list.headers["content-type"], headers::TEXT_PLAIN);
+
+    let creds = h
+        .filter("198.18.1.10", &format!("{CREDS}myapp-iam-role"))
+        .await;
+    assert_eq!(creds.status, StatusCode::OK);
+    assert_eq!(creds.headers["content-type"], headers::APPLICATION_JSON);
+    let c = Credentials::from_imds_json(&creds.body).unwrap();
+    assert!(c.remaining(h.clock.now()) >= 1800);
+    assert!(
+        creds
+            .body
+            .contains("\"Expiration\":\"2026-01-01T01:00:00Z\""),
+        "{}",
+        creds.body
+    );
+    let reqs = h.sts.requests();
+    assert_eq!(reqs.len(), 1);
+    assert_eq!(reqs[0].role_arn, format!("{BASE}myapp-iam-role"));
+    assert_eq!(reqs[0].session_name, "default.myapp");
+    assert_eq!(reqs[0].duration_secs, 3600);
+
+    // Dated versions and a trailing slash are the same paths; the cache answers.
+    let again = h
+        .filter(
+            "198.18.1.10",
+            "/2021-03-23/meta-data/iam/security-credentials/myapp-iam-role/",
+        )
+        .await;
+    assert_eq!(again.status, StatusCode::OK);
+    assert_eq!(h.sts.calls(), 1);
+    // IPv4-mapped IPv6 peers are the IPv4 pod.
+    let mapped = h.filter("::ffff:198.18.1.10", CREDS).await;
+    assert_eq!(mapped.body, "myapp-iam-role");
+}
+
+#[tokio::test]
+async fn a_claimed_identity_that_differs_is_refused_and_counted() {
+    let h = harness(Opts::default());
+    let ok = h
+        .filter_as(
+            "198.18.1.10",
+            CREDS,
+            &[
+                (headers::POD_NAMESPACE, "default"),
+                (headers::POD_NAME, "myapp"),
+            ],
+        )
+        .await;
+    assert_eq!(ok.status, StatusCode::OK);
+    for claim in [
+        vec![
+            (headers::POD_NAMESPACE, "default"),
+            (headers::POD_NAME, "pathy"),
+        ],
+        vec![(headers::POD_NAMESPACE, "other")],
+        vec![(headers::POD_NAME, "norole")],
+    ] {
+        let bad = h
+            .filter_as("198.18.1.10", &format!("{CREDS}myapp-iam-role"), &claim)
+            .await;
+        assert_eq!(bad.status, StatusCode::FORBIDDEN, "{claim:?}");
+        assert_eq!(bad.reason(), "identity-mismatch");
+        assert!(!bad.body.contains("myapp"), "no detail in the body");
+    }
+    assert_eq!(h.broker.metrics.identity_mismatches(), 3);
+    assert_eq!(h.sts.calls(), 0);
+    let m = h.admin("/metrics").await;
+    assert!(
+        m.body
+            .contains("meshiam_broker_identity_mismatches_total 3"),
+        "{}",
+        m.body
+    );
+}
+
+#[tokio::test]
+async fn unknown_host_network_and_shared_addresses_are_refused() {
+    let h = harness(Opts::default());
+    let t0 = std::time::Instant::now();
+    let unknown = h.filter("198.18.9.9", CREDS).await;
+    assert_eq!(
+        (unknown.status, unknown.reason()),
+        (StatusCode::FORBIDDEN, "unknown-pod")
+    );
+    assert!(
+        t0.elapsed() >= Duration::from_millis(100),
+        "waited for the store"
+    );
+    let host = h.filter("198.18.0.1", CREDS).await;
+    assert_eq!(
+        (host.status, host.reason()),
+        (StatusCode::FORBIDDEN, "host-network")
+    );
+    let twins = h.filter("198.18.3.3", CREDS).await;
+    assert_eq!(
+        (twins.status, twins.reason()),
+        (StatusCode::FORBIDDEN, "ambiguous-ip")
+    );
+    assert_eq!(h.sts.calls(), 0);
+}
+
+#[tokio::test]
+async fn a_pod_that_appears_during_the_wait_is_served() {
+    let h = harness(Opts::default());
+    let store = h.broker.store.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        store.upsert_pod(pod("default", "late", "198.18.1.50", Some("late-role")));
+    });
+    let a = h.filter("198.18.1.50", CREDS).await;
+    assert_eq!((a.status, a.body.as_str()), (StatusCode::OK, "late-role"));
+}
+
+#[tokio::test]
+async fn a_finished_pod_releases_its_address() {
+    let h = harness(Opts::default());
+    let mut twin = pod("default", "twin-b", "198.18.3.3", Some("r"));
+    twin.phase = PodPhase::Succeeded;
+    h.broker.store.upsert_pod(twin);
+    let a = h.filter("198.18.3.3", CREDS).await;
+    assert_eq!((a.status, a.body.as_str()), (StatusCode::OK, "r"));
+}
+
+#[tokio::test]
+async fn role_forms_name_path_and_arn() {
+    let h = harness(Opts::default());
+    assert_eq!(h.filter("198.18.1.12", CREDS).await.body, "pathy");
+    assert_eq!(
+        h.filter("198.18.1.12", &format!("{CREDS}pathy"))
+            .await
+            .status,
+        StatusCode::OK
+    );
+    assert_eq!(h.filter("198.18.1.13", CREDS).await.body, "arny");
+    assert_eq!(
+        h.filter("198.18.1.13", &format!("{CREDS}arny"))
+            .await
+            .status,
+        StatusCode::OK
+    );
+    let arns: Vec<String> = h.sts.requests().into_iter().map(|r| r.role_arn).collect();
+    assert_eq!(
+        arns,
+        vec![
+            format!("{BASE}team/pathy"),
+            "arn:aws:iam::999999999999:role/x/arny".to_string()
+        ]
+    );
+}
+
+#[tokio::test]
+async fn no_role_is_404_unless_there_is_a_default() {
+    let h = harness(Opts::default());
+    let a = h.filter("198.18.1.11", CREDS).await;
+    assert_eq!((a.status, a.reason()), (StatusCode::NOT_FOUND, "no-role"));
+    let h = harness(Opts {
+        default_role: Some("fallback-role"),
+        ..Opts::default()
+    });
+    assert_eq!(h.filter("198.18.1.11", CREDS).await.body, "fallback-role");
+    let c = h
+        .filter("198.18.1.11", &format!("{CREDS}fallback-role"))
+        .await;
+    assert_eq!(c.status, StatusCode::OK);
+    assert_eq!(h.sts.requests()[0].role_arn, format!("{BASE}fallback-role"));
+    // An annotated pod keeps its own role.
+    assert_eq!(h.filter("198.18.1.10", CREDS).await.body, "myapp-iam-role");
+}
+
+#[tokio::test]
+async fn another_role_than_the_pods_own_gets_nothing() {
+    let h = harness(Opts::default());
+    for other in ["pathy", "admin", "myapp-iam-role2"] {
+        let a = h.filter("198.18.1.10", &format!("{CREDS}{other}")).await;
+        assert_eq!(
+            (a.status, a.reason()),
+            (StatusCode::NOT_FOUND, "not-pod-role"),
+            "{other}"
+        );
+        assert_eq!(a.body, "Not Found");
+    }
+    // A pod without a role asking for someone's role.
+    let a = h
+        .filter("198.18.1.11", &format!("{CREDS}myapp-iam-role"))
+        .await;
+    assert_eq!(a.status, StatusCode::NOT_FOUND);
+    assert_eq!(h.sts.calls(), 0);
+}
+
+#[tokio::test]
+async fn kube2iam_allowed_roles_restriction() {
+    let h = harness(Opts {
+        restriction: Restriction::AllowedRoles,
+        ..Opts::default()
+    });
+    assert_eq!(h.filter("198.18.2.10", CREDS).await.body, "allowed-app");
+    let ok = h
+        .filter("198.18.2.10", &format!("{CREDS}allowed-app"))
+        .await;
+    assert_eq!(ok.status, StatusCode::OK);
+    for path in [CREDS.to_string(), format!("{CREDS}other-app")] {
+        let a = h.filter("198.18.2.11", &path).await;
+        assert_eq!(
+            (a.status, a.reason()),
+            (StatusCode::FORBIDDEN, "role-not-permitted")
+        );
+    }
+    // The default namespace has no allowed-roles annotation: nothing is permitted there.
+    let a = h.filter("198.18.1.10", CREDS).await;
+    assert_eq!(a.reason(), "role-not-permitted");
+    assert_eq!(h.sts.calls(), 1);
+}
+
+#[tokio::test]
+async fn kiam_permitted_restriction() {
+    let h = harness(Opts {
+        restriction: Restriction::Permitted,
+        ..Opts::default()
+    });
+    assert_eq!(
+        h.filter("198.18.4.10", &format!("{CREDS}kiam-app"))
+            .await
+            .status,
+        StatusCode::OK
+    );
+    let a = h.filter("198.18.4.11", &format!("{CREDS}kiam-other")).await;
+    assert_eq!(
+        (a.status, a.reason()),
+        (StatusCode::FORBIDDEN, "role-not-permitted")
+    );
+    assert_eq!(h.sts.calls(), 1);
+}
+
+#[tokio::test]
+async fn direct_mode_issues_tokens_bound_to_the_caller() {
+    let h = harness(Opts::default());
+    let put = h
+        .direct(
+            "198.18.1.10",
+            Method::PUT,
+            "/latest/api/token",
+            &[(headers::TOKEN_TTL, "21600")],
+        )
+        .await;
+    assert_eq!(put.status, StatusCode::OK);
+    assert_eq!(put.headers[headers::TOKEN_TTL], "21600");
+    let token = put.body.clone();
+    let with = |t: &'static str| [(headers::TOKEN, t)];
+    let token: &'static str = Box::leak(token.into_boxed_str());
+    let ok = h
+        .direct("198.18.1.10", Method::GET, CREDS, &with(token))
+        .await;
+    assert_eq!(
+        (ok.status, ok.body.as_str()),
+        (StatusCode::OK, "myapp-iam-role")
+    );
+    // Another pod cannot use it; a made-up one is refused; IMDSv1 is allowed by default.
+    let stolen = h
+        .direct("198.18.1.12", Method::GET, CREDS, &with(token))
+        .await;
+    assert_eq!(
+        (stolen.status, stolen.reason()),
+        (StatusCode::UNAUTHORIZED, "token-invalid")
+    );
+    let junk = h
+        .direct("198.18.1.10", Method::GET, CREDS, &with("junk"))
+        .await;
+    assert_eq!(junk.status, StatusCode::UNAUTHORIZED);
+    let v1 = h.direct("198.18.1.10", Method::GET, CREDS, &[]).await;
+    assert_eq!(v1.status, StatusCode::OK);
+    // The token expires with its TTL.
+    h.clock.advance(21_600);
+    let expired = h
+        .direct("198.18.1.10", Method::GET, CREDS, &with(token))
+        .await;
+    assert_eq!(expired.status, StatusCode::UNAUTHORIZED);
+
+    // The token PUT's rules.
+    type Case<'a> = (
+        Method,
+        &'a str,
+        &'a [(&'a str, &'a str)],
+        StatusCode,
+        &'a str,
+    );
+    let cases: &[Case] = &[
+        (
+            Method::PUT,
+            "/latest/api/token",
+            &[],
+            StatusCode::BAD_REQUEST,
+            "bad-token-ttl",
+        ),
+        (
+            Method::PUT,
+            "/latest/api/token",
+            &[(headers::TOKEN_TTL, "0")],
+            StatusCode::BAD_REQUEST,
+            "bad-token-ttl",
+        ),
+        (
+            Method::PUT,
+            "/latest/api/token",
+            &[(headers::TOKEN_TTL, "21601")],
+            StatusCode::BAD_REQUEST,
+            "bad-token-ttl",
+        ),
+        (
+            Method::PUT,
+            "/latest/api/token",
+            &[(headers::TOKEN_TTL, "60"), ("x-forwarded-for", "10.0.0.1")],
+            StatusCode::FORBIDDEN,
+            "forwarded-token-request",
+        ),
+        (
+            Method::PUT,
+            "/2021-03-23/api/token",
+            &[(headers::TOKEN_TTL, "60")],
+            StatusCode::FORBIDDEN,
+            "versioned-token-path",
+        ),
+        (
+            Method::GET,
+            "/latest/api/token",
+            &[],
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method-not-allowed",
+        ),
+        (
+            Method::POST,
+            CREDS,
+            &[],
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method-not-allowed",
+        ),
+    ];
+    for (m, p, hd, status, reason) in cases {
+        let a = h.direct("198.18.1.10", m.clone(), p, hd).await;
+        assert_eq!((a.status, a.reason()), (*status, *reason), "{m} {p} {hd:?}");
+    }
+}
+
+#[tokio::test]
+async fn direct_mode_can_require_imdsv2_or_be_off() {
+    let h = harness(Opts {
+        direct_mode: DirectMode::Required,
+        ..Opts::default()
+    });
+    let v1 = h.direct("198.18.1.10", Method::GET, CREDS, &[]).await;
+    assert_eq!(
+        (v1.status, v1.reason()),
+        (StatusCode::UNAUTHORIZED, "token-required")
+    );
+    let put = h
+        .direct(
+            "198.18.1.10",
+            Method::PUT,
+            "/latest/api/token",
+            &[(headers::TOKEN_TTL, "60")],
+        )
+        .await;
+    let v2 = h
+        .direct(
+            "198.18.1.10",
+            Method::GET,
+            CREDS,
+            &[(headers::TOKEN, put.body.as_str())],
+        )
+        .await;
+    assert_eq!(v2.status, StatusCode::OK);
+    // Filter call-outs carry no token: the filter enforced the rules.
+    assert_eq!(h.filter("198.18.1.10", CREDS).await.status, StatusCode::OK);
+
+    let h = harness(Opts {
+        direct_mode: DirectMode::Off,
+        ..Opts::default()
+    });
+    let a = h.direct("198.18.1.10", Method::GET, CREDS, &[]).await;
+    assert_eq!(
+        (a.status, a.reason()),
+        (StatusCode::FORBIDDEN, "direct-disabled")
+    );
+    let t = h
+        .direct(
+            "198.18.1.10",
+            Method::PUT,
+            "/latest/api/token",
+            &[(headers::TOKEN_TTL, "60")],
+        )
+        .await;
+    assert_eq!(t.reason(), "direct-disabled");
+    assert_eq!(h.filter("198.18.1.10", CREDS).await.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn extended_invalid_and_unlisted_paths_are_404() {
+    let h = harness(Opts::default());
+    let cases = [
+        (
+            "/latest/meta-data/iam/security-credentials-extended/myapp-iam-role",
+            "extended-not-served",
+        ),
+        (
+            "/latest/meta-data/iam/security-credentials-extended/",
+            "extended-not-served",
+        ),
+        ("/latest/meta-data/local-ipv4", "path-not-allowed"),
+        ("/latest/user-data", "path-not-allowed"),
+        (
+            "/latest/meta-data/identity-credentials/ec2/security-credentials/ec2-instance",
+            "path-not-allowed",
+        ),
+        (
+            "/latest/meta-data/../meta-data/iam/security-credentials/",
+            "invalid-path",
+        ),
+        ("/nope", "invalid-path"),
+        (
+            "/latest/meta-data/iam/security-credentials/a/b",
+            "invalid-path",
+        ),
+    ];
+    for (p, reason) in cases {
+        let a = h.filter("198.18.1.10", p).await;
+        assert_eq!(
+            (a.status, a.reason()),
+            (StatusCode::NOT_FOUND, reason),
+            "{p}"
+        );
+        assert_eq!(a.body, "Not Found");
+    }
+    assert_eq!(h.sts.calls(), 0);
+}
+
+#[tokio::test]
+async fn iam_info_and_head() {
+    let h = harness(Opts::default());
+    let info = h.filter("198.18.1.10", "/latest/meta-data/iam/info").await;
+    assert_eq!(info.status, StatusCode::OK);
+    assert_eq!(info.headers["content-type"], headers::APPLICATION_JSON);
+    let fields = meshiam_imds::creds::parse_flat_object(&info.body).unwrap();
+    let get = |k: &str| {
+        fields
+            .iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.clone())
+            .unwrap()
+    };
+    assert_eq!(get("Code"), "Success");
+    assert_eq!(
+        get("InstanceProfileArn"),
+        "arn:aws:iam::123456789012:instance-profile/myapp-iam-role"
+    );
+    assert!(get("InstanceProfileId").starts_with("AIPA"));
+    assert_eq!(
+        h.filter("198.18.1.11", "/latest/meta-data/iam/info")
+            .await
+            .reason(),
+        "no-role"
+    );
+
+    let head = h.direct("198.18.1.10", Method::HEAD, CREDS, &[]).await;
+    assert_eq!((head.status, head.body.as_str()), (StatusCode::OK, ""));
+}
+
+/// A node IMDS that wants its own IMDSv2 token; counts GETs.
+async fn fake_node_imds() -> (String, Arc<AtomicUsize>) {
+    use axum::routing::{get, put};
+    let gets = Arc::new(AtomicUsize::new(0));
+    let g = gets.clone();
+    let answer = move |hm: HeaderMap, value: &'static str| {
+        let g = g.clone();
+        async move {
+            g.fetch_add(1, Ordering::SeqCst);
+            if hm.get(headers::TOKEN).and_then(|v| v.to_str().ok()) == Some("node-token") {
+                (StatusCode::OK, value)
+            } else {
+                (StatusCode::UNAUTHORIZED, "")
+            }
+        }
+    };
+    let a1 = answer.clone();
+    let app = Router::new()
+        .route(
+            "/latest/api/token",
+            put(|hm: HeaderMap| async move {
+                if hm.contains_key(headers::TOKEN_TTL) {
+                    (StatusCode::OK, "node-token")
+                } else {
+                    (StatusCode::BAD_REQUEST, "")
+                }
+            }),
+        )
+        .route(
+            "/latest/meta-data/placement/region",
+            get(move |hm| a1(hm, "us-east-1")),
+        )
+        .route(
+            "/latest/meta-data/placement/availability-zone",
+            get(move |hm| answer(hm, "us-east-1a")),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, gets)
+}
+
+#[tokio::test]
+async fn allow_listed_paths_come_from_the_node_imds_and_are_cached() {
+    let (url, gets) = fake_node_imds().await;
+    let h = harness(Opts {
+        node_imds: url,
+        ..Opts::default()
+    });
+    let region = h
+        .filter("198.18.1.10", "/latest/meta-data/placement/region")
+        .await;
+    assert_eq!(
+        (region.status, region.body.as_str()),
+        (StatusCode::OK, "us-east-1")
+    );
+    let az = h
+        .filter(
+            "198.18.1.12",
+            "/2021-03-23/meta-data/placement/availability-zone",
+        )
+        .await;
+    assert_eq!(az.body, "us-east-1a");
+    for _ in 0..3 {
+        assert_eq!(
+            h.filter("198.18.1.11", "/latest/meta-data/placement/region")
+                .await
+                .body,
+            "us-east-1"
+        );
+    }
+    assert_eq!(gets.load(Ordering::SeqCst), 2, "one GET per path");
+    // Only pods get them.
+    let a = h
+        .filter("198.18.0.1", "/latest/meta-data/placement/region")
+        .await;
+    assert_eq!(a.reason(), "host-network");
+    // A node IMDS that is down is a 502.
+    let h = harness(Opts::default());
+    let a = h
+        .filter("198.18.1.10", "/latest/meta-data/placement/region")
+        .await;
+    assert_eq!(
+        (a.status, a.reason()),
+        (StatusCode::BAD_GATEWAY, "node-imds-unavailable")
+    );
+}
+
+#[tokio::test]
+async fn sts_failures_are_gateway_errors_without_sts_text() {
+    for (kind, status, reason) in [
+        (StsErrorKind::Denied, StatusCode::BAD_GATEWAY, "sts-denied"),
+        (
+            StsErrorKind::Throttled,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "sts-throttled",
+        ),
+        (
+            StsErrorKind::Unavailable,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "sts-unavailable",
+        ),
+        (
+            StsErrorKind::Timeout,
+            StatusCode::GATEWAY_TIMEOUT,
+            "sts-timeout",
+        ),
+    ] {
+        let h = harness(Opts::default());
+        h.sts.fail_with(Some(kind));
+        let a = h
+            .filter("198.18.1.10", &format!("{CREDS}myapp-iam-role"))
+            .await;
+        assert_eq!((a.status, a.reason()), (status, reason));
+        assert!(!a.body.contains("Fake"), "{}", a.body);
+    }
+    // A slow STS is a timeout too.
+    let h = harness(Opts::default());
+    h.sts.set_delay(Duration::from_secs(3));
+    let a = h
+        .filter("198.18.1.10", &format!("{CREDS}myapp-iam-role"))
+        .await;
+    assert_eq!(
+        (a.status, a.reason()),
+        (StatusCode::GATEWAY_TIMEOUT, "sts-timeout")
+    );
+}
+
+#[tokio::test]
+async fn cached_credentials_survive_an_sts_outage() {
+    let h = harness(Opts::default());
+    let path = format!("{CREDS}myapp-iam-role");
+    let first = h.filter("198.18.1.10", &path).await;
+    h.sts.fail_with(Some(StsErrorKind::Unavailable));
+    h.clock.advance(2400); // 20 minutes left: due, but STS is down.
+    let second = h.filter("198.18.1.10", &path).await;
+    assert_eq!(second.status, StatusCode::OK);
+    assert_eq!(first.body, second.body);
+    let other = h.filter("198.18.1.12", &format!("{CREDS}pathy")).await;
+    assert_eq!(other.status, StatusCode::SERVICE_UNAVAILABLE);
+}
+
+async fn until(what: &str, mut f: impl FnMut() -> bool) {
+    for _ in 0..200 {
+        if f() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+#[tokio::test]
+async fn prefetch_on_new_pods_and_drop_when_gone() {
+    let h = harness(Opts::default());
+    let task = tokio::spawn(background::run(
+        h.broker.clone(),
+        Duration::from_secs(3600),
+        true,
+    ));
+    // Existing role-annotated pods are prefetched at start (not the ambiguous pair's
+    // duplicate key, not the host-network pod).
+    until("initial prefetch", || h.broker.cache.len() >= 5).await;
+    let before = h.sts.calls();
+    h.broker
+        .store
+        .upsert_pod(pod("default", "fresh", "198.18.1.60", Some("fresh-role")));
+    until("prefetch of the new pod", || h.sts.calls() == before + 1).await;
+    assert_eq!(
+        h.sts.requests().last().unwrap().session_name,
+        "default.fresh"
+    );
+    // The pod's first request is a cache hit.
+    let a = h.filter("198.18.1.60", &format!("{CREDS}fresh-role")).await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert_eq!(h.sts.calls(), before + 1);
+    let m = h.admin("/metrics").await;
+    assert!(
+        m.body.contains("meshiam_broker_cache_hits_total 1"),
+        "{}",
+        m.body
+    );
+    assert!(
+        m.body
+            .contains("meshiam_broker_cache_refreshes_total{purpose=\"prefetch\"}"),
+        "{}",
+        m.body
+    );
+    // A pod without a role is not prefetched.
+    h.broker
+        .store
+        .upsert_pod(pod("default", "plain", "198.18.1.61", None));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(h.sts.calls(), before + 1);
+
+    // Gone: its credentials are dropped.
+    let n = h.broker.cache.len();
+    h.broker.store.remove_pod(&PodKey::new("default", "fresh"));
+    until("GC", || h.broker.cache.len() == n - 1).await;
+    // A finished pod too.
+    let mut done = pod("default", "myapp", "198.18.1.10", Some("myapp-iam-role"));
+    done.phase = PodPhase::Succeeded;
+    h.broker.store.upsert_pod(done);
+    until("GC of a finished pod", || h.broker.cache.len() == n - 2).await;
+    task.abort();
+}
+
+#[tokio::test]
+async fn session_tags_reach_sts() {
+    let h = harness(Opts {
+        session_tags: true,
+        ..Opts::default()
+    });
+    h.filter("198.18.1.10", &format!("{CREDS}myapp-iam-role"))
+        .await;
+    let tags = &h.sts.requests()[0].tags;
+    let want: Vec<(String, String)> = [
+        ("kubernetes-cluster-name", "test-cluster"),
+        ("kubernetes-namespace", "default"),
+        ("kubernetes-node-name", "node-1"),
+        ("kubernetes-pod-name", "myapp"),
+        ("kubernetes-service-account", "myapp-sa"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    assert_eq!(tags, &want);
+}
+
+#[tokio::test]
+async fn admin_health_readiness_and_explanations() {
+    let h = harness(Opts {
+        restriction: Restriction::AllowedRoles,
+        ..Opts::default()
+    });
+    assert_eq!(h.admin("/healthz").await.status, StatusCode::OK);
+    assert_eq!(h.admin("/readyz").await.status, StatusCode::OK);
+    h.filter("198.18.2.10", &format!("{CREDS}allowed-app"))
+        .await;
+
+    let e = h.admin("/debug/pods/restricted/allowed").await;
+    assert_eq!(e.status, StatusCode::OK);
+    let v: serde_json::Value = serde_json::from_str(&e.body).unwrap();
+    assert_eq!(v["verdict"], "served");
+    assert_eq!(v["decision"]["roleArn"], format!("{BASE}allowed-app"));
+    assert_eq!(v["decision"]["sessionName"], "restricted.allowed");
+    assert_eq!(v["decision"]["restriction"]["permitted"], true);
+    assert_eq!(v["cache"]["state"], "fresh");
+    assert_eq!(v["cache"]["accessKeyId"], "ASIAFAKE00000001");
+    assert!(
+        !e.body.contains("fake-secret") && !e.body.contains("fake-token"),
+        "{}",
+        e.body
+    );
+
+    let d: serde_json::Value =
+        serde_json::from_str(&h.admin("/debug/pods/restricted/denied").await.body).unwrap();
+    assert_eq!(d["verdict"], "role-not-permitted");
+    assert_eq!(d["decision"]["restriction"]["permitted"], false);
+    let t: serde_json::Value =
+        serde_json::from_str(&h.admin("/debug/pods/default/twin-a").await.body).unwrap();
+    assert_eq!(t["verdict"], "not-served-identity");
+    assert!(
+        t["addresses"][0]["lookup"]
+            .as_str()
+            .unwrap()
+            .starts_with("ambiguous")
+    );
+    assert_eq!(
+        h.admin("/debug/pods/default/nobody").await.status,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(h.admin("/debug/pods").await.status, StatusCode::OK);
+
+    let m = h.admin("/metrics").await.body;
+    for needle in [
+        "meshiam_broker_requests_total{path=\"credentials\",outcome=\"ok\"} 1",
+        "meshiam_broker_sts_calls_total{result=\"ok\"} 1",
+        "meshiam_broker_sts_call_duration_seconds_count 1",
+        "meshiam_broker_pods_tracked 11",
+        "meshiam_broker_cache_misses_total{purpose=\"request\"} 1",
+    ] {
+        assert!(m.contains(needle), "{needle} not in\n{m}");
+    }
+
+    // Not ready until the store has synced.
+    let store = PodStore::new();
+    let b = Broker {
+        store,
+        policy: RolePolicy::new(PolicyConfig::default()),
+        cache: h.broker.cache.clone(),
+        issuer: TokenIssuer::new([1; 64]),
+        node_imds: NodeImds::new(
+            "http://127.0.0.1:9",
+            Duration::from_secs(1),
+            Duration::from_secs(1),
+        ),
+        metrics: Metrics::new(),
+        clock: Clock::System,
+        serve: ServeConfig::default(),
+    };
+    let r = call_on(
+        admin::router(Arc::new(b)),
+        "127.0.0.1",
+        Method::GET,
+        "/readyz",
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(r.body.contains("pod store"), "{}", r.body);
+}
+
+/// Captures log output of the current thread.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn one_audit_line_per_issue_or_refusal_without_secrets() {
+    let out = Captured::default();
+    let w = out.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .json()
+        .with_writer(move || w.clone())
+        .with_env_filter("meshiam=info")
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let h = harness(Opts::default());
+    h.filter("198.18.1.10", &format!("{CREDS}myapp-iam-role"))
+        .await;
+    h.filter("198.18.1.10", &format!("{CREDS}pathy")).await;
+    h.filter_as("198.18.1.10", CREDS, &[(headers::POD_NAME, "evil")])
+        .await;
+    let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+    let audit: Vec<serde_json::Value> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["target"] == "meshiam::audit")
+        .collect();
+    assert_eq!(audit.len(), 3, "{text}");
+    let f = |i: usize, k: &str| audit[i]["fields"][k].as_str().unwrap_or("").to_string();
+    assert_eq!(f(0, "outcome"), "issued");
+    assert_eq!(f(0, "pod"), "myapp");
+    assert_eq!(f(0, "namespace"), "default");
+    assert_eq!(f(0, "role_arn"), format!("{BASE}myapp-iam-role"));
+    assert_eq!(f(0, "session_name"), "default.myapp");
+    assert_eq!(f(0, "access_key_id"), "ASIAFAKE00000001");
+    assert_eq!(f(1, "outcome"), "not-pod-role");
+    assert_eq!(f(2, "outcome"), "identity-mismatch");
+    assert!(text.contains("meshiam::security"), "{text}");
+    assert!(
+        !text.contains("fake-secret") && !text.contains("fake-token"),
+        "{text}"
+    );
+}
