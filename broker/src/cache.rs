@@ -27,8 +27,12 @@ pub struct CacheConfig {
     /// Background refresh starts this much before `min_remaining` is reached, so requests
     /// rarely wait on STS.
     pub refresh_margin: Duration,
-    /// One STS call's budget; also how long a request waits for the node-wide limiter.
+    /// One STS call's budget; also how long a fetch waits for the node-wide limiter.
     pub sts_timeout: Duration,
+    /// How long a pod's request waits for STS. Past it the request is answered (with
+    /// still-valid credentials, or an error) while the STS call carries on in the background,
+    /// so the SDK's next try finds the credentials. Below the SDKs' 1 s timeouts.
+    pub request_wait: Duration,
     /// How long a key's failure is remembered after its first failure (doubles on each
     /// further failure, up to `backoff_max`).
     pub negative_ttl: Duration,
@@ -51,6 +55,7 @@ impl Default for CacheConfig {
             min_remaining: Duration::from_secs(30 * 60),
             refresh_margin: Duration::from_secs(5 * 60),
             sts_timeout: Duration::from_secs(5),
+            request_wait: Duration::from_millis(900),
             negative_ttl: Duration::from_secs(5),
             backoff_base: Duration::from_millis(500),
             backoff_max: Duration::from_secs(60),
@@ -326,7 +331,36 @@ impl CredentialCache {
 
     /// Credentials for `req` with at least the minimum lifetime left, calling STS if needed
     /// (once per key, however many callers wait).
+    ///
+    /// A pod's request waits at most `request_wait`: the fetch runs in a task of its own, so
+    /// when the request gives up the STS call still completes and fills the cache.
     pub async fn get(
+        &self,
+        req: &AssumeRoleRequest,
+        purpose: Purpose,
+    ) -> Result<(Credentials, Served), StsError> {
+        if purpose != Purpose::Request {
+            return self.get_or_fetch(req, purpose).await;
+        }
+        let slot = self.slot(req);
+        if let Some(c) = slot.fresh(self.inner.clock.now(), self.threshold(purpose)) {
+            self.inner.metrics.cache_hit();
+            return Ok((c, Served::Hit));
+        }
+        let cache = self.clone();
+        let owned = req.clone();
+        let fetch = tokio::spawn(async move { cache.get_or_fetch(&owned, Purpose::Request).await });
+        match tokio::time::timeout(self.inner.cfg.request_wait, fetch).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(StsError::new(
+                StsErrorKind::Unavailable,
+                "fetch-task-failed",
+            )),
+            Err(_) => self.fallback(&slot, StsError::new(StsErrorKind::Timeout, "request-wait")),
+        }
+    }
+
+    async fn get_or_fetch(
         &self,
         req: &AssumeRoleRequest,
         purpose: Purpose,
@@ -455,7 +489,7 @@ impl CredentialCache {
                 let delay = jitter.mul_f64(rand::rng().random_range(0.0..1.0));
                 tokio::time::sleep(delay).await;
             }
-            let _ = cache.get(&req, purpose).await;
+            let _ = cache.get_or_fetch(&req, purpose).await;
         });
     }
 
@@ -797,6 +831,28 @@ mod tests {
         sts.set_delay(Duration::from_secs(10));
         let e = cache.get(&req("a"), Purpose::Request).await.unwrap_err();
         assert_eq!(e.kind, StsErrorKind::Timeout);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_waits_briefly_and_the_call_completes_for_the_next_one() {
+        let (cache, sts, _) = setup(CacheConfig {
+            sts_timeout: Duration::from_secs(5),
+            request_wait: Duration::from_millis(900),
+            ..quiet()
+        });
+        sts.set_delay(Duration::from_secs(2));
+        let t0 = Instant::now();
+        let e = cache.get(&req("a"), Purpose::Request).await.unwrap_err();
+        assert_eq!(
+            (e.kind, e.code.as_str()),
+            (StsErrorKind::Timeout, "request-wait")
+        );
+        assert!(t0.elapsed() < Duration::from_secs(1), "{:?}", t0.elapsed());
+        // The STS call was not abandoned: once it lands the next request is a hit.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let (_, served) = cache.get(&req("a"), Purpose::Request).await.unwrap();
+        assert_eq!(served, Served::Hit);
+        assert_eq!(sts.calls(), 1);
     }
 
     #[tokio::test(start_paused = true)]

@@ -116,6 +116,16 @@ pub struct Config {
     #[arg(long, env = "MESHIAM_SESSION_DURATION", default_value = "3600s", value_parser = parse_duration)]
     pub session_duration: Duration,
 
+    /// Accept --session-duration below STS's 900 s minimum (down to 60 s). Only for STS
+    /// emulators in tests, which is where short sessions make rotation observable.
+    #[arg(
+        long,
+        env = "MESHIAM_ALLOW_SHORT_SESSIONS",
+        hide = true,
+        default_value_t = false
+    )]
+    pub allow_short_sessions: bool,
+
     /// Every credential answer has at least this much lifetime left; must be shorter than
     /// --session-duration.
     #[arg(long, env = "MESHIAM_MIN_REMAINING", default_value = "30m", value_parser = parse_duration)]
@@ -144,9 +154,15 @@ pub struct Config {
     #[arg(long, env = "MESHIAM_REGION")]
     pub region: Option<String>,
 
-    /// Budget of one STS call (and of a request's wait for the node-wide STS limiter).
+    /// Budget of one STS call (and of a fetch's wait for the node-wide STS limiter).
     #[arg(long, env = "MESHIAM_STS_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub sts_timeout: Duration,
+
+    /// How long a pod's request waits for STS before it is answered (still-valid credentials,
+    /// else 504) while the STS call carries on, so the SDK's next try finds the credentials.
+    /// Keep it below the SDKs' 1 s metadata timeout.
+    #[arg(long, env = "MESHIAM_REQUEST_WAIT", default_value = "900ms", value_parser = parse_duration)]
+    pub request_wait: Duration,
 
     /// Node-wide STS call rate, calls per second.
     #[arg(long, env = "MESHIAM_STS_RATE", default_value_t = 5.0)]
@@ -242,7 +258,8 @@ impl Config {
     /// Cross-field checks clap cannot do. The message names the flag.
     pub fn validate(&self) -> Result<(), String> {
         let dur = self.session_duration.as_secs();
-        if !(900..=43_200).contains(&dur) {
+        let min = if self.allow_short_sessions { 60 } else { 900 };
+        if !(min..=43_200).contains(&dur) {
             return Err(format!(
                 "--session-duration must be between 900s and 43200s (STS limits), got {dur}s"
             ));
@@ -283,6 +300,9 @@ impl Config {
         }
         if self.sts_timeout.is_zero() {
             return Err("--sts-timeout must be positive".into());
+        }
+        if self.request_wait.is_zero() {
+            return Err("--request-wait must be positive".into());
         }
         if self.request_timeout <= self.ip_wait {
             return Err("--request-timeout must be longer than --ip-wait".into());
@@ -328,6 +348,7 @@ impl Config {
             min_remaining: self.min_remaining,
             refresh_margin: self.refresh_margin,
             sts_timeout: self.sts_timeout,
+            request_wait: self.request_wait,
             negative_ttl: self.negative_cache_ttl,
             backoff_base: self.sts_backoff_base,
             backoff_max: self.sts_backoff_max,
@@ -365,6 +386,37 @@ mod tests {
         let c = Config::try_parse_from(all).map_err(|e| e.to_string())?;
         c.validate()?;
         Ok(c)
+    }
+
+    #[test]
+    fn short_sessions_only_when_asked_for() {
+        let e = parse(&[
+            "--session-duration",
+            "60s",
+            "--min-remaining",
+            "30s",
+            "--refresh-margin",
+            "10s",
+        ])
+        .unwrap_err();
+        assert!(e.contains("--session-duration must be between 900s"), "{e}");
+        let c = parse(&[
+            "--session-duration",
+            "60s",
+            "--min-remaining",
+            "30s",
+            "--refresh-margin",
+            "10s",
+            "--allow-short-sessions",
+        ])
+        .unwrap();
+        assert_eq!(c.session_duration, Duration::from_secs(60));
+        assert!(parse(&["--session-duration", "59s", "--allow-short-sessions"]).is_err());
+        assert!(
+            parse(&["--request-wait", "0s"])
+                .unwrap_err()
+                .contains("--request-wait")
+        );
     }
 
     #[test]

@@ -54,8 +54,11 @@ SDK_CLIENT = ROOT / "target/release/examples/sdk_client"
 
 @pytest.fixture(scope="module")
 def short_stack():
-    s = bring_up(f"--broker-arg=--session-duration={SHORT_SESSION}",
+    s = bring_up("--broker-arg=--allow-short-sessions",
+                 f"--broker-arg=--session-duration={SHORT_SESSION}",
                  f"--broker-arg=--min-remaining={MIN_LEFT}",
+                 "--broker-arg=--refresh-margin=10s",
+                 "--broker-arg=--maintenance-interval=5s",
                  "--filter-option", "cacheFreshSeconds=5")
     yield s
     stack("down", "--keep-logs", check=False)
