@@ -13,8 +13,11 @@ use crate::json::{self, Value};
 
 pub const DEFAULT_BROKER_CLUSTER: &str = "meshiam_broker";
 pub const DEFAULT_BROKER_AUTHORITY: &str = "meshiam-broker";
-/// Below botocore's and aws-sdk-rust's 1 s timeouts, so a stale answer still arrives in time.
-pub const DEFAULT_BROKER_TIMEOUT_MS: u32 = 800;
+/// Longer than the broker's default wait for a pod it has not seen yet (`--ip-wait`, 2 s), so
+/// a pod that asks the moment it starts is answered. The broker itself answers within
+/// `--request-wait` (900 ms) when STS is slow, and a broker that is down fails the call-out
+/// at connect; only a hanging broker makes the filter wait this long.
+pub const DEFAULT_BROKER_TIMEOUT_MS: u32 = 2500;
 pub const DEFAULT_CACHE_FRESH_SECONDS: u64 = 30;
 pub const DEFAULT_STALE_MIN_REMAINING_SECONDS: u64 = 300;
 pub const DEFAULT_METADATA_HOSTS: [&str; 2] = ["169.254.169.254", "[fd00:ec2::254]"];

@@ -174,7 +174,7 @@ mod decisions {
         assert_eq!(action, Action::Pause);
         let call = h.dispatched.borrow()[0].clone();
         assert_eq!(call.cluster, "meshiam_broker");
-        assert_eq!(call.timeout_ms, 800);
+        assert_eq!(call.timeout_ms, 2500);
         let names: Vec<&str> = call.headers.iter().map(|(k, _)| k.as_str()).collect();
         assert_eq!(
             names,

@@ -377,9 +377,6 @@ def plugin_config(state):
     cfg = {
         "brokerCluster": "meshiam_broker",
         "brokerAuthority": "meshiam-broker",
-        # Longer than the broker's wait for a pod it has not seen yet, so a pod that asks the
-        # moment it starts is answered rather than timed out by its own sidecar.
-        "brokerTimeoutMs": 3000,
         "allowPaths": ["meta-data/placement/region", "meta-data/placement/availability-zone"],
         "identity": {"source": "nodeMetadata"},
     }
