@@ -395,34 +395,13 @@ fn strip_rv(v: &Value) -> Value {
     v
 }
 
-/// Seconds precision, UTC, as `metav1.Time` serialises.
+/// Seconds precision, UTC, as `metav1.Time` serialises (the same form IMDS uses).
 fn now_rfc3339() -> String {
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or_default();
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    let (y, m, d) = civil_from_days(days as i64);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
-/// Howard Hinnant's days-to-civil algorithm.
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (if m <= 2 { y + 1 } else { y }, m, d)
+    meshiam_imds::time::format_rfc3339(secs)
 }
 
 #[cfg(test)]
@@ -482,8 +461,14 @@ mod tests {
     }
 
     #[test]
-    fn dates() {
-        assert_eq!(civil_from_days(0), (1970, 1, 1));
-        assert_eq!(civil_from_days(19_723), (2024, 1, 1));
+    fn creation_timestamps_are_second_precision_utc() {
+        let mut db = Db::default();
+        let a = db.create(Kind::Pod, Some("default"), pod("a")).unwrap();
+        let stamp = a["metadata"]["creationTimestamp"].as_str().unwrap();
+        assert!(
+            meshiam_imds::time::parse_rfc3339(stamp).is_some(),
+            "{stamp}"
+        );
+        assert!(stamp.ends_with('Z') && stamp.len() == 20, "{stamp}");
     }
 }

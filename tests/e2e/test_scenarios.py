@@ -168,6 +168,17 @@ def test_broker_restart_keeps_running_pods_served(default_stack):
 
 # 6. STS down or slow.
 
+def recovers(s, pod, role, within):
+    """Polls the pod's credentials until they come, failing after `within` seconds."""
+    deadline = time.monotonic() + within
+    while True:
+        code, body, _ = s.curl(pod, ROLE_LIST + role)
+        if code == 200:
+            return creds_of(body)
+        assert time.monotonic() < deadline, f"{pod}: no recovery: {code} {body}"
+        time.sleep(1)
+
+
 def test_sts_outage(default_stack):
     s = default_stack
     code, body, _ = s.curl(MYAPP, ROLE_LIST + "myapp-iam-role")
@@ -189,13 +200,7 @@ def test_sts_outage(default_stack):
     finally:
         stack("start", "sts")
     # Service resumes by itself (within the node-wide backoff, at most --sts-backoff-max).
-    deadline = time.monotonic() + 75
-    while True:
-        code, body, _ = s.curl("default/newcomer", ROLE_LIST + "newcomer-role")
-        if code == 200:
-            break
-        assert time.monotonic() < deadline, f"no recovery after STS came back: {code} {body}"
-        time.sleep(1)
+    recovers(s, "default/newcomer", "newcomer-role", within=75)
     stack("pod", "delete", "default/newcomer")
 
 
@@ -216,13 +221,7 @@ def test_slow_sts_answers_within_the_sdk_timeout(default_stack):
         assert code == 200 and took < 1
     finally:
         stack("sts-delay", "0")
-    deadline = time.monotonic() + 30
-    while True:
-        code, body, _ = s.curl("default/slowpoke", ROLE_LIST + "slow-role")
-        if code == 200:
-            break
-        assert time.monotonic() < deadline, f"no recovery: {code} {body}"
-        time.sleep(1)
+    recovers(s, "default/slowpoke", "slow-role", within=75)
     stack("pod", "delete", "default/slowpoke")
 
 
