@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, bring_up, creds_of, parse_time, stack
+from conftest import ROOT, Stack, bring_up, creds_of, parse_time, stack
 
 ROLE_LIST = "/latest/meta-data/iam/security-credentials/"
 MYAPP = "default/myapp"
@@ -87,3 +87,26 @@ def test_long_running_sdk_client_rolls_over_without_a_failed_call(short_stack):
     assert summary["calls"] >= run_for // 2
     assert summary["arn"].endswith(":assumed-role/myapp-iam-role/default.myapp")
     assert summary["keys"] >= 2, f"the client never rolled over to new credentials: {summary}"
+
+
+# Without root the stack runs on loopback; root can ask for it too.
+
+def test_loopback_stack_serves_the_same_answers():
+    stack("down", check=False)
+    up = stack("up", "--loopback", timeout=300)
+    try:
+        assert "running on loopback" in up.stderr
+        s = Stack(stack("status").stdout)
+        assert s.status["MODE"] == "loopback"
+        assert s.pods[MYAPP]["IP"].startswith("127.1.0.")
+        code, body, _ = s.curl(MYAPP, ROLE_LIST)
+        assert (code, body) == (200, "myapp-iam-role")
+        code, _, _ = s.curl("default/plain", ROLE_LIST)
+        assert code == 404
+        res = s.caller_identity(MYAPP)
+        assert res.returncode == 0, res.stderr
+        assert ":assumed-role/myapp-iam-role/default.myapp" in res.stdout
+    finally:
+        stack("down", "--keep-logs")
+    # Safe to run twice.
+    assert stack("down").returncode == 0

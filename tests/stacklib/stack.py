@@ -372,8 +372,8 @@ def delete_netns(ns):
 # ---------------------------------------------------------------------------- envoy
 
 
-def plugin_config(state):
-    """The filter's plugin config for the stack's sidecars, with --filter-option overrides."""
+def plugin_config(state, entry):
+    """The filter's plugin config for a pod's sidecar, with --filter-option overrides."""
     cfg = {
         "brokerCluster": "meshiam_broker",
         "brokerAuthority": "meshiam-broker",
@@ -381,8 +381,9 @@ def plugin_config(state):
         "identity": {"source": "nodeMetadata"},
     }
     if state["mode"] == "loopback":
-        # No iptables capture: the pod addresses its sidecar directly.
-        cfg["metadataHosts"] = ["169.254.169.254", "[fd00:ec2::254]", "127.0.0.1"]
+        # No iptables capture: the pod addresses its sidecar directly, so the sidecar's own
+        # listener address is this pod's metadata address.
+        cfg["metadataAddresses"] = ["169.254.169.254:80", "[fd00:ec2::254]:80", f"127.0.0.1:{entry['port']}"]
     for item in state.get("filter_options", []):
         key, sep, value = item.partition("=")
         if not sep:
@@ -411,7 +412,7 @@ def render_envoy(state, entry):
         "BROKER_ADDRESS": node_addr(state),
         "BROKER_PORT": port(state, "broker"),
         "WASM_PATH": WASM,
-        "PLUGIN_CONFIG": json.dumps(plugin_config(state), separators=(",", ":")),
+        "PLUGIN_CONFIG": json.dumps(plugin_config(state, entry), separators=(",", ":")),
     }
     text = render(str(ROOT / "envoy/sidecar.yaml"), **values)
     if loop:
