@@ -62,11 +62,27 @@ def main():
     ap.add_argument("--out", default=None, help="results directory (default bench/ for full, bench/out/quick)")
     ap.add_argument("--only", default="1,2,3,4,5,6,7", help="benchmarks to run, e.g. 1,2,7")
     ap.add_argument("--no-markdown", action="store_true", help="do not write BENCHMARKS.md")
+    ap.add_argument("--report-only", action="store_true",
+                    help="measure nothing: rewrite the chart and BENCHMARKS.md from bench/results.json")
     args = ap.parse_args()
+    if args.report_only:
+        with open(os.path.join(ROOT, "bench", "results.json")) as f:
+            results = json.load(f)
+        results["targets"] = report.targets(results)
+        chart = os.path.join(ROOT, "bench", "latency.svg")
+        report.write_chart(results, chart)
+        report.write_markdown(results, os.path.join(ROOT, "BENCHMARKS.md"), os.path.relpath(chart, ROOT))
+        print(report.table(results))
+        return
     cfg = QUICK if args.quick else FULL
     only = {int(x) for x in args.only.split(",") if x}
-    out_dir = args.out or os.path.join(ROOT, "bench", "out", "quick") if args.quick else (args.out or os.path.join(ROOT, "bench"))
+    if args.out:
+        out_dir = args.out
+    else:
+        out_dir = os.path.join(ROOT, "bench", "out", "quick") if args.quick else os.path.join(ROOT, "bench")
     os.makedirs(out_dir, exist_ok=True)
+    # Process logs are scratch: under bench/out (git-ignored) unless --out says otherwise.
+    log_dir = os.path.join(args.out, "logs") if args.out else os.path.join(ROOT, "bench", "out", cfg["mode"], "logs")
     for binary, how in ((WASM, "make wasm"), (BROKER_BIN, "make broker"), (FLOOR_BIN, "make bench-build")):
         if not os.path.exists(binary):
             sys.exit(f"missing {binary}: run {how} (make bench builds everything)")
@@ -87,9 +103,9 @@ def main():
         "config": {k: v for k, v in cfg.items() if k != "sim"},
         "benchmarks": {},
     }
-    log(f"{cfg['mode']} run: server core 0, load core 1; logs in {os.path.join(out_dir, 'logs')}")
+    log(f"{cfg['mode']} run: server core 0, load core 1; logs in {os.path.relpath(log_dir, ROOT)}")
 
-    procs = Procs(os.path.join(out_dir, "logs"))
+    procs = Procs(log_dir)
 
     def on_signal(signum, _frame):
         raise KeyboardInterrupt(f"signal {signum}")
