@@ -45,3 +45,19 @@ demo: setup build
 
 clean:
 	cargo clean
+
+# Benchmarks (issue 6, BENCHMARKS.md): `make bench` runs them all (under 15 minutes on 2
+# cores) and writes bench/results.json and BENCHMARKS.md; `make bench-quick` only checks the
+# harness (brief runs, results in bench/out/quick). Not part of `make test`'s timing runs.
+.PHONY: bench bench-quick bench-build
+
+# The floor server for benchmark 3, built with the same packages and features as `broker`
+# so cargo does not rebuild the dependencies with another feature set.
+bench-build: build
+	cargo build --release -p meshiam-broker -p meshiam-kube-double --bins --example sdk_client --example bench_floor
+
+bench: bench-build
+	$(PY) bench/run.py
+
+bench-quick: bench-build
+	$(PY) bench/run.py --quick

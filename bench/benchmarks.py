@@ -1,0 +1,375 @@
+"""The measured benchmarks 1–6 of BENCHMARKS.md. Each returns a dict for results.json with
+the subject and its baseline measured side by side, in alternating rounds, in this run.
+
+Topology (loopback only): the STS emulator (moto), the broker with a file pod source whose
+pods have 127.0.0.x addresses, and Envoy sidecars rendered from envoy/sidecar.yaml whose
+broker cluster binds to the sidecar pod's address (`upstream_bind_config`), as the pod's
+network namespace would. Servers under test run on core 0, the load generator on core 1.
+"""
+
+import http.client
+import json
+import os
+import sys
+import time
+
+import yaml
+
+from harness import (
+    BROKER_BIN, ENVOY_BIN, FLOOR_BIN, LOAD_CPU, PYTHON, ROOT, SERVER_CPU, VENV_BIN, WASM,
+    free_port, hey_fixed_rate, http_get, http_ok, log, median_run, rss_kib, wait_until, wrk,
+)
+
+sys.path.insert(0, os.path.join(ROOT, "envoy"))
+from render import render  # noqa: E402  envoy/render.py
+
+ACCOUNT = "123456789012"
+BASE_ARN = f"arn:aws:iam::{ACCOUNT}:role/"
+METADATA = "169.254.169.254"
+CREDS_PATH = "/latest/meta-data/iam/security-credentials/"
+SIDECAR_POD = {"namespace": "bench", "name": "sidecar", "ip": "127.0.0.2", "role": "bench-sidecar-role"}
+DIRECT_POD = {"namespace": "bench", "name": "direct", "ip": "127.0.0.1", "role": "bench-direct-role"}
+
+
+def pod_doc(pods):
+    return {"pods": [
+        {"namespace": p["namespace"], "name": p["name"], "ips": [p["ip"]], "serviceAccount": "default",
+         "annotations": {"iam.amazonaws.com/role": p["role"]}}
+        for p in pods
+    ]}
+
+
+def write_pods(path, pods):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        yaml.safe_dump(pod_doc(pods), f, sort_keys=False)
+    os.replace(tmp, path)
+
+
+class Stack:
+    """moto, the broker(s), Envoys, floor servers of one run."""
+
+    def __init__(self, procs, cfg):
+        self.procs = procs
+        self.cfg = cfg
+        self.work = procs.logdir
+        self.moto_port = None
+
+    # ------------------------------------------------------------------ components
+    def start_moto(self):
+        self.moto_port = free_port()
+        self.procs.start("moto", [os.path.join(VENV_BIN, "moto_server"), "-H", "127.0.0.1", "-p", self.moto_port],
+                         cpu=LOAD_CPU)
+        wait_until("the STS emulator", lambda: http_ok(f"http://127.0.0.1:{self.moto_port}/moto-api/"),
+                   procs=self.procs, name="moto")
+
+    def start_sts_delay(self, delay_ms):
+        port = free_port()
+        self.procs.start("stsdelay", [PYTHON, os.path.join(ROOT, "bench", "stsdelay.py"), port, self.moto_port,
+                                      delay_ms], cpu=LOAD_CPU)
+        wait_until("the STS delay proxy", lambda: http_ok(f"http://127.0.0.1:{port}/moto-api/"),
+                   procs=self.procs, name="stsdelay")
+        return port
+
+    def start_broker(self, name, pods, extra=(), sts_port=None):
+        port, admin = free_port(), free_port()
+        pods_file = os.path.join(self.work, f"{name}-pods.yaml")
+        write_pods(pods_file, pods)
+        argv = [BROKER_BIN, "--listen", f"127.0.0.1:{port}", "--admin-listen", f"127.0.0.1:{admin}",
+                "--pod-source", "file", "--pods-file", pods_file, "--pods-file-poll", "100ms",
+                "--base-role-arn", BASE_ARN, "--region", "us-east-1",
+                "--node-imds-url", "http://127.0.0.1:9", "--log", "warn", *extra]
+        env = {
+            "AWS_ACCESS_KEY_ID": "AKIABENCHNODEKEY", "AWS_SECRET_ACCESS_KEY": "bench-node-secret",
+            "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
+            "AWS_ENDPOINT_URL_STS": f"http://127.0.0.1:{sts_port or self.moto_port}",
+        }
+        p = self.procs.start(name, argv, env=env, cpu=SERVER_CPU)
+        wait_until(f"{name} ready", lambda: http_ok(f"http://127.0.0.1:{admin}/readyz"),
+                   procs=self.procs, name=name)
+        return {"name": name, "port": port, "admin": admin, "pid": p.pid, "pods_file": pods_file}
+
+    def start_floor(self, name, body, cpu=SERVER_CPU):
+        port = free_port()
+        body_file = os.path.join(self.work, f"{name}.body")
+        with open(body_file, "wb") as f:
+            f.write(body)
+        p = self.procs.start(name, [FLOOR_BIN, f"127.0.0.1:{port}", body_file], cpu=cpu)
+        wait_until(name, lambda: http_ok(f"http://127.0.0.1:{port}/"), procs=self.procs, name=name)
+        return {"port": port, "pid": p.pid}
+
+    def envoy_config(self, name, broker, plugin=None, floor=None, with_filter=True):
+        """envoy/sidecar.yaml for the bench pod; without the filter, the metadata-host route
+        answers `floor` (the filter's own answers, byte for byte) with a direct_response."""
+        port, admin = free_port(), free_port()
+        cfg = {"brokerCluster": "meshiam_broker", "brokerAuthority": "meshiam-broker", **(plugin or {})}
+        text = render(os.path.join(ROOT, "envoy", "sidecar.yaml"),
+                      NODE_ID=f"bench~{name}", POD_NAME=SIDECAR_POD["name"], POD_NAMESPACE=SIDECAR_POD["namespace"],
+                      ADMIN_ADDRESS="127.0.0.1", ADMIN_PORT=admin, CAPTURE_ADDRESS="127.0.0.1", CAPTURE_PORT=port,
+                      BROKER_ADDRESS="127.0.0.1", BROKER_PORT=broker["port"], WASM_PATH=WASM,
+                      PLUGIN_CONFIG=json.dumps(cfg, separators=(",", ":")), PASSTHROUGH_USE_HEADER="true")
+        doc = yaml.safe_load(text)
+        res = doc["static_resources"]
+        for c in res["clusters"]:
+            if c["name"] == "meshiam_broker":
+                c["upstream_bind_config"] = {"source_address": {"address": SIDECAR_POD["ip"], "port_value": 0}}
+        if not with_filter:
+            for listener in res["listeners"]:
+                for chain in listener["filter_chains"]:
+                    for nf in chain["filters"]:
+                        hcm = nf["typed_config"]
+                        hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] != "meshiam"]
+                        for vh in hcm["route_config"]["virtual_hosts"]:
+                            if vh["name"] == "metadata_hosts" and floor:
+                                vh["routes"] = [
+                                    {"match": {"path": path},
+                                     "direct_response": {"status": 200, "body": {"inline_string": body.decode()}},
+                                     "response_headers_to_add": [{"header": {"key": "content-type", "value": ctype}}]}
+                                    for path, (body, ctype) in floor.items()
+                                ]
+        path = os.path.join(self.work, f"{name}.yaml")
+        with open(path, "w") as f:
+            yaml.safe_dump(doc, f, sort_keys=False)
+        return path, port, admin
+
+    def start_envoy(self, name, broker, concurrency=1, **kw):
+        path, port, admin = self.envoy_config(name, broker, **kw)
+        p = self.procs.start(name, [ENVOY_BIN, "-c", path, "--disable-hot-restart", "--concurrency", concurrency,
+                                    "-l", "warning"], cpu=SERVER_CPU)
+        wait_until(f"{name} ready", lambda: http_ok(f"http://127.0.0.1:{admin}/ready"), timeout=60,
+                   procs=self.procs, name=name)
+        return {"name": name, "port": port, "admin": admin, "pid": p.pid}
+
+
+def imds_get(port, path, source=None, method="GET", headers=None, timeout=5):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout,
+                                      source_address=(source, 0) if source else None)
+    try:
+        conn.request(method, path, headers={"Host": METADATA, **(headers or {})})
+        r = conn.getresponse()
+        return r.status, r.read(), dict((k.lower(), v) for k, v in r.getheaders())
+    finally:
+        conn.close()
+
+
+def rounds_of(cfg, variants, measure):
+    """Alternating rounds (A B, B A, …) so slow phases of a shared machine hit both sides."""
+    runs = {v: [] for v in variants}
+    for r in range(cfg["rounds"]):
+        order = variants if r % 2 == 0 else list(reversed(variants))
+        for v in order:
+            runs[v].append(measure(v))
+    return {v: median_run(rs) for v, rs in runs.items()}
+
+
+# --------------------------------------------------------------------------- 1 and 2
+
+
+def bench_envoy(stack, broker, cfg):
+    """1: ordinary traffic with and without the filter; 2: metadata answers vs the floor."""
+    filt = stack.start_envoy("envoy-filter", broker)
+    creds_path = CREDS_PATH + SIDECAR_POD["role"]
+    st, creds, hdr = imds_get(filt["port"], creds_path)
+    if st != 200 or hdr.get("content-type") != "application/json":
+        raise RuntimeError(f"sidecar credentials: {st} {hdr} {creds[:200]!r}")
+    st, token, _ = imds_get(filt["port"], "/latest/api/token", method="PUT",
+                            headers={"x-aws-ec2-metadata-token-ttl-seconds": "21600"})
+    if st != 200:
+        raise RuntimeError(f"token PUT: {st} {token!r}")
+    floor = {creds_path: (creds, "application/json"), "/latest/api/token": (token, "text/plain")}
+    bare = stack.start_envoy("envoy-nofilter", broker, with_filter=False, floor=floor)
+    fresh0 = stack.start_envoy("envoy-filter-nocache", broker, plugin={"cacheFreshSeconds": 0})
+    st, body, hdr = imds_get(fresh0["port"], creds_path)
+    if st != 200 or hdr.get("x-meshiam-source") != "broker":
+        raise RuntimeError(f"broker-cache path: {st} {hdr}")
+    st, body, _ = imds_get(bare["port"], creds_path)
+    if st != 200 or body != creds:
+        raise RuntimeError("the floor does not answer the filter's bytes")
+    upstream = stack.start_floor("upstream", b"ordinary application traffic\n", cpu=LOAD_CPU)
+
+    d = cfg["seconds"]
+    app_headers = [f"x-envoy-original-dst-host: 127.0.0.1:{upstream['port']}"]
+    envoys = {"with_filter": filt, "without_filter": bare}
+
+    log(f"1/7 filter overhead: wrk -c16 throughput and -c1 latency, {cfg['rounds']} round(s) × {d}s")
+    tput = rounds_of(cfg, list(envoys), lambda v: wrk(f"http://127.0.0.1:{envoys[v]['port']}/app", d, 16, app_headers))
+    lat = rounds_of(cfg, list(envoys), lambda v: wrk(f"http://127.0.0.1:{envoys[v]['port']}/app", d, 1, app_headers))
+    b1 = {
+        "throughput": tput,
+        "latency": lat,
+        "throughput_ratio": tput["with_filter"]["rps"] / tput["without_filter"]["rps"],
+        "added_p50_us": lat["with_filter"]["latency_us"]["50"] - lat["without_filter"]["latency_us"]["50"],
+        "added_p99_us": lat["with_filter"]["latency_us"]["99"] - lat["without_filter"]["latency_us"]["99"],
+    }
+    log(f"    throughput ratio {b1['throughput_ratio']:.3f}, p50 added {b1['added_p50_us']:.0f} µs")
+
+    md = [f"Host: {METADATA}"]
+    scen = {
+        "floor_direct_response": lambda: wrk(f"http://127.0.0.1:{bare['port']}{creds_path}", d, 1, md),
+        "sidecar_cache_hit": lambda: wrk(f"http://127.0.0.1:{filt['port']}{creds_path}", d, 1, md),
+        "broker_cache_hit": lambda: wrk(f"http://127.0.0.1:{fresh0['port']}{creds_path}", d, 1, md),
+        "floor_token_direct_response": lambda: wrk(f"http://127.0.0.1:{bare['port']}/latest/api/token", d, 1,
+                                                   md + ["x-aws-ec2-metadata-token-ttl-seconds: 21600"], "PUT"),
+        "token_put": lambda: wrk(f"http://127.0.0.1:{filt['port']}/latest/api/token", d, 1,
+                                 md + ["x-aws-ec2-metadata-token-ttl-seconds: 21600"], "PUT"),
+    }
+    log(f"2/7 credential answer latency: wrk -c1, {len(scen)} paths, {cfg['rounds']} round(s) × {d}s")
+    lat2 = rounds_of(cfg, list(scen), lambda v: scen[v]())
+    f50 = lat2["floor_direct_response"]["latency_us"]["50"]
+    t50 = lat2["floor_token_direct_response"]["latency_us"]["50"]
+    b2 = {
+        "latency": lat2,
+        "sidecar_cache_hit_p50_vs_floor": lat2["sidecar_cache_hit"]["latency_us"]["50"] / f50,
+        "broker_cache_hit_p50_vs_floor": lat2["broker_cache_hit"]["latency_us"]["50"] / f50,
+        "token_put_p50_vs_floor": lat2["token_put"]["latency_us"]["50"] / t50,
+        "broker_cache_hit_p99_us": lat2["broker_cache_hit"]["latency_us"]["99"],
+        "body_bytes": len(creds),
+    }
+    log(f"    cache hit {b2['sidecar_cache_hit_p50_vs_floor']:.2f}× floor, broker hit p99 "
+        f"{b2['broker_cache_hit_p99_us']:.0f} µs, token {b2['token_put_p50_vs_floor']:.2f}× floor")
+    for n in ("envoy-filter", "envoy-nofilter", "envoy-filter-nocache", "upstream"):
+        stack.procs.stop(n)
+    return b1, b2
+
+
+# --------------------------------------------------------------------------- 3
+
+
+def bench_broker_throughput(stack, broker, cfg):
+    path = CREDS_PATH + DIRECT_POD["role"]
+    st, body, _ = imds_get(broker["port"], path)
+    if st != 200:
+        raise RuntimeError(f"broker direct answer: {st} {body[:200]!r}")
+    floor = stack.start_floor("broker-floor", body, cpu=SERVER_CPU)
+    urls = {"broker": f"http://127.0.0.1:{broker['port']}{path}", "hyper_floor": f"http://127.0.0.1:{floor['port']}{path}"}
+    d = cfg["seconds"]
+    log(f"3/7 broker throughput on one core: wrk -c16 and hey at 1000 req/s, {cfg['rounds']} round(s) × {d}s")
+    tput = rounds_of(cfg, list(urls), lambda v: wrk(urls[v], d, 16))
+    at_rate = rounds_of(cfg, list(urls), lambda v: hey_fixed_rate(urls[v], d, 1000))
+    stack.procs.stop("broker-floor")
+    out = {
+        "throughput": tput,
+        "at_1000_rps": at_rate,
+        "throughput_ratio": tput["broker"]["rps"] / tput["hyper_floor"]["rps"],
+        "p99_at_1000_rps_us": at_rate["broker"]["latency_us"]["99"],
+    }
+    log(f"    {out['throughput_ratio']:.2f} of the floor, p99 at 1000 req/s {out['p99_at_1000_rps_us']:.0f} µs")
+    return out
+
+
+# --------------------------------------------------------------------------- 4
+
+
+def _metric(admin, name):
+    st, text = http_get(f"http://127.0.0.1:{admin}/metrics")
+    for line in text.decode().splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def settle_rss(pid, seconds=1.0):
+    time.sleep(seconds)
+    return rss_kib(pid)
+
+
+def bench_broker_memory(stack, cfg):
+    n_large = cfg["large_pods"]
+    log(f"4/7 broker memory: idle, 110 pods / 50 roles with credentials, {n_large} pods in the store")
+    fast = ["--sts-rate", "10000", "--sts-burst", "10000", "--prefetch-jitter", "0s"]
+    idle = stack.start_broker("broker-mem-idle", [], extra=fast)
+    idle_kib = settle_rss(idle["pid"])
+    stack.procs.stop("broker-mem-idle")
+
+    pods = [{"namespace": f"ns{i % 7}", "name": f"pod-{i}", "ip": f"127.0.1.{i + 1}", "role": f"role-{i % 50}"}
+            for i in range(110)]
+    small = stack.start_broker("broker-mem-110", pods, extra=fast)
+    wait_until("110 prefetched credentials", lambda: (_metric(small["admin"], "meshiam_broker_cache_entries") or 0) >= 110,
+               timeout=120, procs=stack.procs, name="broker-mem-110")
+    for p in pods:  # every pod asks once, as its SDK would
+        st, _, _ = imds_get(small["port"], CREDS_PATH + p["role"], source=p["ip"])
+        if st != 200:
+            raise RuntimeError(f"{p['name']}: {st}")
+    small_kib = settle_rss(small["pid"])
+    stack.procs.stop("broker-mem-110")
+
+    many = [{"namespace": f"ns{i % 40}", "name": f"pod-{i}", "ip": f"10.{i // 62500}.{(i // 250) % 250}.{i % 250 + 1}",
+             "role": f"role-{i % 50}"} for i in range(n_large)]
+    big = stack.start_broker("broker-mem-large", many, extra=["--prefetch", "false"])
+    wait_until(f"{n_large} pods in the store",
+               lambda: (_metric(big["admin"], "meshiam_broker_pods_tracked") or 0) >= n_large,
+               timeout=120, procs=stack.procs, name="broker-mem-large")
+    big_kib = settle_rss(big["pid"])
+    stack.procs.stop("broker-mem-large")
+    out = {
+        "idle_rss_kib": idle_kib,
+        "pods110_roles50_rss_kib": small_kib,
+        "large_store_pods": n_large,
+        "large_store_rss_kib": big_kib,
+    }
+    log(f"    idle {idle_kib / 1024:.1f} MiB, 110 pods {small_kib / 1024:.1f} MiB, "
+        f"{n_large} pods {big_kib / 1024:.1f} MiB")
+    return out
+
+
+# --------------------------------------------------------------------------- 5
+
+
+def bench_cold_start(stack, cfg):
+    delay_ms = 200
+    sts = stack.start_sts_delay(delay_ms)
+    trials, start_after, jitter = cfg["cold_trials"], cfg["cold_start_after_s"], cfg["cold_jitter"]
+    log(f"5/7 cold start: STS +{delay_ms} ms, {trials} new pod(s) per mode, first request "
+        f"{start_after}s after the broker sees the pod (prefetch jitter {jitter})")
+    out = {"sts_delay_ms": delay_ms, "first_request_after_s": start_after, "prefetch_jitter": jitter, "modes": {}}
+    for mode, flag in (("with_prefetch", "true"), ("without_prefetch", "false")):
+        b = stack.start_broker(f"broker-cold-{mode}", [], sts_port=sts,
+                               extra=["--prefetch", flag, "--prefetch-jitter", jitter])
+        pods, results = [], []
+        for i in range(trials):
+            pod = {"namespace": "cold", "name": f"{mode}-{i}", "ip": f"127.0.2.{i + 1}", "role": f"cold-role-{i}"}
+            pods.append(pod)
+            write_pods(b["pods_file"], pods)
+            wait_until("the broker to see the new pod",
+                       lambda: http_get(f"http://127.0.0.1:{b['admin']}/debug/pods/cold/{pod['name']}")[0] == 200,
+                       timeout=10, procs=stack.procs, name=b["name"])
+            time.sleep(start_after)
+            t0 = time.perf_counter()
+            st1, role, _ = imds_get(b["port"], CREDS_PATH, source=pod["ip"])
+            t1 = time.perf_counter()
+            st2, _, _ = imds_get(b["port"], CREDS_PATH + role.decode(), source=pod["ip"])
+            t2 = time.perf_counter()
+            if st1 != 200 or st2 != 200:
+                raise RuntimeError(f"cold start {mode}: {st1} {st2}")
+            results.append({"role_list_ms": (t1 - t0) * 1e3, "credentials_ms": (t2 - t1) * 1e3,
+                            "first_credentials_ms": (t2 - t0) * 1e3})
+        stack.procs.stop(b["name"])
+        worst = max(r["first_credentials_ms"] for r in results)
+        out["modes"][mode] = {"trials": results, "worst_first_credentials_ms": worst,
+                              "median_first_credentials_ms": sorted(r["first_credentials_ms"] for r in results)[len(results) // 2]}
+        log(f"    {mode}: first credentials in {worst:.1f} ms (worst of {trials})")
+    stack.procs.stop("stsdelay")
+    return out
+
+
+# --------------------------------------------------------------------------- 6
+
+
+def bench_sizes(stack, broker):
+    log("6/7 sizes: wasm, broker binary, Envoy RSS with and without the filter (1 and 2 workers)")
+    out = {"wasm_bytes": os.path.getsize(WASM), "broker_bytes": os.path.getsize(BROKER_BIN), "envoy_rss_kib": {}}
+    for workers in (1, 2):
+        for with_filter in (True, False):
+            name = f"envoy-size-{'filter' if with_filter else 'nofilter'}-{workers}"
+            e = stack.start_envoy(name, broker, concurrency=workers, with_filter=with_filter)
+            for _ in range(20):
+                imds_get(e["port"], "/latest/api/token", method="PUT",
+                         headers={"x-aws-ec2-metadata-token-ttl-seconds": "60"})
+            out["envoy_rss_kib"][name.removeprefix("envoy-size-")] = settle_rss(e["pid"], 0.5)
+            stack.procs.stop(name)
+    r = out["envoy_rss_kib"]
+    out["filter_cost_1_worker_kib"] = r["filter-1"] - r["nofilter-1"]
+    out["filter_cost_per_extra_worker_kib"] = (r["filter-2"] - r["filter-1"]) - (r["nofilter-2"] - r["nofilter-1"])
+    log(f"    wasm {out['wasm_bytes']} B, Envoy +{out['filter_cost_1_worker_kib'] / 1024:.1f} MiB with the filter, "
+        f"+{out['filter_cost_per_extra_worker_kib'] / 1024:.1f} MiB per extra worker")
+    return out

@@ -1,0 +1,230 @@
+"""Process handling and load generation for the benchmarks (bench/run.py).
+
+Every process the harness starts gets its own session (process group) and is remembered in
+`Procs`; `Procs.stop_all()` ends exactly those groups, by id, also on an error or Ctrl-C.
+Load comes from wrk (throughput and unloaded latency, through a Lua `done` hook that prints
+one JSON line) and hey (fixed request rate, per-request times from its CSV output).
+"""
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "bench")
+VENV_BIN = os.path.join(ROOT, ".venv", "bin")
+ENVOY_BIN = os.path.join(VENV_BIN, "envoy")
+PYTHON = os.path.join(VENV_BIN, "python")
+BROKER_BIN = os.path.join(ROOT, "target", "release", "meshiam-broker")
+FLOOR_BIN = os.path.join(ROOT, "target", "release", "examples", "bench_floor")
+WASM = os.path.join(ROOT, "target", "wasm32-wasip1", "release", "meshiam_filter.wasm")
+WRK_LUA = os.path.join(BENCH, "wrk_report.lua")
+
+# Envoy (and the servers under test) on one core, the load generator on the other.
+SERVER_CPU = "0"
+LOAD_CPU = "1" if (os.cpu_count() or 1) > 1 else "0"
+
+PERCENTILES = [1, 5, 10, 25, 50, 75, 90, 95, 99, 99.9]
+
+
+def log(msg):
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pinned(cpu, argv):
+    return ["taskset", "-c", cpu, *map(str, argv)]
+
+
+class Procs:
+    """The processes this run started. Each runs in its own process group."""
+
+    def __init__(self, logdir):
+        self.logdir = logdir
+        os.makedirs(logdir, exist_ok=True)
+        self.procs = {}
+
+    def start(self, name, argv, env=None, cpu=None):
+        if cpu is not None:
+            argv = pinned(cpu, argv)
+        logf = open(os.path.join(self.logdir, f"{name}.log"), "wb")
+        full_env = dict(os.environ)
+        full_env.update(env or {})
+        p = subprocess.Popen(
+            [str(a) for a in argv],
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            env=full_env,
+            start_new_session=True,
+            cwd=ROOT,
+        )
+        p._bench_log = logf
+        self.procs[name] = p
+        return p
+
+    def log_tail(self, name, n=2000):
+        path = os.path.join(self.logdir, f"{name}.log")
+        try:
+            with open(path, "rb") as f:
+                return f.read()[-n:].decode(errors="replace")
+        except OSError:
+            return ""
+
+    def stop(self, name):
+        p = self.procs.pop(name, None)
+        if p is None:
+            return
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                p.wait()
+        p._bench_log.close()
+
+    def stop_all(self):
+        for name in list(self.procs):
+            self.stop(name)
+
+    def check_alive(self, name):
+        p = self.procs[name]
+        if p.poll() is not None:
+            raise RuntimeError(f"{name} exited {p.returncode}:\n{self.log_tail(name)}")
+
+
+def wait_until(what, pred, timeout=30, procs=None, name=None):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if procs is not None and name is not None:
+            procs.check_alive(name)
+        try:
+            if pred():
+                return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    tail = procs.log_tail(name) if procs is not None and name else ""
+    raise RuntimeError(f"timed out waiting for {what}\n{tail}")
+
+
+_opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def http_get(url, headers=None, timeout=2):
+    req = urllib.request.Request(url, headers=headers or {})
+    try:
+        with _opener.open(req, timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def http_ok(url):
+    try:
+        return http_get(url, timeout=1)[0] == 200
+    except (OSError, urllib.error.URLError):
+        return False
+
+
+def rss_kib(pid):
+    """VmRSS of a process (the server itself, not the taskset wrapper: taskset execs)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+# ------------------------------------------------------------------------------- wrk, hey
+
+
+def wrk(url, seconds, connections, headers=(), method=None):
+    """wrk on the load core: requests/s and latency percentiles (µs)."""
+    argv = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "5s", "-s", WRK_LUA]
+    for h in headers:
+        argv += ["-H", h]
+    argv.append(url)
+    env = dict(os.environ, WRK_METHOD=method) if method else None
+    out = subprocess.run(pinned(LOAD_CPU, argv), capture_output=True, text=True, timeout=seconds + 60, env=env)
+    m = re.search(r"^WRKJSON (.*)$", out.stdout, re.M)
+    if out.returncode != 0 or not m:
+        raise RuntimeError(f"wrk failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
+    r = json.loads(m.group(1))
+    if r["requests"] == 0:
+        raise RuntimeError(f"wrk made no requests to {url}:\n{out.stdout}")
+    bad = r["errors"]["status"] + r["errors"]["connect"] + r["errors"]["read"] + r["errors"]["timeout"]
+    if bad:
+        raise RuntimeError(f"wrk saw {bad} failed requests to {url} ({r['errors']}):\n{out.stdout}")
+    return {
+        "rps": r["requests"] / (r["duration_us"] / 1e6),
+        "requests": r["requests"],
+        "latency_us": {str(p): r["p"][str(p)] for p in PERCENTILES},
+    }
+
+
+def hey_fixed_rate(url, seconds, rate, headers=()):
+    """hey at a fixed total rate (10 workers × rate/10 each): per-request times from CSV."""
+    workers = 10
+    argv = ["hey", "-z", f"{seconds}s", "-c", str(workers), "-q", str(rate / workers), "-o", "csv"]
+    for h in headers:
+        argv += ["-H", h]
+    argv.append(url)
+    out = subprocess.run(pinned(LOAD_CPU, argv), capture_output=True, text=True, timeout=seconds + 60)
+    if out.returncode != 0:
+        raise RuntimeError(f"hey failed ({out.returncode}):\n{out.stderr[-2000:]}")
+    times, bad = [], 0
+    for line in out.stdout.splitlines()[1:]:
+        cols = line.split(",")
+        if len(cols) < 7:
+            continue
+        # response-time,DNS+dialup,DNS,Request-write,Response-delay,Response-read,status-code,offset
+        if cols[6].strip() != "200":
+            bad += 1
+            continue
+        times.append(float(cols[0]) * 1e6)
+    if bad or not times:
+        raise RuntimeError(f"hey: {bad} non-200 answers, {len(times)} good ones from {url}")
+    return {"requests": len(times), "rps": len(times) / seconds, "latency_us": percentiles(times)}
+
+
+def percentiles(samples_us):
+    s = sorted(samples_us)
+    out = {}
+    for p in PERCENTILES:
+        k = min(len(s) - 1, max(0, int(round(p / 100 * len(s) + 0.5)) - 1))
+        out[str(p)] = round(s[k], 1)
+    return out
+
+
+def median(xs):
+    s = sorted(xs)
+    n = len(s)
+    return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
+
+
+def median_run(runs):
+    """The median of several wrk/hey runs, per figure."""
+    return {
+        "rps": median([r["rps"] for r in runs]),
+        "requests": sum(r["requests"] for r in runs),
+        "latency_us": {p: median([r["latency_us"][p] for r in runs]) for p in runs[0]["latency_us"]},
+        "rounds": len(runs),
+    }
+

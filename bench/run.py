@@ -1,0 +1,158 @@
+"""meshiam benchmarks: `make bench` (full) or `make bench-quick` (CI: checks the harness).
+
+    .venv/bin/python bench/run.py [--quick] [--out DIR] [--only 1,2,...]
+
+Runs benchmarks 1–7 (see BENCHMARKS.md), each against a baseline measured side by side in
+this run, prints progress and a table, and writes DIR/results.json, DIR/latency.svg and
+(full mode, default DIR) BENCHMARKS.md at the top of the repository.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import benchmarks as B  # noqa: E402
+import report  # noqa: E402
+import stsmodel  # noqa: E402
+from harness import BROKER_BIN, FLOOR_BIN, ROOT, WASM, Procs, log  # noqa: E402
+
+FULL = {"mode": "full", "rounds": 3, "seconds": 5, "large_pods": 10_000, "cold_trials": 3,
+        "cold_start_after_s": 3.0, "cold_jitter": "2s", "sim": stsmodel.FULL}
+QUICK = {"mode": "quick", "rounds": 1, "seconds": 1, "large_pods": 10_000, "cold_trials": 1,
+         "cold_start_after_s": 0.6, "cold_jitter": "200ms", "sim": stsmodel.QUICK}
+
+
+def machine():
+    model, mhz = "unknown", None
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name") and model == "unknown":
+                model = line.split(":", 1)[1].strip()
+            if line.startswith("cpu MHz") and mhz is None:
+                mhz = float(line.split(":", 1)[1])
+    mem_kib = 0
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                mem_kib = int(line.split()[1])
+    nproc = subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip()
+    envoy = subprocess.run([B.ENVOY_BIN, "--version"], capture_output=True, text=True).stdout.strip()
+    rustc = subprocess.run(["rustc", "--version"], capture_output=True, text=True).stdout.strip()
+    wrk = subprocess.run(["wrk", "--version"], capture_output=True, text=True)
+    return {
+        "cpu_model": model, "cpu_mhz": mhz, "nproc": int(nproc or 0), "mem_total_mib": mem_kib // 1024,
+        "kernel": platform.release(), "envoy": envoy.split("version:")[-1].strip()[:80], "rustc": rustc,
+        "wrk": (wrk.stdout or wrk.stderr).splitlines()[0] if (wrk.stdout or wrk.stderr) else "wrk",
+        "load": os.getloadavg(),
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="brief runs that only check the harness (CI)")
+    ap.add_argument("--out", default=None, help="results directory (default bench/ for full, bench/out/quick)")
+    ap.add_argument("--only", default="1,2,3,4,5,6,7", help="benchmarks to run, e.g. 1,2,7")
+    ap.add_argument("--no-markdown", action="store_true", help="do not write BENCHMARKS.md")
+    ap.add_argument("--report-only", action="store_true",
+                    help="measure nothing: rewrite the chart and BENCHMARKS.md from bench/results.json")
+    args = ap.parse_args()
+    if args.report_only:
+        with open(os.path.join(ROOT, "bench", "results.json")) as f:
+            results = json.load(f)
+        results["targets"] = report.targets(results)
+        chart = os.path.join(ROOT, "bench", "latency.svg")
+        report.write_chart(results, chart)
+        report.write_markdown(results, os.path.join(ROOT, "BENCHMARKS.md"), os.path.relpath(chart, ROOT))
+        print(report.table(results))
+        return
+    cfg = QUICK if args.quick else FULL
+    only = {int(x) for x in args.only.split(",") if x}
+    if args.out:
+        out_dir = args.out
+    else:
+        out_dir = os.path.join(ROOT, "bench", "out", "quick") if args.quick else os.path.join(ROOT, "bench")
+    os.makedirs(out_dir, exist_ok=True)
+    # Process logs are scratch: under bench/out (git-ignored) unless --out says otherwise.
+    log_dir = os.path.join(args.out, "logs") if args.out else os.path.join(ROOT, "bench", "out", cfg["mode"], "logs")
+    for binary, how in ((WASM, "make wasm"), (BROKER_BIN, "make broker"), (FLOOR_BIN, "make bench-build")):
+        if not os.path.exists(binary):
+            sys.exit(f"missing {binary}: run {how} (make bench builds everything)")
+    for tool in ("wrk", "hey", "taskset"):
+        if not shutil.which(tool):
+            sys.exit(f"missing {tool} on PATH")
+
+    started = time.time()
+    command = "make bench-quick" if args.quick else "make bench"
+    results = {
+        "schema": 1,
+        "mode": cfg["mode"],
+        "command": command,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "git": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True).stdout.strip(),
+        "machine": machine(),
+        "config": {k: v for k, v in cfg.items() if k != "sim"},
+        "benchmarks": {},
+    }
+    log(f"{cfg['mode']} run: server core 0, load core 1; logs in {os.path.relpath(log_dir, ROOT)}")
+
+    procs = Procs(log_dir)
+
+    def on_signal(signum, _frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_signal)
+    bm = results["benchmarks"]
+    try:
+        stack = B.Stack(procs, cfg)
+        if only & {1, 2, 3, 4, 5, 6}:
+            stack.start_moto()
+        if only & {1, 2, 3, 6}:
+            broker = stack.start_broker("broker", [B.SIDECAR_POD, B.DIRECT_POD])
+        if only & {1, 2}:
+            bm["1_filter_overhead"], bm["2_answer_latency"] = B.bench_envoy(stack, broker, cfg)
+        if 3 in only:
+            bm["3_broker_throughput"] = B.bench_broker_throughput(stack, broker, cfg)
+        if 6 in only:
+            bm["6_size"] = B.bench_sizes(stack, broker)
+        if only & {1, 2, 3, 6}:
+            procs.stop("broker")
+        if 4 in only:
+            bm["4_broker_memory"] = B.bench_broker_memory(stack, cfg)
+        if 5 in only:
+            bm["5_cold_start"] = B.bench_cold_start(stack, cfg)
+    finally:
+        procs.stop_all()
+    if 7 in only:
+        log("7/7 STS load at cluster scale: simulation (bench/stsmodel.py)")
+        bm["7_sts_cluster_scale"] = stsmodel.run(cfg["sim"], progress=log)
+
+    results["elapsed_s"] = round(time.time() - started, 1)
+    results["targets"] = report.targets(results)
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    chart = os.path.join(out_dir, "latency.svg")
+    report.write_chart(results, chart)
+    print()
+    print(report.table(results))
+    if not args.no_markdown and not args.quick:
+        md = os.path.join(ROOT, "BENCHMARKS.md")
+        report.write_markdown(results, md, os.path.relpath(chart, ROOT))
+        log(f"wrote {os.path.relpath(md, ROOT)}")
+    log(f"wrote {os.path.relpath(os.path.join(out_dir, 'results.json'), ROOT)} in {results['elapsed_s']} s")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.exit("interrupted: every process this run started was stopped")

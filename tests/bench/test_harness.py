@@ -1,0 +1,94 @@
+"""The benchmark harness works: `bench/run.py --quick` runs every benchmark briefly and
+writes results.json of the expected shape. Timings are not judged here (see BENCHMARKS.md)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ARTEFACTS = [
+    "target/wasm32-wasip1/release/meshiam_filter.wasm",
+    "target/release/meshiam-broker",
+    "target/release/examples/bench_floor",
+]
+LATENCY_KEYS = {"1", "5", "10", "25", "50", "75", "90", "95", "99", "99.9"}
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    if not all(os.path.exists(os.path.join(ROOT, a)) for a in ARTEFACTS):
+        # What `make bench-build` builds (same packages and features as `make broker`).
+        subprocess.run(["cargo", "build", "--release", "--target", "wasm32-wasip1", "-p", "meshiam-filter"],
+                       cwd=ROOT, check=True)
+        subprocess.run(["cargo", "build", "--release", "-p", "meshiam-broker", "-p", "meshiam-kube-double",
+                        "--bins", "--example", "sdk_client", "--example", "bench_floor"], cwd=ROOT, check=True)
+    out = tmp_path_factory.mktemp("bench")
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "run.py"), "--quick", "--out", str(out)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=110)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "targets:" in run.stdout and "[bench" in run.stdout  # progress and the table were printed
+    assert (out / "latency.svg").read_text().startswith("<svg")
+    return json.loads((out / "results.json").read_text())
+
+
+def run_shape(r):
+    assert r["rps"] > 0 and r["requests"] > 0
+    assert set(r["latency_us"]) == LATENCY_KEYS
+    values = [r["latency_us"][k] for k in sorted(LATENCY_KEYS, key=float)]
+    assert values == sorted(values) and values[0] > 0
+
+
+def test_top_level(results):
+    assert results["mode"] == "quick" and results["command"] == "make bench-quick"
+    assert results["machine"]["nproc"] >= 1 and results["machine"]["cpu_model"]
+    assert results["date"] and results["elapsed_s"] > 0
+    assert {t["benchmark"] for t in results["targets"]} == {1, 2, 3, 4, 5, 6, 7}
+    assert all(isinstance(t["met"], bool) for t in results["targets"])
+
+
+def test_filter_overhead_and_answer_latency(results):
+    b1 = results["benchmarks"]["1_filter_overhead"]
+    for part in ("throughput", "latency"):
+        for v in ("with_filter", "without_filter"):
+            run_shape(b1[part][v])
+    assert b1["throughput_ratio"] > 0
+    b2 = results["benchmarks"]["2_answer_latency"]
+    assert set(b2["latency"]) == {"floor_direct_response", "sidecar_cache_hit", "broker_cache_hit",
+                                  "floor_token_direct_response", "token_put"}
+    for r in b2["latency"].values():
+        run_shape(r)
+    assert b2["body_bytes"] > 100
+
+
+def test_broker_throughput(results):
+    b3 = results["benchmarks"]["3_broker_throughput"]
+    for part in ("throughput", "at_1000_rps"):
+        for v in ("broker", "hyper_floor"):
+            run_shape(b3[part][v])
+    assert 0 < b3["throughput_ratio"]
+
+
+def test_memory_cold_start_size(results):
+    b4 = results["benchmarks"]["4_broker_memory"]
+    assert 0 < b4["idle_rss_kib"] < b4["large_store_rss_kib"] and b4["large_store_pods"] == 10_000
+    b5 = results["benchmarks"]["5_cold_start"]
+    for mode in ("with_prefetch", "without_prefetch"):
+        assert b5["modes"][mode]["worst_first_credentials_ms"] > 0
+    # Without prefetch the first call waits on the slowed STS emulator.
+    assert b5["modes"]["without_prefetch"]["worst_first_credentials_ms"] >= b5["sts_delay_ms"]
+    b6 = results["benchmarks"]["6_size"]
+    assert b6["wasm_bytes"] > 0 and b6["broker_bytes"] > 0
+    assert set(b6["envoy_rss_kib"]) == {"filter-1", "nofilter-1", "filter-2", "nofilter-2"}
+
+
+def test_sts_model(results):
+    b7 = results["benchmarks"]["7_sts_cluster_scale"]
+    assert b7["model"]["sts_rate"] == 5.0 and b7["model"]["sts_burst"] == 10
+    for s in b7["scenarios"]:
+        assert s["limiter_holds"]
+        assert s["meshiam_restart_limited"]["peak_calls_in_a_second"] <= s["meshiam_restart_unlimited"]["peak_calls_in_a_second"]
+        for k in ("meshiam_steady", "kube2iam_steady", "kiam_steady"):
+            assert s[k]["mean_calls_per_s"] > 0
