@@ -6,6 +6,7 @@ different broker or filter configuration get a stack of their own.
 """
 import json
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -17,6 +18,26 @@ STACK = str(ROOT / "tests/stack")
 
 # What must never reach a pod: the node's own role and the broker's own keys.
 NODE_MARKERS = ("NODE-ROLE-MUST-NOT-LEAK", "AKIANODEMUSTNOTLEAK0", "node-secret-must-not-leak")
+
+
+SECRET_FIELDS = re.compile(r'("(?:SecretAccessKey|Token)"\s*:\s*)"[^"]*"')
+
+
+class Body(str):
+    """An answer body. Compares as the text; shows itself with secrets redacted, so a
+    failing assertion never prints a secret key or session token."""
+
+    def redacted(self):
+        return SECRET_FIELDS.sub(r'\1"<redacted>"', str.__str__(self))
+
+    def __repr__(self):
+        return repr(self.redacted())
+
+    def __str__(self):
+        return self.redacted()
+
+    def __format__(self, spec):
+        return format(self.redacted(), spec)
 
 
 def stack(*args, check=True, timeout=180):
@@ -63,7 +84,7 @@ class Stack:
                         "-w", "\n%{http_code}", *extra, url)
         elapsed = time.monotonic() - t0
         body, _, code = res.stdout.rpartition("\n")
-        return int(code or 0), body, elapsed
+        return int(code or 0), Body(body), elapsed
 
     def imds(self, pod):
         if self.netns:
