@@ -23,7 +23,7 @@ wasm:
 	@ls -l $(WASM) | awk '{printf "filter size: %d bytes\n", $$5}'
 
 broker:
-	cargo build --release -p meshiam-broker -p meshiam-kube-double --bins --example sdk_client
+	cargo build --release -p meshiam-broker -p meshiam-kube-double --bins --example sdk_client --example bench_floor
 
 build: wasm broker
 
@@ -49,15 +49,12 @@ clean:
 # Benchmarks (issue 6, BENCHMARKS.md): `make bench` runs them all (under 15 minutes on 2
 # cores) and writes bench/results.json and BENCHMARKS.md; `make bench-quick` only checks the
 # harness (brief runs, results in bench/out/quick). Not part of `make test`'s timing runs.
-.PHONY: bench bench-quick bench-build
+.PHONY: bench bench-quick
 
-# The floor server for benchmark 3, built with the same packages and features as `broker`
-# so cargo does not rebuild the dependencies with another feature set.
-bench-build: build
-	cargo build --release -p meshiam-broker -p meshiam-kube-double --bins --example sdk_client --example bench_floor
-
-bench: bench-build
+# `build` also builds bench_floor, the hyper floor server of benchmark 3 (one cargo call, so
+# the dependencies are built once with one feature set).
+bench: setup build
 	$(PY) bench/run.py
 
-bench-quick: bench-build
+bench-quick: setup build
 	$(PY) bench/run.py --quick

@@ -83,7 +83,7 @@ def main():
     os.makedirs(out_dir, exist_ok=True)
     # Process logs are scratch: under bench/out (git-ignored) unless --out says otherwise.
     log_dir = os.path.join(args.out, "logs") if args.out else os.path.join(ROOT, "bench", "out", cfg["mode"], "logs")
-    for binary, how in ((WASM, "make wasm"), (BROKER_BIN, "make broker"), (FLOOR_BIN, "make bench-build")):
+    for binary, how in ((WASM, "make wasm"), (BROKER_BIN, "make broker"), (FLOOR_BIN, "make broker")):
         if not os.path.exists(binary):
             sys.exit(f"missing {binary}: run {how} (make bench builds everything)")
     for tool in ("wrk", "hey", "taskset"):

@@ -20,7 +20,7 @@ LATENCY_KEYS = {"1", "5", "10", "25", "50", "75", "90", "95", "99", "99.9"}
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     if not all(os.path.exists(os.path.join(ROOT, a)) for a in ARTEFACTS):
-        # What `make bench-build` builds (same packages and features as `make broker`).
+        # What `make build` builds.
         subprocess.run(["cargo", "build", "--release", "--target", "wasm32-wasip1", "-p", "meshiam-filter"],
                        cwd=ROOT, check=True)
         subprocess.run(["cargo", "build", "--release", "-p", "meshiam-broker", "-p", "meshiam-kube-double",
