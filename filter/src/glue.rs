@@ -120,6 +120,16 @@ impl RootContext for Root {
             );
             return false;
         }
+        ProxyHost.log(
+            Level::Info,
+            concat!(
+                "meshiam filter ",
+                env!("CARGO_PKG_VERSION"),
+                " (commit ",
+                env!("MESHIAM_GIT_COMMIT"),
+                ") starting"
+            ),
+        );
         true
     }
 

@@ -286,3 +286,9 @@ def test_a_metadata_host_is_never_routed_upstream(start_envoy, broker, upstream)
     r = e.get(CREDS, headers={"x-envoy-original-dst-host": f"127.0.0.1:{upstream.port}"})
     assert (r.status_code, r.text) == (503, "metadata request not answered")
     assert upstream.requests == [] and broker.requests == []
+
+
+def test_version_and_commit_logged_at_start(envoy):
+    commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
+                            cwd=os.path.dirname(__file__)).stdout.strip() or "unknown"
+    assert f"meshiam filter 0.1.0 (commit {commit}) starting" in envoy.log()
