@@ -8,6 +8,7 @@ use alloc::string::{String, ToString};
 use alloc::vec;
 use alloc::vec::Vec;
 use core::fmt;
+use core::net::IpAddr;
 
 use crate::json::{self, Value};
 
@@ -47,6 +48,8 @@ pub struct Config {
     pub cache_fresh_seconds: u64,
     pub stale_min_remaining_seconds: u64,
     pub identity: IdentitySource,
+    /// The pod's own addresses (`podIps`); `None`: Envoy node metadata `INSTANCE_IPS`.
+    pub pod_ips: Option<Vec<IpAddr>>,
 }
 
 impl Default for Config {
@@ -68,6 +71,7 @@ impl Default for Config {
             cache_fresh_seconds: DEFAULT_CACHE_FRESH_SECONDS,
             stale_min_remaining_seconds: DEFAULT_STALE_MIN_REMAINING_SECONDS,
             identity: IdentitySource::NodeMetadata,
+            pod_ips: None,
         }
     }
 }
@@ -180,6 +184,7 @@ pub fn parse(bytes: &[u8]) -> Result<Config, ConfigError> {
     let raw_allow = f.strings("allowPaths")?;
     let raw_fresh = f.number("cacheFreshSeconds", 3600)?;
     let raw_stale = f.number("staleMinRemainingSeconds", 43_200)?;
+    let raw_pod_ips = f.strings("podIps")?;
     let raw_identity = match f.object("identity")? {
         None => None,
         Some(mut i) => {
@@ -259,6 +264,23 @@ pub fn parse(bytes: &[u8]) -> Result<Config, ConfigError> {
             }
         },
     };
+    let pod_ips = match raw_pod_ips {
+        None => None,
+        Some(items) => {
+            let mut ips = Vec::with_capacity(items.len());
+            for item in &items {
+                match crate::identity::parse_ip(item) {
+                    Some(ip) => ips.push(ip),
+                    None => {
+                        return err(format!(
+                            "podIps entry {item:?} is not an IP address (no port, no prefix)"
+                        ));
+                    }
+                }
+            }
+            Some(ips)
+        }
+    };
     Ok(Config {
         broker_cluster,
         broker_authority,
@@ -270,6 +292,7 @@ pub fn parse(bytes: &[u8]) -> Result<Config, ConfigError> {
         cache_fresh_seconds,
         stale_min_remaining_seconds,
         identity,
+        pod_ips,
     })
 }
 
@@ -345,7 +368,8 @@ mod tests {
                 "metadataHosts":["169.254.169.254:80","Metadata.Local"],"metadataAddresses":[],
                 "requireImdsv2":true,"allowPaths":["meta-data/placement/*"],
                 "cacheFreshSeconds":0,"staleMinRemainingSeconds":600,
-                "identity":{"source":"config","namespace":"default","name":"myapp-1"}}"#,
+                "identity":{"source":"config","namespace":"default","name":"myapp-1"},
+                "podIps":["10.1.2.3","FD00::1","::ffff:10.1.2.4"]}"#,
         )
         .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(c.broker_cluster, "b");
@@ -354,6 +378,17 @@ mod tests {
         assert!(c.metadata_addresses.is_empty());
         assert!(c.require_imdsv2);
         assert_eq!(c.cache_fresh_seconds, 0);
+        let ips: Vec<String> = c
+            .pod_ips
+            .iter()
+            .flatten()
+            .map(|ip| ip.to_string())
+            .collect();
+        assert_eq!(ips, ["10.1.2.3", "fd00::1", "10.1.2.4"]);
+        assert_eq!(
+            parse(br#"{"podIps":[]}"#).map(|c| c.pod_ips),
+            Ok(Some(vec![]))
+        );
         assert_eq!(
             c.identity,
             IdentitySource::Config {
@@ -409,6 +444,16 @@ mod tests {
                 "staleMinRemainingSeconds",
             ),
             (r#"{"identity":{"source":"pod"}}"#, "identity.source"),
+            (
+                r#"{"podIps":"10.0.0.1"}"#,
+                "podIps must be an array of strings",
+            ),
+            (
+                r#"{"podIps":["10.0.0.1:80"]}"#,
+                "podIps entry \"10.0.0.1:80\"",
+            ),
+            (r#"{"podIps":["10.0.0.0/24"]}"#, "not an IP address"),
+            (r#"{"podIps":[""]}"#, "podIps"),
             (
                 r#"{"identity":{"source":"config","name":"a"}}"#,
                 "namespace and name",

@@ -9,9 +9,10 @@ use alloc::rc::Rc;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 use core::cell::OnceCell;
+use core::net::IpAddr;
 
 use meshiam_imds::headers::{
-    self, APPLICATION_JSON, FILTER, POD_NAME, POD_NAMESPACE, TEXT_PLAIN, TOKEN, TOKEN_TTL,
+    self, APPLICATION_JSON, FILTER, POD_NAME, POD_NAMESPACE, REASON, TEXT_PLAIN, TOKEN, TOKEN_TTL,
 };
 use meshiam_imds::rules::{self, Admission, Refusal};
 use meshiam_imds::{Credentials, PathClass, classify, is_allowed};
@@ -19,13 +20,15 @@ use meshiam_imds::{Credentials, PathClass, classify, is_allowed};
 use crate::cache::{self, CacheKey, Entry};
 use crate::config::Config;
 use crate::host::{Callout, CalloutResponse, Host, Level};
-use crate::identity::{self, Identity};
+use crate::identity::{self, Identity, SourceRefusal};
 use crate::{metrics, secret};
 
 /// The filter's version, sent to the broker in `x-meshiam-filter`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// Answers the filter itself marks, for operators and tests: `broker`, `cache`, `stale`.
 pub const SOURCE_HEADER: &str = "x-meshiam-source";
+/// The body of a metadata request refused because it did not come from the pod itself.
+pub const NOT_THE_POD: &str = "metadata is answered only to the pod itself";
 /// The largest broker answer the filter reads.
 pub const MAX_BROKER_BODY: usize = 64 * 1024;
 
@@ -44,6 +47,9 @@ pub struct Shared {
     pub config: Config,
     /// Resolved on configure when possible, else on the first metadata request.
     pub identity: OnceCell<Identity>,
+    /// The pod's own addresses (`None`: unknown), resolved on configure or on the first
+    /// metadata request.
+    pub pod_ips: OnceCell<Option<Vec<IpAddr>>>,
 }
 
 impl Shared {
@@ -51,7 +57,24 @@ impl Shared {
         Shared {
             config,
             identity: OnceCell::new(),
+            pod_ips: OnceCell::new(),
         }
+    }
+
+    pub fn pod_ips<H: Host>(&self, h: &H) -> Option<&[IpAddr]> {
+        self.pod_ips
+            .get_or_init(|| {
+                let ips = identity::resolve_pod_ips(h, &self.config);
+                if ips.is_none() {
+                    h.log(
+                        Level::Warn,
+                        "meshiam: the pod's addresses are unknown (no podIps, no INSTANCE_IPS \
+                         node metadata); only loopback connections are answered",
+                    );
+                }
+                ips
+            })
+            .as_deref()
     }
 
     pub fn identity<H: Host>(&self, h: &H) -> &Identity {
@@ -105,6 +128,12 @@ impl RequestFlow {
         let cfg = &self.shared.config;
         if !identity::is_metadata_request(h, cfg) {
             return Action::Continue;
+        }
+        // Only the pod itself, before anything else: a connection from another pod or the
+        // node gets neither a token nor a call-out made with this pod's identity.
+        if let Err((why, ip)) = identity::check_source(h, self.shared.pod_ips(h)) {
+            refuse_source(h, why, ip);
+            return Action::Pause;
         }
         let method = h.request_header(":method").unwrap_or_default();
         let path = h.request_header(":path").unwrap_or_default();
@@ -416,6 +445,33 @@ fn stale_entry<H: Host>(h: &H, cfg: &Config, p: &Pending) -> Option<Entry> {
         }
         _ => None,
     }
+}
+
+/// A metadata request whose connection did not begin in the pod: 403 with the reason code,
+/// one warning line (the source address, never a header value), one counter.
+fn refuse_source<H: Host>(h: &H, why: SourceRefusal, ip: Option<IpAddr>) {
+    let path = h.request_header(":path").unwrap_or_default();
+    let label = classify(&path).label();
+    let head = h.request_header(":method").as_deref() == Some("HEAD");
+    let from = ip.map_or_else(|| String::from("unknown"), |ip| ip.to_string());
+    h.log(
+        Level::Warn,
+        &alloc::format!(
+            "meshiam: metadata request from {from} refused ({}): only the pod itself is answered",
+            why.reason()
+        ),
+    );
+    h.count(metrics::SOURCE_REFUSALS);
+    h.count(&metrics::request(label, 403));
+    h.reply(
+        403,
+        &[("content-type", TEXT_PLAIN), (REASON, why.reason())],
+        if head {
+            None
+        } else {
+            Some(NOT_THE_POD.as_bytes())
+        },
+    );
 }
 
 fn refuse<H: Host>(h: &H, label: &str, r: Refusal, head: bool) {

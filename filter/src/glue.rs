@@ -158,6 +158,8 @@ impl RootContext for Root {
         if id.is_complete() {
             let _ = shared.identity.set(id);
         }
+        // Logs a warning now rather than at the first request when the addresses are unknown.
+        let _ = shared.pod_ips(&h);
         self.shared = Some(Rc::new(shared));
         true
     }

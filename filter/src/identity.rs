@@ -1,9 +1,21 @@
-//! Which traffic is metadata traffic, and which pod this sidecar serves.
+//! Which traffic is metadata traffic, which pod this sidecar serves, and whether a
+//! connection began in that pod.
 
 use alloc::string::String;
+use alloc::vec::Vec;
+use core::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+use meshiam_imds::headers::FORWARDED_FOR;
 
 use crate::config::{Config, IdentitySource, is_k8s_name};
 use crate::host::{Host, Level};
+
+/// Envoy node metadata key holding the pod's addresses, comma-separated, as Istio sets it.
+pub const INSTANCE_IPS: &str = "INSTANCE_IPS";
+
+/// The source Istio's inbound passthrough binds to when it hands a connection from outside
+/// the pod to the application: a loopback address that does not stand for the pod itself.
+const ISTIO_INBOUND_PASSTHROUGH: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 6);
 
 /// The host part of an authority whose port is absent or 80; `None` for any other port.
 /// IPv6 literals keep their brackets (`[fd00:ec2::254]`).
@@ -48,6 +60,120 @@ pub fn is_metadata_request<H: Host>(h: &H, cfg: &Config) -> bool {
         Some(addr) => cfg.metadata_addresses.iter().any(|a| a.as_bytes() == addr),
         None => false,
     }
+}
+
+/// An IP literal without port, prefix or zone; an IPv4-mapped IPv6 address as IPv4.
+pub fn parse_ip(s: &str) -> Option<IpAddr> {
+    s.parse::<IpAddr>().ok().map(|ip| ip.to_canonical())
+}
+
+/// The IP of an `address:port` as Envoy renders `source.address` (`10.0.0.1:5`, `[::1]:5`).
+pub fn socket_ip(s: &str) -> Option<IpAddr> {
+    s.parse::<SocketAddr>().ok().map(|a| a.ip().to_canonical())
+}
+
+/// Why a metadata request is not answered: its connection is not known to have begun in
+/// this pod.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceRefusal {
+    /// No `source.address`, or one that is not an IP address and port.
+    Unknown,
+    /// `X-Forwarded-For` names the source (or holds something that is not an address): an
+    /// HTTP connection manager with `use_remote_address: false` takes the downstream address
+    /// from that header, so the source may be the caller's own claim.
+    Forwarded,
+    /// Not loopback, and the pod's own addresses are not known (no `podIps`, no
+    /// `INSTANCE_IPS`).
+    PodIpsUnknown,
+    /// Neither loopback nor one of the pod's own addresses.
+    NotPod,
+}
+
+impl SourceRefusal {
+    /// The reason code, sent in `x-meshiam-reason` and logged.
+    pub fn reason(self) -> &'static str {
+        match self {
+            SourceRefusal::Unknown => "source-unknown",
+            SourceRefusal::Forwarded => "source-forwarded",
+            SourceRefusal::PodIpsUnknown => "pod-ips-unknown",
+            SourceRefusal::NotPod => "source-not-pod",
+        }
+    }
+}
+
+/// The pod's own addresses: `podIps` from the plugin config, else Envoy node metadata
+/// `INSTANCE_IPS`. `None` when neither names any; entries that are not addresses are
+/// skipped with a warning.
+pub fn resolve_pod_ips<H: Host>(h: &H, cfg: &Config) -> Option<Vec<IpAddr>> {
+    if let Some(ips) = &cfg.pod_ips {
+        return Some(ips.clone());
+    }
+    let raw = h.property(&["xds", "node", "metadata", INSTANCE_IPS])?;
+    let mut ips = Vec::new();
+    let mut bad = 0usize;
+    for item in String::from_utf8_lossy(&raw).split(',') {
+        let item = item.trim();
+        if item.is_empty() {
+            continue;
+        }
+        match parse_ip(item) {
+            Some(ip) => ips.push(ip),
+            None => bad += 1,
+        }
+    }
+    if bad > 0 {
+        h.log(
+            Level::Warn,
+            &alloc::format!(
+                "meshiam: node metadata {INSTANCE_IPS} has {bad} entries that are not IP \
+                 addresses; ignored"
+            ),
+        );
+    }
+    (!ips.is_empty()).then_some(ips)
+}
+
+/// Whether the current request's connection began in this pod: its source is loopback (but
+/// not Istio's inbound passthrough address `127.0.0.6`) or one of `pod_ips`, and cannot have
+/// been taken from `X-Forwarded-For`. Reads `source.address` and, only when the request has
+/// one, the `X-Forwarded-For` header. Returns the source, or why not and the source if known.
+pub fn check_source<H: Host>(
+    h: &H,
+    pod_ips: Option<&[IpAddr]>,
+) -> Result<IpAddr, (SourceRefusal, Option<IpAddr>)> {
+    let ip = h
+        .property(&["source", "address"])
+        .and_then(|raw| core::str::from_utf8(&raw).ok().and_then(socket_ip))
+        .ok_or((SourceRefusal::Unknown, None))?;
+    if let Some(xff) = h.request_header(FORWARDED_FOR)
+        && forwarded_may_name(&xff, ip)
+    {
+        return Err((SourceRefusal::Forwarded, Some(ip)));
+    }
+    if is_own_loopback(ip) || pod_ips.is_some_and(|ips| ips.contains(&ip)) {
+        return Ok(ip);
+    }
+    let why = match pod_ips {
+        None => SourceRefusal::PodIpsUnknown,
+        Some(_) => SourceRefusal::NotPod,
+    };
+    Err((why, Some(ip)))
+}
+
+fn is_own_loopback(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.is_loopback() && v4 != ISTIO_INBOUND_PASSTHROUGH,
+        IpAddr::V6(v6) => v6.is_loopback(),
+    }
+}
+
+/// True when Envoy may have taken `ip` from this `X-Forwarded-For` value: an entry equal to
+/// it, or one this parser cannot read (so it cannot tell).
+fn forwarded_may_name(xff: &str, ip: IpAddr) -> bool {
+    xff.split(',')
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .any(|e| parse_ip(e).or_else(|| socket_ip(e)).is_none_or(|x| x == ip))
 }
 
 /// The pod this sidecar serves, as far as it knows.
@@ -169,6 +295,140 @@ mod tests {
             .header(":authority", "169.254.169.254:8080")
             .property(&["destination", "address"], "169.254.169.254:8080");
         assert!(!is_metadata_request(&h, &cfg));
+    }
+
+    fn source(addr: &str) -> MockHost {
+        MockHost::new().property(&["source", "address"], addr)
+    }
+
+    #[test]
+    fn loopback_and_the_pods_own_addresses_are_the_pod() {
+        let pod: [IpAddr; 2] = [
+            IpAddr::from([10, 1, 0, 7]),
+            "fd00::7".parse().unwrap_or_else(|e| panic!("{e}")),
+        ];
+        for addr in [
+            "127.0.0.1:40000",
+            "127.9.9.9:1",
+            "[::1]:40000",
+            "[::ffff:127.0.0.1]:5",
+            "10.1.0.7:40000",
+            "[::ffff:10.1.0.7]:40000",
+            "[fd00::7]:80",
+        ] {
+            let h = source(addr);
+            assert!(check_source(&h, Some(&pod)).is_ok(), "{addr}");
+            assert_eq!(h.property_reads(), 1, "{addr}");
+        }
+        // Loopback needs no list.
+        assert!(check_source(&source("127.0.0.1:1"), None).is_ok());
+        assert!(check_source(&source("127.0.0.1:1"), Some(&[])).is_ok());
+    }
+
+    #[test]
+    fn any_other_source_is_refused_with_its_reason() {
+        let pod = [IpAddr::from([10, 1, 0, 7])];
+        let foreign = Some(IpAddr::from([10, 1, 0, 8]));
+        assert_eq!(
+            check_source(&source("10.1.0.8:40000"), Some(&pod)),
+            Err((SourceRefusal::NotPod, foreign))
+        );
+        assert_eq!(
+            check_source(&source("10.1.0.8:40000"), None),
+            Err((SourceRefusal::PodIpsUnknown, foreign))
+        );
+        assert_eq!(
+            check_source(&source("10.1.0.7:1"), Some(&[])),
+            Err((SourceRefusal::NotPod, Some(pod[0])))
+        );
+        // Istio's inbound passthrough: loopback, but a connection from outside the pod.
+        for addr in ["127.0.0.6:40000", "[::ffff:127.0.0.6]:1"] {
+            assert_eq!(
+                check_source(&source(addr), Some(&pod)).map_err(|e| e.0),
+                Err(SourceRefusal::NotPod),
+                "{addr}"
+            );
+        }
+        for addr in [
+            "",
+            "10.1.0.7",
+            "envoy://internal",
+            "[10.1.0.7]:80",
+            "pipe:/x",
+            "\u{ff}",
+        ] {
+            assert_eq!(
+                check_source(&source(addr), Some(&pod)),
+                Err((SourceRefusal::Unknown, None)),
+                "{addr:?}"
+            );
+        }
+        assert_eq!(
+            check_source(&MockHost::new(), Some(&pod)),
+            Err((SourceRefusal::Unknown, None))
+        );
+    }
+
+    #[test]
+    fn a_source_x_forwarded_for_may_have_named_is_refused() {
+        let pod = [IpAddr::from([10, 1, 0, 7])];
+        let refused = |xff: &str, addr: &str| {
+            let h = source(addr).header("x-forwarded-for", xff);
+            check_source(&h, Some(&pod)).map_err(|e| e.0)
+        };
+        let forwarded = Err(SourceRefusal::Forwarded);
+        assert_eq!(refused("127.0.0.1", "127.0.0.1:0"), forwarded);
+        assert_eq!(refused("192.0.2.1, 10.1.0.7", "10.1.0.7:0"), forwarded);
+        assert_eq!(refused("10.1.0.7:1234", "10.1.0.7:0"), forwarded);
+        assert_eq!(refused("0:0::1", "[::1]:0"), forwarded);
+        assert_eq!(refused("::ffff:127.0.0.1", "127.0.0.1:0"), forwarded);
+        assert_eq!(refused("not-an-address", "127.0.0.1:5"), forwarded);
+        assert_eq!(refused("fe80::1%eth0", "127.0.0.1:5"), forwarded);
+        // The connection's own source (use_remote_address: true) and another address named:
+        // the header did not make the source.
+        assert!(refused("192.0.2.1", "127.0.0.1:5").is_ok());
+        assert!(refused(" , 192.0.2.1 ,", "10.1.0.7:5").is_ok());
+        assert_eq!(
+            refused("192.0.2.1", "192.0.2.9:5"),
+            Err(SourceRefusal::NotPod)
+        );
+    }
+
+    #[test]
+    fn pod_ips_from_config_or_instance_ips() {
+        let cfg = Config::default();
+        let key = ["xds", "node", "metadata", "INSTANCE_IPS"];
+        let h = MockHost::new().property(&key, "10.1.0.7, fd00::7,,");
+        let ips = resolve_pod_ips(&h, &cfg).unwrap_or_default();
+        assert_eq!(
+            ips,
+            [
+                IpAddr::from([10, 1, 0, 7]),
+                "fd00::7".parse().unwrap_or_else(|e| panic!("{e}"))
+            ]
+        );
+        assert!(h.logs.borrow().is_empty());
+        let h = MockHost::new().property(&key, "10.1.0.7,@POD_IPS@");
+        assert_eq!(
+            resolve_pod_ips(&h, &cfg),
+            Some(vec![IpAddr::from([10, 1, 0, 7])])
+        );
+        assert!(h.logs.borrow().iter().any(|(_, m)| m.contains("1 entries")));
+        for raw in ["", " , ", "@POD_IPS@"] {
+            let h = MockHost::new().property(&key, raw);
+            assert_eq!(resolve_pod_ips(&h, &cfg), None, "{raw:?}");
+        }
+        assert_eq!(resolve_pod_ips(&MockHost::new(), &cfg), None);
+        let cfg = Config {
+            pod_ips: Some(vec![IpAddr::from([10, 9, 9, 9])]),
+            ..Config::default()
+        };
+        let h = MockHost::new().property(&key, "10.1.0.7");
+        assert_eq!(
+            resolve_pod_ips(&h, &cfg),
+            Some(vec![IpAddr::from([10, 9, 9, 9])])
+        );
+        assert_eq!(h.property_reads(), 0);
     }
 
     #[test]

@@ -12,6 +12,10 @@ pub const CALLOUT_FAILURES: &str = "meshiam.callout_failures";
 pub const CACHE_HITS: &str = "meshiam.cache_hits";
 /// Answers served from the cache because the broker failed.
 pub const STALE_SERVES: &str = "meshiam.stale_serves";
+/// Metadata requests refused because their connection did not begin in the pod (from
+/// another pod, the node, or a source that cannot be told); each is also counted as
+/// `meshiam.requests.<class>.403`.
+pub const SOURCE_REFUSALS: &str = "meshiam.source_refusals";
 /// IMDSv2 tokens issued.
 pub const TOKENS_ISSUED: &str = "meshiam.tokens_issued";
 

@@ -10,7 +10,7 @@ mod decisions {
 
     use crate::config::{self, Config};
     use crate::flow::{Action, RequestFlow, Shared};
-    use crate::host::{CalloutResponse, Host};
+    use crate::host::{CalloutResponse, Host, Level};
     use crate::metrics;
     use crate::mock::MockHost;
     use crate::secret;
@@ -20,11 +20,16 @@ mod decisions {
     const CREDS: &str = "/latest/meta-data/iam/security-credentials/myapp-iam-role";
     const NOW: u64 = 1_767_225_600;
 
-    /// A pod's sidecar: node metadata as Istio sets it, secret created as on_configure does.
+    const POD_IP: &str = "10.1.0.7";
+
+    /// A pod's sidecar: node metadata as Istio sets it, secret created as on_configure does,
+    /// requests from the application (the pod's own address, as an iptables REDIRECT keeps it).
     fn pod_with(cfg: Config) -> (MockHost, Rc<Shared>) {
         let h = MockHost::new()
             .property(&["xds", "node", "metadata", "NAMESPACE"], "default")
-            .property(&["xds", "node", "metadata", "NAME"], "myapp-7d9f");
+            .property(&["xds", "node", "metadata", "NAME"], "myapp-7d9f")
+            .property(&["xds", "node", "metadata", "INSTANCE_IPS"], POD_IP)
+            .property(&["source", "address"], "10.1.0.7:41234");
         assert_eq!(secret::ensure(&h), Ok(()));
         (h, Rc::new(Shared::new(cfg)))
     }
@@ -151,6 +156,11 @@ mod decisions {
             h.metrics.borrow().is_empty(),
             "passthrough must not cost metrics"
         );
+        assert_eq!(
+            h.property_reads(),
+            1,
+            "passthrough reads the destination only, never the source or the pod's addresses"
+        );
         // Nothing to do when a call-out answer arrives for a passthrough stream.
         flow.on_callout_response(&h, ok("x", "text/plain"));
         assert!(h.replies.borrow().is_empty());
@@ -222,7 +232,7 @@ mod decisions {
         assert_eq!(call.header("x-meshiam-pod-namespace"), Some("team-a"));
         assert_eq!(call.header("x-meshiam-pod-name"), Some("web-0"));
 
-        let h = MockHost::new();
+        let h = MockHost::new().property(&["source", "address"], "127.0.0.1:41234");
         let s = Rc::new(Shared::new(Config::default()));
         send(
             &h,
@@ -652,6 +662,186 @@ mod decisions {
             }
         }
         assert!(!h.logs.borrow().is_empty());
+    }
+
+    /// The same sidecar, seen from a connection that came from `addr`.
+    fn from(h: &MockHost, addr: &str) -> MockHost {
+        let h = h.other_vm().property(&["source", "address"], addr);
+        assert_eq!(secret::ensure(&h), Ok(()));
+        h
+    }
+
+    #[test]
+    fn only_the_pod_itself_is_answered() {
+        let (h, s) = pod();
+        // Another pod, the node, Istio's inbound passthrough: 403, no token, no call-out.
+        for addr in [
+            "10.1.0.8:50000",
+            "10.1.0.1:50000",
+            "127.0.0.6:50000",
+            "[fd00::8]:1",
+        ] {
+            let other = from(&h, addr);
+            for (method, path, extra) in [
+                ("GET", CREDS, vec![]),
+                ("GET", ROLE_LIST, vec![]),
+                ("GET", "/latest/meta-data/iam/info", vec![]),
+                ("GET", "/latest/meta-data/placement/region", vec![]),
+                (
+                    "PUT",
+                    "/latest/api/token",
+                    vec![("x-aws-ec2-metadata-token-ttl-seconds", "60")],
+                ),
+            ] {
+                let r = local(&other, &s, method, path, &extra);
+                assert_eq!(
+                    (r.status, r.text().as_str()),
+                    (403, "metadata is answered only to the pod itself"),
+                    "{addr} {method} {path}"
+                );
+                assert_eq!(r.header("x-meshiam-reason"), Some("source-not-pod"));
+                assert_eq!(r.header("content-type"), Some("text/plain"));
+                assert_eq!(r.header("x-meshiam-source"), None);
+            }
+            assert!(other.dispatched.borrow().is_empty(), "{addr}");
+            assert_eq!(other.metric(metrics::SOURCE_REFUSALS), 5, "{addr}");
+            assert_eq!(other.metric(metrics::TOKENS_ISSUED), 0, "{addr}");
+            assert_eq!(other.metric("meshiam.requests.credentials.403"), 1);
+            assert_eq!(other.metric("meshiam.requests.token.403"), 1);
+            let logs = other.logs.borrow();
+            let warned = logs
+                .iter()
+                .filter(|(l, m)| *l == Level::Warn && m.contains("refused (source-not-pod)"))
+                .count();
+            assert_eq!(warned, 5, "{addr}: {logs:?}");
+        }
+        // A HEAD is refused without a body.
+        let other = from(&h, "10.1.0.8:50000");
+        let r = local(&other, &s, "HEAD", CREDS, &[]);
+        assert_eq!((r.status, r.body), (403, None));
+        // The pod itself, by its address and by loopback: served.
+        for addr in ["10.1.0.7:50000", "127.0.0.1:50000", "[::1]:50000"] {
+            let me = from(&h, addr);
+            let (_, action) = send(&me, &s, "GET", CREDS, &[]);
+            assert_eq!(action, Action::Pause);
+            assert_eq!(me.dispatched.borrow().len(), 1, "{addr}");
+            assert_eq!(me.metric(metrics::SOURCE_REFUSALS), 0);
+        }
+    }
+
+    #[test]
+    fn a_cached_answer_or_a_token_of_the_pod_does_not_help_another_source() {
+        let (h, s) = pod();
+        let t = token(&h, &s, "600");
+        via_broker(
+            &h,
+            &s,
+            CREDS,
+            ok(&creds_doc(NOW + 3600), "application/json"),
+        );
+        let other = from(&h, "10.1.0.8:50000");
+        let r = local(
+            &other,
+            &s,
+            "GET",
+            CREDS,
+            &[("x-aws-ec2-metadata-token", &t)],
+        );
+        assert_eq!(r.status, 403);
+        assert!(!r.text().contains("ASIA"));
+        assert_eq!(other.metric(metrics::CACHE_HITS), 0);
+        // The pod itself still gets the cached answer.
+        let r = local(&h, &s, "GET", CREDS, &[("x-aws-ec2-metadata-token", &t)]);
+        assert_eq!(
+            (r.status, r.header("x-meshiam-source")),
+            (200, Some("cache"))
+        );
+    }
+
+    #[test]
+    fn unknown_or_forwarded_sources_and_unknown_pod_addresses_fail_closed() {
+        let (h, s) = pod();
+        for (addr, reason) in [
+            ("", "source-unknown"),
+            ("envoy://internal_client_address/", "source-unknown"),
+        ] {
+            let other = from(&h, addr);
+            let r = local(&other, &s, "GET", CREDS, &[]);
+            assert_eq!(
+                (r.status, r.header("x-meshiam-reason")),
+                (403, Some(reason))
+            );
+            assert!(
+                other
+                    .logs
+                    .borrow()
+                    .iter()
+                    .any(|(_, m)| m.contains("from unknown refused"))
+            );
+        }
+        // With use_remote_address: false Envoy takes the source from X-Forwarded-For.
+        let other = from(&h, "127.0.0.1:0");
+        let r = local(
+            &other,
+            &s,
+            "GET",
+            CREDS,
+            &[("x-forwarded-for", "127.0.0.1")],
+        );
+        assert_eq!(
+            (r.status, r.header("x-meshiam-reason")),
+            (403, Some("source-forwarded"))
+        );
+        // A connection's own source, with an unrelated X-Forwarded-For: served; a token PUT
+        // with it is refused as IMDS does.
+        let (_, action) = send(&h, &s, "GET", CREDS, &[("x-forwarded-for", "192.0.2.1")]);
+        assert_eq!(action, Action::Pause);
+        assert_eq!(h.dispatched.borrow().len(), 1);
+        let r = local(
+            &h,
+            &s,
+            "PUT",
+            "/latest/api/token",
+            &[
+                ("x-aws-ec2-metadata-token-ttl-seconds", "60"),
+                ("x-forwarded-for", "192.0.2.1"),
+            ],
+        );
+        assert_eq!((r.status, r.header("x-meshiam-reason")), (403, None));
+
+        // No INSTANCE_IPS and no podIps: loopback only, and one warning.
+        let h = MockHost::new()
+            .property(&["xds", "node", "metadata", "NAMESPACE"], "default")
+            .property(&["xds", "node", "metadata", "NAME"], "myapp-7d9f")
+            .property(&["source", "address"], "10.1.0.7:41234");
+        assert_eq!(secret::ensure(&h), Ok(()));
+        let s = Rc::new(Shared::new(Config::default()));
+        for _ in 0..2 {
+            let r = local(&h, &s, "GET", CREDS, &[]);
+            assert_eq!(
+                (r.status, r.header("x-meshiam-reason")),
+                (403, Some("pod-ips-unknown"))
+            );
+        }
+        let unknown = h
+            .logs
+            .borrow()
+            .iter()
+            .filter(|(_, m)| m.contains("addresses are unknown"))
+            .count();
+        assert_eq!(unknown, 1);
+        let lo = from(&h, "127.0.0.1:41234");
+        send(&lo, &s, "GET", CREDS, &[]);
+        assert_eq!(lo.dispatched.borrow().len(), 1);
+
+        // podIps in the plugin config overrides INSTANCE_IPS.
+        let cfg = config::parse(br#"{"podIps":["10.9.9.9"]}"#).unwrap_or_else(|e| panic!("{e}"));
+        let (h, s) = pod_with(cfg);
+        let r = local(&h, &s, "GET", CREDS, &[]);
+        assert_eq!(r.header("x-meshiam-reason"), Some("source-not-pod"));
+        let me = from(&h, "10.9.9.9:5");
+        send(&me, &s, "GET", CREDS, &[]);
+        assert_eq!(me.dispatched.borrow().len(), 1);
     }
 
     #[test]
