@@ -21,7 +21,7 @@ from harness import (
 )
 
 sys.path.insert(0, os.path.join(ROOT, "envoy"))
-from render import render  # noqa: E402  envoy/render.py
+from render import render, without_loop_guard  # noqa: E402  envoy/render.py
 
 ACCOUNT = "123456789012"
 BASE_ARN = f"arn:aws:iam::{ACCOUNT}:role/"
@@ -107,8 +107,9 @@ class Stack:
                       NODE_ID=f"bench~{name}", POD_NAME=SIDECAR_POD["name"], POD_NAMESPACE=SIDECAR_POD["namespace"],
                       ADMIN_ADDRESS="127.0.0.1", ADMIN_PORT=admin, CAPTURE_ADDRESS="127.0.0.1", CAPTURE_PORT=port,
                       BROKER_ADDRESS="127.0.0.1", BROKER_PORT=broker["port"], WASM_PATH=WASM,
-                      PLUGIN_CONFIG=json.dumps(cfg, separators=(",", ":")), PASSTHROUGH_USE_HEADER="true")
-        doc = yaml.safe_load(text)
+                      PLUGIN_CONFIG=json.dumps(cfg, separators=(",", ":")), PASSTHROUGH_USE_HEADER="true", HEALTH_PORT=0)
+        # The load generators connect to the listener directly: no loop guard.
+        doc = without_loop_guard(yaml.safe_load(text))
         res = doc["static_resources"]
         for c in res["clusters"]:
             if c["name"] == "meshiam_broker":

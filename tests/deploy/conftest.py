@@ -26,6 +26,7 @@ SIDECAR_RENDER_SETS = {
     "POD_NAME": "@POD_NAME@",
     "POD_NAMESPACE": "@POD_NAMESPACE@",
     "NODE_ID": "sidecar~@POD_NAME@.@POD_NAMESPACE@",
+    "POD_IPS": "@POD_IPS@",
 }
 
 

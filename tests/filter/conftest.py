@@ -6,8 +6,10 @@ import json
 import os
 
 import pytest
+import yaml
 
 from meshiam_filter_harness import ENVOY_DIR, Broker, Envoy, Upstream, build_wasm, free_port, render
+from render import without_loop_guard
 
 
 @pytest.fixture(scope="session")
@@ -33,10 +35,12 @@ def upstream():
 
 @pytest.fixture
 def start_envoy(wasm, tmp_path):
-    """Starts Envoy from envoy/sidecar.yaml: start_envoy(broker, plugin=dict, **placeholders)."""
+    """Starts Envoy from envoy/sidecar.yaml: start_envoy(broker, plugin=dict, **placeholders).
+    The tests are clients of the listener itself, so the loop guard (which closes connections
+    to the listener's own port) is left out unless loop_guard=True."""
     started = []
 
-    def start(broker_port, plugin=None, **overrides):
+    def start(broker_port, plugin=None, loop_guard=False, **overrides):
         port, admin = free_port(), free_port()
         values = {
             "CAPTURE_ADDRESS": "127.0.0.1",
@@ -47,13 +51,17 @@ def start_envoy(wasm, tmp_path):
             "PASSTHROUGH_USE_HEADER": "true",
             "POD_NAME": "myapp-7d9f",
             "POD_NAMESPACE": "default",
+            "HEALTH_PORT": 0,
         }
         if plugin is not None:
             values["PLUGIN_CONFIG"] = json.dumps(plugin)
         values.update(overrides)
         n = len(started)
         config = tmp_path / f"envoy-{n}.yaml"
-        config.write_text(render(os.path.join(ENVOY_DIR, "sidecar.yaml"), **values))
+        text = render(os.path.join(ENVOY_DIR, "sidecar.yaml"), **values)
+        if not loop_guard:
+            text = yaml.safe_dump(without_loop_guard(yaml.safe_load(text)), sort_keys=False)
+        config.write_text(text)
         log = str(tmp_path / f"envoy-{n}.log")
         e = Envoy(str(config), int(values["CAPTURE_PORT"]), int(values["ADMIN_PORT"]), log)
         started.append(e)

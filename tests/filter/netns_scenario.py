@@ -1,9 +1,10 @@
 """The pod scenario in a network namespace of its own: run as `unshare -n python
-netns_scenario.py WASM LOGDIR` (root). Sets up the capture as a pod would have it (the
-metadata address on lo, an iptables REDIRECT of 169.254.169.254:80 to Envoy's 15001), starts
-the broker stand-in and Envoy from envoy/sidecar.yaml with its production settings, runs the
-origin document's curl and botocore with its default configuration, and prints what they got
-as JSON for test_netns.py to judge."""
+netns_scenario.py WASM LOGDIR` (root). Sets up the capture as a pod would have it (the pod's
+address on eth0, the metadata address routed there, an iptables REDIRECT of
+169.254.169.254:80 to Envoy's 15001), starts the broker stand-in and Envoy from
+envoy/sidecar.yaml with its production settings, runs the origin document's curl and
+botocore with its default configuration, tries what another pod would (a second address on
+eth0 stands for it), and prints what they got as JSON for test_netns.py to judge."""
 
 import json
 import os
@@ -12,19 +13,49 @@ import sys
 import time
 
 import requests
+import yaml
 
 from meshiam_filter_harness import ENVOY_DIR, Broker, Envoy, render
+from render import without_loop_guard
 
 ROLE_LIST = "/latest/meta-data/iam/security-credentials/"
+POD_IP = "198.18.1.10"
+OTHER_IP = "198.18.1.99"  # another pod, as far as the sidecar can tell
 
 
 def sh(*cmd):
     subprocess.run(cmd, check=True, capture_output=True)
 
 
+def try_curl(*args):
+    """curl; returns [exit code, HTTP status, reason header, body]."""
+    r = subprocess.run(["curl", "-s", "-m", "5", "-D", "-", *args], capture_output=True, timeout=10)
+    head, _, body = r.stdout.decode(errors="replace").partition("\r\n\r\n")
+    status = int(head.split()[1]) if head.startswith("HTTP/") else 0
+    reason = next((line.split(":", 1)[1].strip() for line in head.splitlines()
+                   if line.lower().startswith("x-meshiam-reason:")), None)
+    return [r.returncode, status, reason, body]
+
+
+def start(logdir, name, wasm, loop_guard=True, **values):
+    config = os.path.join(logdir, f"{name}.yaml")
+    text = render(os.path.join(ENVOY_DIR, "sidecar.yaml"), WASM_PATH=wasm, POD_NAME="myapp-7d9f",
+                  POD_NAMESPACE="default", POD_IPS=POD_IP, **values)
+    if not loop_guard:
+        text = yaml.safe_dump(without_loop_guard(yaml.safe_load(text)), sort_keys=False)
+    with open(config, "w") as f:
+        f.write(text)
+    return config, Envoy(config, 15001, 15000, os.path.join(logdir, f"{name}.log"))
+
+
 def main(wasm, logdir):
     sh("ip", "link", "set", "lo", "up")
-    sh("ip", "addr", "add", "169.254.169.254/32", "dev", "lo")
+    sh("ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth1")
+    sh("ip", "link", "set", "eth1", "up")
+    sh("ip", "addr", "add", f"{POD_IP}/16", "dev", "eth0")
+    sh("ip", "addr", "add", f"{OTHER_IP}/16", "dev", "eth0")
+    sh("ip", "link", "set", "eth0", "up")
+    sh("ip", "route", "add", "169.254.169.254/32", "dev", "eth0")
     sh("iptables", "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-d", "169.254.169.254",
        "--dport", "80", "-j", "REDIRECT", "--to-ports", "15001")
     for k in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "NO_PROXY", "no_proxy"):
@@ -33,11 +64,7 @@ def main(wasm, logdir):
     broker = Broker()
     broker.port = 8181
     broker.start()
-    config = os.path.join(logdir, "netns-envoy.yaml")
-    with open(config, "w") as f:
-        f.write(render(os.path.join(ENVOY_DIR, "sidecar.yaml"), WASM_PATH=wasm,
-                       POD_NAME="myapp-7d9f", POD_NAMESPACE="default"))
-    envoy = Envoy(config, 15001, 15000, os.path.join(logdir, "netns-envoy.log"))
+    config, envoy = start(logdir, "netns-envoy", wasm)
     out = {}
     try:
         curl = subprocess.run(["curl", "-s", "-m", "5", f"169.254.169.254{ROLE_LIST}"],
@@ -58,6 +85,25 @@ def main(wasm, logdir):
             for q in broker.requests
         ]
 
+        # Another pod: to the metadata address from its own source (closed: no chain
+        # matches), and straight to the pod's address on the listener port (nothing listens).
+        calls = len(broker.requests)
+        before = envoy.stats("")
+        out["other_source"] = try_curl("--interface", OTHER_IP, f"http://169.254.169.254{ROLE_LIST}")
+        out["other_direct"] = try_curl("--interface", OTHER_IP, "-H", "Host: 169.254.169.254",
+                                   f"http://{POD_IP}:15001{ROLE_LIST}")
+        # One request to the listener itself with another Host: closed by the loop guard.
+        out["loop"] = try_curl("-H", "Host: example.com", "http://127.0.0.1:15001/")
+        after = envoy.stats("")
+        delta = {k: after.get(k, 0) - before.get(k, 0) for k in (
+            "listener.127.0.0.1_15001.no_filter_chain_match",
+            "listener.127.0.0.1_15001.downstream_cx_total",
+            "tcp.meshiam_loop_guard.downstream_cx_total",
+            "cluster.passthrough.upstream_cx_total",
+            "wasmcustom.meshiam.callouts")}
+        out["attack_stats"] = delta
+        out["attack_broker_calls"] = len(broker.requests) - calls
+
         broker.stop()
         time.sleep(0.1)
         t0 = time.monotonic()
@@ -69,14 +115,32 @@ def main(wasm, logdir):
 
         # Defence in depth: a filter that does not recognise the traffic (misconfigured on
         # purpose) still cannot send it on: the metadata chain has no upstream.
-        with open(config, "w") as f:
-            f.write(render(os.path.join(ENVOY_DIR, "sidecar.yaml"), WASM_PATH=wasm,
-                           PLUGIN_CONFIG=json.dumps({"metadataHosts": ["nothing.example"],
-                                                     "metadataAddresses": ["192.0.2.1:80"]})))
-        envoy = Envoy(config, 15001, 15000, os.path.join(logdir, "netns-envoy-2.log"))
+        _, envoy = start(logdir, "netns-envoy-2", wasm,
+                         PLUGIN_CONFIG=json.dumps({"metadataHosts": ["nothing.example"],
+                                                   "metadataAddresses": ["192.0.2.1:80"]}))
         r = requests.get(f"http://169.254.169.254{ROLE_LIST}", headers={"Host": "imds.example"},
                          timeout=5)
         out["unrecognised"] = [r.status_code, r.text]
+        envoy.stop()
+
+        # Configuration mistakes, one layer at a time. The listener on all addresses: the
+        # loop guard still closes a direct connection to the pod's address.
+        broker.start()
+        calls = len(broker.requests)
+        _, envoy = start(logdir, "netns-envoy-3", wasm, CAPTURE_ADDRESS="0.0.0.0")
+        out["open_listener_direct"] = try_curl("--interface", OTHER_IP, "-H", "Host: 169.254.169.254",
+                                           f"http://{POD_IP}:15001{ROLE_LIST}")
+        envoy.stop()
+        # ... and without the loop guard too: the filter itself refuses the other source, and
+        # a source claimed in X-Forwarded-For.
+        _, envoy = start(logdir, "netns-envoy-4", wasm, loop_guard=False, CAPTURE_ADDRESS="0.0.0.0")
+        out["filter_only_direct"] = try_curl("--interface", OTHER_IP, "-H", "Host: 169.254.169.254",
+                                         f"http://{POD_IP}:15001{ROLE_LIST}")
+        out["filter_only_xff"] = try_curl("--interface", OTHER_IP, "-H", "Host: 169.254.169.254",
+                                      "-H", f"X-Forwarded-For: {POD_IP}",
+                                      f"http://{POD_IP}:15001{ROLE_LIST}")
+        out["filter_only_stats"] = envoy.stats()
+        out["mistakes_broker_calls"] = len(broker.requests) - calls
     finally:
         envoy.stop()
         broker.stop()

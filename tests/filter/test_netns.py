@@ -45,3 +45,32 @@ def test_pod_namespace_with_iptables_capture(wasm, tmp_path):
     assert status in (502, 503, 504) and not leaked and seconds < 1.0
     assert out["stats"].get("wasmcustom.meshiam.tokens_issued", 0) >= 1
     assert out["unrecognised"] == [503, "metadata request not answered"]
+
+    # Another pod gets nothing: to the metadata address the connection is closed (curl: empty
+    # reply / reset), straight to the pod's address nothing listens (7: refused).
+    print("another source to 169.254.169.254:", out["other_source"])
+    print("another source to the pod's address:15001:", out["other_direct"])
+    print("one request to 127.0.0.1:15001 with another Host:", out["loop"])
+    print("stats over those three:", out["attack_stats"], "broker calls:", out["attack_broker_calls"])
+    assert out["other_source"][0] in (52, 56) and out["other_source"][1] == 0
+    assert out["other_direct"][0] == 7
+    assert out["loop"][0] in (52, 56) and out["loop"][1] == 0
+    stats = out["attack_stats"]
+    assert stats["listener.127.0.0.1_15001.no_filter_chain_match"] == 1
+    assert stats["tcp.meshiam_loop_guard.downstream_cx_total"] == 1
+    # No loop: the passthrough opened no connection, the listener saw just those (a
+    # connection that matches no chain is closed before it is counted as one).
+    assert stats["cluster.passthrough.upstream_cx_total"] == 0
+    assert stats["listener.127.0.0.1_15001.downstream_cx_total"] <= 2
+    assert stats["wasmcustom.meshiam.callouts"] == 0 and out["attack_broker_calls"] == 0
+
+    # One layer misconfigured, then two: still nothing for the other pod.
+    print("listener on 0.0.0.0, direct:", out["open_listener_direct"])
+    print("and no loop guard, direct:", out["filter_only_direct"])
+    print("and no loop guard, X-Forwarded-For naming the pod:", out["filter_only_xff"])
+    assert out["open_listener_direct"][0] in (52, 56) and out["open_listener_direct"][1] == 0
+    assert out["filter_only_direct"][1:] == [403, "source-not-pod",
+                                            "metadata is answered only to the pod itself"]
+    assert out["filter_only_xff"][1:3] == [403, "source-forwarded"]
+    assert out["filter_only_stats"].get("wasmcustom.meshiam.source_refusals") == 2
+    assert out["mistakes_broker_calls"] == 0

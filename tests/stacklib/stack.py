@@ -397,7 +397,7 @@ def plugin_config(state, entry):
 
 def render_envoy(state, entry):
     sys.path.insert(0, str(ROOT / "envoy"))
-    from render import render  # envoy/render.py
+    from render import render, without_loop_guard  # envoy/render.py
 
     spec = entry["spec"]
     loop = state["mode"] == "loopback"
@@ -407,8 +407,14 @@ def render_envoy(state, entry):
         "POD_NAMESPACE": spec["namespace"],
         "ADMIN_ADDRESS": "127.0.0.1",
         "ADMIN_PORT": entry["admin_port"] if loop else ENVOY_ADMIN,
-        "CAPTURE_ADDRESS": "127.0.0.1" if loop else "0.0.0.0",
+        # Loopback in both modes: the REDIRECT lands on 127.0.0.1; nothing outside the pod
+        # reaches the listener.
+        "CAPTURE_ADDRESS": "127.0.0.1",
         "CAPTURE_PORT": entry["port"] if loop else ENVOY_LISTEN,
+        # The kubelet's probe listener: any free port when all pods share loopback.
+        "HEALTH_PORT": 0 if loop else 15021,
+        # The sources besides loopback the sidecar answers metadata to.
+        "POD_IPS": ",".join(spec["ips"]),
         "BROKER_ADDRESS": node_addr(state),
         "BROKER_PORT": port(state, "broker"),
         "WASM_PATH": WASM,
@@ -417,8 +423,9 @@ def render_envoy(state, entry):
     text = render(str(ROOT / "envoy/sidecar.yaml"), **values)
     if loop:
         # The broker knows a pod by its address: on loopback each sidecar calls it from the
-        # pod's own 127.1.0.x.
-        doc = yaml.safe_load(text)
+        # pod's own 127.1.0.x. And the pods call their sidecar's listener directly, which the
+        # loop guard (for connections to the listener's own port) would close.
+        doc = without_loop_guard(yaml.safe_load(text))
         for c in doc["static_resources"]["clusters"]:
             if c["name"] == "meshiam_broker":
                 c["upstream_bind_config"] = {"source_address": {"address": entry["ip"], "port_value": 0}}
