@@ -325,7 +325,7 @@ def bench_cold_start(stack, cfg):
     out = {"sts_delay_ms": delay_ms, "first_request_after_s": start_after, "prefetch_jitter": jitter, "modes": {}}
     for mode, flag in (("with_prefetch", "true"), ("without_prefetch", "false")):
         b = stack.start_broker(f"broker-cold-{mode}", [], sts_port=sts,
-                               extra=["--prefetch", flag, "--prefetch-jitter", jitter])
+                               extra=["--prefetch", flag, "--prefetch-jitter", jitter, "--debug-endpoints"])
         pods, results = [], []
         for i in range(trials):
             pod = {"namespace": "cold", "name": f"{mode}-{i}", "ip": f"127.0.2.{i + 1}", "role": f"cold-role-{i}"}

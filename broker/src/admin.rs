@@ -1,38 +1,102 @@
-//! The admin port: `/healthz`, `/readyz`, `/metrics`, and `/debug/pods/{namespace}/{name}`,
-//! which explains what a pod gets and why (never a secret).
+//! The admin port: `/healthz`, `/readyz` and `/metrics` for the kubelet and Prometheus, and,
+//! only with `--debug-endpoints` and only to callers on the node's loopback,
+//! `/debug/pods[/{namespace}/{name}]`, which explains what a pod gets and why.
+//!
+//! The admin port listens on the node's addresses (the DaemonSet runs on the host network
+//! so probes and scrapes reach it), so every pod can reach it too: nothing but the debug
+//! endpoints names a pod, a role or a key, and those are off by default and refused to any
+//! caller that is not on the node itself.
 
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::{Path, State};
-use axum::http::{StatusCode, header};
+use axum::extract::{ConnectInfo, Path, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::get;
+use meshiam_imds::headers;
 use serde_json::{Value, json};
 
 use crate::Broker;
 use crate::error::BrokerError;
-use crate::pods::{IpLookup, PodKey};
+use crate::pods::{IpLookup, PodKey, canonical};
 use crate::policy::{self, PolicyError};
 
+/// What the admin port serves besides health, readiness and metrics.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AdminConfig {
+    /// `/debug/pods…`, to loopback callers only.
+    pub debug_endpoints: bool,
+}
+
+/// Health, readiness and metrics; no debug endpoints.
 pub fn router(broker: Arc<Broker>) -> Router {
-    Router::new()
+    router_with(broker, AdminConfig::default())
+}
+
+pub fn router_with(broker: Arc<Broker>, cfg: AdminConfig) -> Router {
+    let mut app = Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .route("/debug/pods", get(list_pods))
-        .route("/debug/pods/{namespace}/{name}", get(explain_pod))
-        .with_state(broker)
+        .route("/metrics", get(metrics));
+    if cfg.debug_endpoints {
+        let debug = Router::new()
+            .route("/debug/pods", get(list_pods))
+            .route("/debug/pods/{namespace}/{name}", get(explain_pod))
+            .route_layer(middleware::from_fn(loopback_only));
+        app = app.merge(debug);
+    }
+    app.with_state(broker)
+}
+
+/// True for the node's own loopback addresses. Not the whole of 127.0.0.0/8: the local
+/// stack's loopback mode gives its pretend pods 127.1.0.x.
+pub fn is_node_loopback(ip: IpAddr) -> bool {
+    matches!(canonical(ip), IpAddr::V4(v4) if v4 == Ipv4Addr::LOCALHOST)
+        || canonical(ip) == IpAddr::V6(Ipv6Addr::LOCALHOST)
+}
+
+async fn loopback_only(
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    req: Request,
+    next: Next,
+) -> Response {
+    if is_node_loopback(peer.ip()) {
+        return next.run(req).await;
+    }
+    tracing::warn!(
+        target: "meshiam::security",
+        event = "debug-endpoint-refused",
+        caller = %peer.ip(),
+        path = req.uri().path(),
+        "security event: debug endpoint asked from off the node's loopback"
+    );
+    (
+        StatusCode::FORBIDDEN,
+        [(
+            header::HeaderName::from_static(headers::REASON),
+            HeaderValue::from_static("debug-loopback-only"),
+        )],
+        "debug endpoints answer only on the node's loopback (127.0.0.1, ::1)\n",
+    )
+        .into_response()
 }
 
 /// Why the broker is not ready, if it is not.
-pub fn not_ready_reasons(b: &Broker) -> Vec<&'static str> {
+pub fn not_ready_reasons(b: &Broker) -> Vec<String> {
     let mut why = Vec::new();
     if !b.store.is_ready() {
-        why.push("pod store has not synced");
+        why.push("pod store has not synced".to_string());
+    }
+    if let Err(stale) = b.store.check_fresh(b.serve.max_staleness) {
+        why.push(format!(
+            "pod store stale, IMDS requests refused (pod-store-stale): {stale}"
+        ));
     }
     if b.policy.base_arn().is_none() {
-        why.push("base role ARN not known yet (GetCallerIdentity has not answered)");
+        why.push("base role ARN not known yet (GetCallerIdentity has not answered)".to_string());
     }
     why
 }
@@ -53,6 +117,11 @@ async fn readyz(State(b): State<Arc<Broker>>) -> Response {
 async fn metrics(State(b): State<Arc<Broker>>) -> Response {
     b.metrics.set_pods_tracked(b.store.len());
     b.metrics.set_cache_entries(b.cache.len());
+    b.metrics.set_pod_store_stale(
+        b.store
+            .down_for()
+            .map_or(0.0, |(_, down_for)| down_for.as_secs_f64()),
+    );
     (
         [(
             header::CONTENT_TYPE,

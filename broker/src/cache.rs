@@ -254,13 +254,13 @@ struct Inner {
     limiter: Limiter,
 }
 
-/// What the cache holds for a key, for the operator (no secrets).
+/// What the cache holds for a key, for the operator: no secrets, and no access key id (the
+/// view is shown on the admin port's debug endpoints).
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct EntryView {
     /// `fresh`, `refresh-due`, `below-minimum`, `expired`, `empty`, `not-cached`.
     pub state: &'static str,
-    pub access_key_id: Option<String>,
     pub expiration: Option<String>,
     pub remaining_secs: Option<u64>,
     pub last_error: Option<String>,
@@ -536,7 +536,6 @@ impl CredentialCache {
         let Some(slot) = self.slots().get(req).cloned() else {
             return EntryView {
                 state: "not-cached",
-                access_key_id: None,
                 expiration: None,
                 remaining_secs: None,
                 last_error: None,
@@ -556,7 +555,6 @@ impl CredentialCache {
         };
         EntryView {
             state,
-            access_key_id: st.creds.as_ref().map(|c| c.access_key_id.clone()),
             expiration: st.creds.as_ref().map(|c| format_rfc3339(c.expiration)),
             remaining_secs: remaining,
             last_error: st.failure.as_ref().map(|f| f.error.to_string()),

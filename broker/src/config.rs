@@ -66,9 +66,15 @@ pub struct Config {
     #[arg(long, env = "MESHIAM_LISTEN", default_value = "0.0.0.0:8181")]
     pub listen: SocketAddr,
 
-    /// Address of the admin service: /healthz, /readyz, /metrics, /debug/pods.
+    /// Address of the admin service: /healthz, /readyz, /metrics (and /debug/pods with
+    /// --debug-endpoints).
     #[arg(long, env = "MESHIAM_ADMIN_LISTEN", default_value = "0.0.0.0:8182")]
     pub admin_listen: SocketAddr,
+
+    /// Serve /debug/pods on the admin port, to callers on the node's loopback (127.0.0.1,
+    /// ::1) only: it lists pods, addresses and roles.
+    #[arg(long, env = "MESHIAM_DEBUG_ENDPOINTS", default_value_t = false, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub debug_endpoints: bool,
 
     /// Where pods come from: `file` (YAML, see --pods-file) or `kube` (this node's pods from
     /// the Kubernetes API; needs --node-name).
@@ -95,6 +101,12 @@ pub struct Config {
     /// How long a request from an address not yet in the pod store waits for it to appear.
     #[arg(long, env = "MESHIAM_IP_WAIT", default_value = "2s", value_parser = parse_duration)]
     pub ip_wait: Duration,
+
+    /// Longest time the pod store may be out of date: once the Kubernetes watch has been
+    /// down this long, every IMDS request is refused (503 pod-store-stale) and /readyz fails,
+    /// until the watch has re-listed.
+    #[arg(long, env = "MESHIAM_MAX_STALENESS", default_value = "5s", value_parser = parse_duration)]
+    pub max_staleness: Duration,
 
     /// Prefix for role names, e.g. `arn:aws:iam::123456789012:role/`. When absent it is
     /// discovered from the node's own role (STS GetCallerIdentity).
@@ -372,6 +384,7 @@ impl Config {
             request_timeout: self.request_timeout,
             max_body_bytes: self.max_body_bytes,
             max_concurrency: self.max_concurrency,
+            max_staleness: self.max_staleness,
         }
     }
 }
@@ -428,6 +441,12 @@ mod tests {
         assert_eq!(c.metadata_allow.len(), 2);
         assert!(c.prefetch);
         assert!(!c.session_tags);
+        assert_eq!(c.max_staleness, Duration::from_secs(5));
+        assert!(
+            !c.debug_endpoints,
+            "debug endpoints are off unless asked for"
+        );
+        assert!(parse(&["--debug-endpoints"]).unwrap().debug_endpoints);
     }
 
     #[test]

@@ -11,11 +11,14 @@ use meshiam_imds::headers;
 use meshiam_imds::rules::Refusal;
 use thiserror::Error;
 
+use crate::pods::Stale;
 use crate::policy::PolicyError;
 use crate::sts::{StsError, StsErrorKind};
 
 #[derive(Debug, Error)]
 pub enum BrokerError {
+    #[error("pod store out of date: {0}")]
+    PodStoreStale(Stale),
     #[error("no pod holds address {0} (after waiting for the pod store)")]
     UnknownPod(IpAddr),
     #[error("address {0} belongs to host-network pods (the node itself)")]
@@ -51,6 +54,7 @@ impl BrokerError {
     pub fn status(&self) -> StatusCode {
         use BrokerError::*;
         match self {
+            PodStoreStale(_) => StatusCode::SERVICE_UNAVAILABLE,
             UnknownPod(_) | HostNetwork(_) | AmbiguousIp { .. } | IdentityMismatch { .. } => {
                 StatusCode::FORBIDDEN
             }
@@ -78,6 +82,7 @@ impl BrokerError {
     pub fn reason(&self) -> &'static str {
         use BrokerError::*;
         match self {
+            PodStoreStale(_) => "pod-store-stale",
             UnknownPod(_) => "unknown-pod",
             HostNetwork(_) => "host-network",
             AmbiguousIp { .. } => "ambiguous-ip",

@@ -211,6 +211,9 @@ async fn serve(
         req_headers.contains_key(headers::FORWARDED_FOR),
     )
     .map_err(|r| imds_refusal(r, class))?;
+    // Every answer below, the token PUT included, rests on the caller's address: not while
+    // the pod store may be missing the pod that holds it now.
+    fresh(broker)?;
     let direct = via == "direct";
     let mode = broker.serve.direct_mode;
     let binding = caller.to_string();
@@ -262,6 +265,8 @@ async fn serve(
     }
 
     let pod = identity::identify(&broker.store, caller, broker.serve.ip_wait).await?;
+    // The wait for an unknown address may have outlasted the bound.
+    fresh(broker)?;
     trail.pod = Some(pod.clone());
     identity::cross_check(&pod, req_headers)?;
 
@@ -318,6 +323,13 @@ async fn serve(
         }
         _ => Err(BrokerError::InvalidPath),
     }
+}
+
+fn fresh(broker: &Broker) -> Result<(), BrokerError> {
+    broker
+        .store
+        .check_fresh(broker.serve.max_staleness)
+        .map_err(BrokerError::PodStoreStale)
 }
 
 /// A stable stand-in for an instance-profile id (`AIPA` + 17 characters), derived from the

@@ -2,19 +2,29 @@
 //! namespaces) and keeps a [`PodStore`] up to date.
 //!
 //! kube-rs's `watcher` does the list/watch protocol (paged list, resume from the last
-//! resourceVersion or bookmark, re-list after 410 Gone) and `default_backoff` paces retries
-//! after API errors. The [`PodStore`] plays the part of kube's reflector store: a re-list
-//! (`Init` … `InitDone`) is buffered and swapped in whole, so pods deleted while the watch
-//! was down disappear, and the store only reports synced after the first complete list.
+//! resourceVersion or bookmark, re-list after 410 Gone). The [`PodStore`] plays the part of
+//! kube's reflector store: a re-list (`Init` … `InitDone`) is buffered and swapped in whole,
+//! so pods deleted while the watch was down disappear, and the store only reports synced
+//! after the first complete list.
+//!
+//! Freshness: the store must know when its view may be out of date (a deleted pod's address
+//! may already belong to a new pod). A watcher error (the API unreachable, a failed watch, a
+//! 410) marks that side of the store down from that moment. kube's watcher would resume a
+//! failed watch silently, and a silent watch says nothing about whether it is back, so after
+//! an error the watcher is dropped and, after a backoff, a new one starts from a full list;
+//! its `InitDone` marks the side current again. A connected watch that delivers nothing is
+//! current (nothing changed); kube's watcher ends a watch that stays silent past its timeout
+//! (290 s, plus 5 s) and reconnects, so a dead connection surfaces as an error within that.
 
 use std::net::IpAddr;
+use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1 as k8s;
 use kube::Api;
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::watcher;
 
-use crate::pods::{Namespace, Pod, PodKey, PodPhase, PodStore, canonical};
+use crate::pods::{Namespace, Pod, PodKey, PodPhase, PodStore, Resource, canonical};
 
 /// What the Kubernetes source watches.
 #[derive(Debug, Clone)]
@@ -26,56 +36,129 @@ pub struct KubeSourceConfig {
     pub watch_namespaces: bool,
 }
 
-/// Runs until the client fails for good. Marks the store synced after the first full lists.
+/// Runs for as long as the broker does. Marks the store synced after the first full lists,
+/// down on every watch failure, and current again after each re-list.
 ///
-/// API errors are retried with kube's default backoff and logged; they never end the source.
-/// It returns only if a watch stream ends, which kube's watcher never does.
+/// API errors are retried with a jittered, doubling backoff (0.5 s to 10 s, back to the
+/// start after a successful list) and logged; they never end the source.
 pub async fn run(
     client: kube::Client,
     cfg: KubeSourceConfig,
     store: PodStore,
 ) -> anyhow::Result<()> {
-    let pods = watcher(
-        Api::<k8s::Pod>::all(client.clone()),
-        watcher::Config::default().fields(&format!("spec.nodeName={}", cfg.node_name)),
-    )
-    .default_backoff();
+    let pods_api = Api::<k8s::Pod>::all(client.clone());
+    let pods_cfg = watcher::Config::default().fields(&format!("spec.nodeName={}", cfg.node_name));
     tracing::info!(node = %cfg.node_name, namespaces = cfg.watch_namespaces, "watching pods");
-    let pods = mirror(pods, PodMirror(store.clone()));
+    let pods = follow(
+        move || watcher(pods_api.clone(), pods_cfg.clone()),
+        PodMirror(store.clone()),
+    );
     if cfg.watch_namespaces {
-        let namespaces = watcher(
-            Api::<k8s::Namespace>::all(client),
-            watcher::Config::default(),
-        )
-        .default_backoff();
-        let namespaces = mirror(namespaces, NamespaceMirror(store));
-        tokio::try_join!(pods, namespaces)?;
+        let ns_api = Api::<k8s::Namespace>::all(client);
+        let namespaces = follow(
+            move || watcher(ns_api.clone(), watcher::Config::default()),
+            NamespaceMirror(store),
+        );
+        tokio::join!(pods, namespaces);
     } else {
         store.mark_namespaces_synced();
-        pods.await?;
+        pods.await;
     }
     Ok(())
 }
 
 /// Where one watched resource lands in the [`PodStore`].
 trait Mirror<K> {
-    const WHAT: &'static str;
+    const WHAT: Resource;
     fn apply(&self, obj: &K);
     fn delete(&self, obj: &K);
     /// A complete list: replaces everything.
     fn replace(&self, objs: &[K]);
+    /// A complete list has been applied: this side is synced and current.
     fn mark_synced(&self);
+    /// The watch failed: this side may miss changes from now on.
+    fn mark_down(&self);
 }
 
-/// Feeds a watcher's events into `target` until the stream ends.
-async fn mirror<K, S, M>(events: S, target: M) -> anyhow::Result<()>
+/// Pacing of watcher restarts.
+struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(500);
+    const MAX: Duration = Duration::from_secs(10);
+
+    fn new() -> Self {
+        Self { next: Self::FIRST }
+    }
+
+    fn reset(&mut self) {
+        self.next = Self::FIRST;
+    }
+
+    /// The next wait: the current step, jittered down by up to half so brokers that lost
+    /// the API together do not come back together.
+    fn next(&mut self) -> Duration {
+        use rand::Rng;
+        let wait = self.next.mul_f64(rand::rng().random_range(0.5..=1.0));
+        self.next = (self.next * 2).min(Self::MAX);
+        wait
+    }
+}
+
+/// Mirrors one resource forever: a watcher that starts with a full list, followed until its
+/// first error; then, after a backoff, a new one.
+async fn follow<K, S, M>(start: impl Fn() -> S, target: M)
+where
+    S: Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
+    M: Mirror<K>,
+{
+    let what = M::WHAT.as_str();
+    let mut backoff = Backoff::new();
+    loop {
+        let round = mirror(start(), &target).await;
+        if round.relisted {
+            backoff.reset();
+        }
+        let wait = backoff.next();
+        match round.error {
+            // kube errors carry the API's status message and the request path, never
+            // credentials.
+            Some(err) => tracing::warn!(
+                what,
+                error = %err,
+                retry_in = ?wait,
+                "watch failed; the pod store may be out of date until a re-list"
+            ),
+            None => {
+                // kube's watcher never ends; if it did, nothing is watching any more.
+                target.mark_down();
+                tracing::warn!(what, retry_in = ?wait, "watch ended; starting over");
+            }
+        }
+        tokio::time::sleep(wait).await;
+    }
+}
+
+/// How one watcher went.
+struct Round {
+    /// At least one complete list was applied.
+    relisted: bool,
+    /// What ended it (`None`: the stream ended).
+    error: Option<watcher::Error>,
+}
+
+/// Feeds a watcher's events into `target` until its first error (after marking `target`
+/// down) or its end.
+async fn mirror<K, S, M>(events: S, target: &M) -> Round
 where
     S: Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
     M: Mirror<K>,
 {
     let mut events = std::pin::pin!(events);
     let mut relist: Vec<K> = Vec::new();
-    let mut synced = false;
+    let mut relisted = false;
     while let Some(event) = events.next().await {
         match event {
             Ok(watcher::Event::Apply(obj)) => target.apply(&obj),
@@ -84,25 +167,30 @@ where
             Ok(watcher::Event::InitApply(obj)) => relist.push(obj),
             Ok(watcher::Event::InitDone) => {
                 target.replace(&relist);
-                tracing::info!(what = M::WHAT, count = relist.len(), "listed");
+                target.mark_synced();
+                tracing::info!(what = M::WHAT.as_str(), count = relist.len(), "listed");
                 relist = Vec::new();
-                if !synced {
-                    synced = true;
-                    target.mark_synced();
-                }
+                relisted = true;
             }
-            // kube errors carry the API's status message and the request path, never
-            // credentials.
-            Err(err) => tracing::warn!(what = M::WHAT, error = %err, "watch failed; retrying"),
+            Err(err) => {
+                target.mark_down();
+                return Round {
+                    relisted,
+                    error: Some(err),
+                };
+            }
         }
     }
-    anyhow::bail!("the {} watch ended", M::WHAT)
+    Round {
+        relisted,
+        error: None,
+    }
 }
 
 struct PodMirror(PodStore);
 
 impl Mirror<k8s::Pod> for PodMirror {
-    const WHAT: &'static str = "pods";
+    const WHAT: Resource = Resource::Pods;
 
     fn apply(&self, obj: &k8s::Pod) {
         if let Some(pod) = pod_from_k8s(obj) {
@@ -125,12 +213,16 @@ impl Mirror<k8s::Pod> for PodMirror {
     fn mark_synced(&self) {
         self.0.mark_pods_synced();
     }
+
+    fn mark_down(&self) {
+        self.0.mark_down(Resource::Pods);
+    }
 }
 
 struct NamespaceMirror(PodStore);
 
 impl Mirror<k8s::Namespace> for NamespaceMirror {
-    const WHAT: &'static str = "namespaces";
+    const WHAT: Resource = Resource::Namespaces;
 
     fn apply(&self, obj: &k8s::Namespace) {
         if let Some(ns) = namespace_from_k8s(obj) {
@@ -151,6 +243,10 @@ impl Mirror<k8s::Namespace> for NamespaceMirror {
 
     fn mark_synced(&self) {
         self.0.mark_namespaces_synced();
+    }
+
+    fn mark_down(&self) {
+        self.0.mark_down(Resource::Namespaces);
     }
 }
 

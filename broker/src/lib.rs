@@ -48,6 +48,9 @@ pub struct ServeConfig {
     pub request_timeout: Duration,
     pub max_body_bytes: usize,
     pub max_concurrency: usize,
+    /// Longest time the pod store may be out of date (its watch down) before requests,
+    /// whose identity rests on the caller's address, are refused.
+    pub max_staleness: Duration,
 }
 
 impl Default for ServeConfig {
@@ -62,6 +65,7 @@ impl Default for ServeConfig {
             request_timeout: Duration::from_secs(15),
             max_body_bytes: 4096,
             max_concurrency: 1024,
+            max_staleness: Duration::from_secs(5),
         }
     }
 }

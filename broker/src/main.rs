@@ -146,7 +146,7 @@ async fn main() {
         Ok(l) => l,
         Err(e) => fail(format!("--admin-listen {}: {e}", cfg.admin_listen)),
     };
-    tracing::info!(listen = %cfg.listen, admin = %cfg.admin_listen, "serving");
+    tracing::info!(listen = %cfg.listen, admin = %cfg.admin_listen, debug_endpoints = cfg.debug_endpoints, max_staleness = ?cfg.max_staleness, "serving");
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
@@ -159,7 +159,13 @@ async fn main() {
     .with_graceful_shutdown(stopped(stop_rx.clone()));
     let admin = axum::serve(
         admin_listener,
-        admin::router(broker.clone()).into_make_service_with_connect_info::<SocketAddr>(),
+        admin::router_with(
+            broker.clone(),
+            admin::AdminConfig {
+                debug_endpoints: cfg.debug_endpoints,
+            },
+        )
+        .into_make_service_with_connect_info::<SocketAddr>(),
     )
     .with_graceful_shutdown(stopped(stop_rx));
     tokio::spawn(async move {

@@ -1,6 +1,7 @@
 //! Prometheus metrics (served on the admin port).
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -40,6 +41,7 @@ struct Inner {
     cache_stale_served: Counter,
     cache_entries: Gauge,
     pods_tracked: Gauge,
+    pod_store_stale: Gauge<f64, AtomicU64>,
     identity_mismatches: Counter,
 }
 
@@ -118,6 +120,12 @@ impl Metrics {
             "Pods in the pod store",
             pods_tracked.clone(),
         );
+        let pod_store_stale = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "pod_store_stale_seconds",
+            "How long the pod store's source (the Kubernetes watch) has been down; 0 while it is current. Past --max-staleness every IMDS request is refused",
+            pod_store_stale.clone(),
+        );
         let identity_mismatches = Counter::default();
         registry.register(
             "identity_mismatches",
@@ -136,6 +144,7 @@ impl Metrics {
                 cache_stale_served,
                 cache_entries,
                 pods_tracked,
+                pod_store_stale,
                 identity_mismatches,
             }),
         }
@@ -193,6 +202,10 @@ impl Metrics {
 
     pub fn set_pods_tracked(&self, n: usize) {
         self.inner.pods_tracked.set(n as i64);
+    }
+
+    pub fn set_pod_store_stale(&self, seconds: f64) {
+        self.inner.pod_store_stale.set(seconds);
     }
 
     pub fn identity_mismatch(&self) {

@@ -4,6 +4,12 @@
 //! only reads it. Only live pods (not `Succeeded`/`Failed`) that do not share the node's
 //! network hold their addresses, so a finished pod releases its IP at once, and when two
 //! live pods claim the same address the store says so instead of picking one.
+//!
+//! The store also knows how current it is: a source whose watch fails marks its side down
+//! from that moment until it has re-listed. Identity by source address is only as good as
+//! this view (a deleted pod's address may already belong to a new pod the store has not
+//! seen), so the request path refuses once the view has been down longer than a bound
+//! ([`PodStore::check_fresh`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -13,6 +19,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, watch};
+use tokio::time::Instant;
 
 /// `namespace/name`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -119,6 +126,46 @@ pub enum PodEvent {
     Removed(PodKey),
 }
 
+/// What a source watches; each side of the store is fresh or down on its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Resource {
+    Pods,
+    Namespaces,
+}
+
+impl Resource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Resource::Pods => "pods",
+            Resource::Namespaces => "namespaces",
+        }
+    }
+}
+
+/// The store's view has been out of date for too long: its source's watch failed and has
+/// not re-listed since.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stale {
+    /// The side that has been down longest.
+    pub resource: Resource,
+    /// How long it has been down.
+    pub down_for: Duration,
+    /// The bound it is over.
+    pub bound: Duration,
+}
+
+impl fmt::Display for Stale {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "the {} watch has been down for {:.1}s (bound {:.1}s); answering again once it has re-listed",
+            self.resource.as_str(),
+            self.down_for.as_secs_f64(),
+            self.bound.as_secs_f64()
+        )
+    }
+}
+
 #[derive(Default)]
 struct State {
     pods: HashMap<PodKey, Arc<Pod>>,
@@ -129,6 +176,9 @@ struct State {
     namespaces: HashMap<String, Arc<Namespace>>,
     pods_synced: bool,
     namespaces_synced: bool,
+    /// When each side's watch failed, while it has not recovered.
+    pods_down_since: Option<Instant>,
+    namespaces_down_since: Option<Instant>,
 }
 
 impl State {
@@ -316,15 +366,80 @@ impl PodStore {
             .collect();
     }
 
-    /// The pod source has delivered its first complete list.
+    /// The pod source has delivered a complete list (its first, or a re-list): the pod
+    /// side is synced and current.
     pub fn mark_pods_synced(&self) {
-        self.write().pods_synced = true;
+        {
+            let mut st = self.write();
+            st.pods_synced = true;
+            st.pods_down_since = None;
+        }
         self.bump();
     }
 
-    /// The namespace source has delivered its first complete list (or is not needed).
+    /// The namespace source has delivered a complete list (or is not needed): the namespace
+    /// side is synced and current.
     pub fn mark_namespaces_synced(&self) {
-        self.write().namespaces_synced = true;
+        {
+            let mut st = self.write();
+            st.namespaces_synced = true;
+            st.namespaces_down_since = None;
+        }
+        self.bump();
+    }
+
+    /// `what`'s watch failed: from now on that side may miss changes, until the source has
+    /// re-listed (`mark_*_synced`). A side already down keeps its first failure time.
+    pub fn mark_down(&self, what: Resource) {
+        let now = Instant::now();
+        let mut st = self.write();
+        let since = match what {
+            Resource::Pods => &mut st.pods_down_since,
+            Resource::Namespaces => &mut st.namespaces_down_since,
+        };
+        since.get_or_insert(now);
+    }
+
+    /// The side that has been down longest and for how long; `None` while every source is
+    /// connected (a connected but silent watch is current: nothing changed).
+    pub fn down_for(&self) -> Option<(Resource, Duration)> {
+        let st = self.read();
+        let now = Instant::now();
+        [
+            (Resource::Pods, st.pods_down_since),
+            (Resource::Namespaces, st.namespaces_down_since),
+        ]
+        .into_iter()
+        .filter_map(|(r, since)| since.map(|s| (r, now.saturating_duration_since(s))))
+        .max_by_key(|(_, d)| *d)
+    }
+
+    /// `Err` once a source has been down for `bound` or longer: then a caller's address may
+    /// belong to a pod the store has not seen, and identity by address must not be trusted.
+    pub fn check_fresh(&self, bound: Duration) -> Result<(), Stale> {
+        match self.down_for() {
+            Some((resource, down_for)) if down_for >= bound => Err(Stale {
+                resource,
+                down_for,
+                bound,
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Resolves once every source has synced (see [`Self::is_ready`]).
+    pub async fn wait_ready(&self) {
+        let mut changes = self.inner.generation.subscribe();
+        loop {
+            changes.borrow_and_update();
+            if self.is_ready() {
+                return;
+            }
+            if changes.changed().await.is_err() {
+                // The store is gone; nothing will ever sync.
+                std::future::pending::<()>().await;
+            }
+        }
     }
 
     /// Ready to answer: every source has synced once.
@@ -504,6 +619,64 @@ mod tests {
         assert!(!store.is_ready());
         store.mark_namespaces_synced();
         assert!(store.is_ready());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_source_down_longer_than_the_bound_makes_the_store_stale() {
+        let store = PodStore::new();
+        store.mark_pods_synced();
+        store.mark_namespaces_synced();
+        let bound = Duration::from_secs(5);
+        assert_eq!(store.down_for(), None);
+        assert_eq!(store.check_fresh(bound), Ok(()));
+
+        store.mark_down(Resource::Pods);
+        tokio::time::advance(Duration::from_secs(3)).await;
+        // Down, but within the bound; a second failure keeps the first time.
+        store.mark_down(Resource::Pods);
+        assert_eq!(store.check_fresh(bound), Ok(()));
+        store.mark_down(Resource::Namespaces);
+        tokio::time::advance(Duration::from_secs(2)).await;
+        let stale = store.check_fresh(bound).unwrap_err();
+        assert_eq!(stale.resource, Resource::Pods);
+        assert_eq!(stale.down_for, Duration::from_secs(5));
+        assert!(
+            stale
+                .to_string()
+                .contains("pods watch has been down for 5.0s (bound 5.0s)")
+        );
+
+        // The pods re-listed; the namespaces are still down (2 s so far).
+        store.mark_pods_synced();
+        assert_eq!(
+            store.down_for(),
+            Some((Resource::Namespaces, Duration::from_secs(2)))
+        );
+        assert_eq!(store.check_fresh(bound), Ok(()));
+        tokio::time::advance(Duration::from_secs(3)).await;
+        assert_eq!(
+            store.check_fresh(bound).unwrap_err().resource,
+            Resource::Namespaces
+        );
+        store.mark_namespaces_synced();
+        assert_eq!(store.check_fresh(Duration::ZERO), Ok(()));
+    }
+
+    #[tokio::test]
+    async fn ready_waiters_wake_when_the_last_source_syncs() {
+        let store = PodStore::new();
+        let waiter = tokio::spawn({
+            let store = store.clone();
+            async move { store.wait_ready().await }
+        });
+        store.mark_pods_synced();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!waiter.is_finished());
+        store.mark_namespaces_synced();
+        tokio::time::timeout(Duration::from_secs(2), waiter)
+            .await
+            .unwrap()
+            .unwrap();
     }
 
     #[tokio::test]

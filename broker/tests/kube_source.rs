@@ -294,6 +294,8 @@ async fn relists_after_410_gone_and_forgets_pods_deleted_meanwhile() {
     assert!(after.expired > before.expired, "{after:?}");
     assert!(after.lists > before.lists, "{after:?}");
     assert!(h.store.is_ready());
+    // The 410s marked both sides down; their re-lists make the store current again.
+    eventually("both sides current", || h.store.down_for().is_none()).await;
 
     // And it keeps watching afterwards.
     h.double.delete_pod("default", "a").unwrap();
@@ -330,4 +332,53 @@ async fn bookmarks_let_the_watch_resume_without_a_relist() {
     let stats = h.double.stats();
     assert_eq!((stats.lists, stats.expired), (1, 0), "{stats:?}");
     assert_eq!(names(&h.store), ["a", "b"]);
+    // A watch that ends and resumes is no failure: the store stayed current throughout.
+    assert_eq!(h.store.down_for(), None);
+}
+
+#[tokio::test]
+async fn a_failed_watch_leaves_the_store_stale_until_it_has_relisted() {
+    let h = start_source(double().await, true);
+    h.double
+        .create_pod(&pod("a", NODE, Some("198.18.0.1"), "Running"))
+        .unwrap();
+    eventually("sync", || h.store.is_ready() && h.store.len() == 1).await;
+    // Connected and silent (bookmarks only): current.
+    let seen = h.double.stats().bookmarks;
+    eventually("a few bookmarks", || h.double.stats().bookmarks >= seen + 3).await;
+    assert_eq!(h.store.down_for(), None);
+    assert_eq!(h.store.check_fresh(Duration::ZERO), Ok(()));
+
+    // The API fails and the open watches break: down from that moment.
+    h.double.fail(503, None);
+    h.double.close_watches();
+    eventually("the failure to be noticed", || h.store.down_for().is_some()).await;
+    // What happens meanwhile is not seen: the store still has `a`, and says it is stale.
+    h.double.delete_pod("default", "a").unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(holder(&h.store, "198.18.0.1").as_deref(), Some("a"));
+    let stale = h
+        .store
+        .check_fresh(Duration::from_millis(250))
+        .expect_err("stale past the bound");
+    assert!(stale.down_for >= Duration::from_millis(250), "{stale}");
+    let lists = h.double.stats().lists;
+
+    // The API is back: a re-list (not a silent resume) brings the store up to date, by
+    // itself.
+    h.double.recover();
+    eventually_within(15, "a re-list", || h.store.down_for().is_none()).await;
+    assert!(h.double.stats().lists > lists, "{:?}", h.double.stats());
+    assert_eq!(holder(&h.store, "198.18.0.1"), None);
+    assert!(h.store.is_empty());
+    assert_eq!(h.store.check_fresh(Duration::ZERO), Ok(()));
+
+    // And it keeps watching.
+    h.double
+        .create_pod(&pod("b", NODE, Some("198.18.0.1"), "Running"))
+        .unwrap();
+    eventually("b", || {
+        holder(&h.store, "198.18.0.1").as_deref() == Some("b")
+    })
+    .await;
 }

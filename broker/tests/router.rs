@@ -12,11 +12,13 @@ use axum::body::Body;
 use axum::extract::connect_info::MockConnectInfo;
 use axum::http::{HeaderMap, Method, Request, StatusCode};
 use http_body_util::BodyExt;
+use meshiam_broker::admin::AdminConfig;
 use meshiam_broker::cache::{CacheConfig, CredentialCache};
 use meshiam_broker::clock::Clock;
 use meshiam_broker::imds::DirectMode;
 use meshiam_broker::metrics::Metrics;
 use meshiam_broker::node_imds::NodeImds;
+use meshiam_broker::pods::Resource;
 use meshiam_broker::pods::{Namespace, Pod, PodKey, PodPhase, PodStore};
 use meshiam_broker::policy::{self, BaseArn, PolicyConfig, Restriction, RolePolicy};
 use meshiam_broker::sts::StsErrorKind;
@@ -53,6 +55,7 @@ struct Opts {
     direct_mode: DirectMode,
     node_imds: String,
     session_tags: bool,
+    max_staleness: Duration,
 }
 
 impl Default for Opts {
@@ -63,6 +66,7 @@ impl Default for Opts {
             direct_mode: DirectMode::Optional,
             node_imds: "http://127.0.0.1:9".into(),
             session_tags: false,
+            max_staleness: ServeConfig::default().max_staleness,
         }
     }
 }
@@ -151,6 +155,7 @@ fn harness(o: Opts) -> Harness {
         serve: ServeConfig {
             ip_wait: Duration::from_millis(100),
             direct_mode: o.direct_mode,
+            max_staleness: o.max_staleness,
             ..ServeConfig::default()
         },
     });
@@ -229,10 +234,15 @@ impl Harness {
         .await
     }
 
+    /// The admin port with debug endpoints on, asked from the node's loopback.
     async fn admin(&self, path: &str) -> Answer {
+        self.admin_from("127.0.0.1", true, path).await
+    }
+
+    async fn admin_from(&self, peer: &str, debug_endpoints: bool, path: &str) -> Answer {
         call_on(
-            admin::router(self.broker.clone()),
-            "127.0.0.1",
+            admin::router_with(self.broker.clone(), AdminConfig { debug_endpoints }),
+            peer,
             Method::GET,
             path,
             &[],
@@ -961,7 +971,12 @@ async fn admin_health_readiness_and_explanations() {
     assert_eq!(v["decision"]["sessionName"], "restricted.allowed");
     assert_eq!(v["decision"]["restriction"]["permitted"], true);
     assert_eq!(v["cache"]["state"], "fresh");
-    assert_eq!(v["cache"]["accessKeyId"], "ASIAFAKE00000001");
+    assert!(v["cache"]["expiration"].is_string(), "{v}");
+    assert!(
+        !e.body.contains("ASIAFAKE") && !e.body.contains("accessKeyId"),
+        "no access key id on the admin port: {}",
+        e.body
+    );
     assert!(
         !e.body.contains("fake-secret") && !e.body.contains("fake-token"),
         "{}",
@@ -1076,5 +1091,158 @@ async fn one_audit_line_per_issue_or_refusal_without_secrets() {
     assert!(
         !text.contains("fake-secret") && !text.contains("fake-token"),
         "{text}"
+    );
+}
+
+#[tokio::test]
+async fn debug_endpoints_are_off_by_default_and_only_for_the_node_loopback() {
+    let h = harness(Opts::default());
+    h.filter("198.18.1.10", &format!("{CREDS}myapp-iam-role"))
+        .await;
+    // Off (the default): not there at all, from anywhere.
+    for peer in ["127.0.0.1", "198.18.1.11"] {
+        for path in ["/debug/pods", "/debug/pods/default/myapp"] {
+            let a = h.admin_from(peer, false, path).await;
+            assert_eq!(a.status, StatusCode::NOT_FOUND, "{peer} {path}");
+            assert!(!a.body.contains("myapp-iam-role"), "{}", a.body);
+        }
+    }
+    // On: refused to a pod, another node, the node's own pod-facing address, or a pod of
+    // the local stack's loopback mode (127.1.0.x).
+    for peer in [
+        "198.18.1.11",
+        "10.0.0.7",
+        "198.18.0.1",
+        "127.1.0.10",
+        "fd00::5",
+    ] {
+        for path in ["/debug/pods", "/debug/pods/default/myapp"] {
+            let a = h.admin_from(peer, true, path).await;
+            assert_eq!(a.status, StatusCode::FORBIDDEN, "{peer} {path}");
+            assert_eq!(a.reason(), "debug-loopback-only");
+            assert!(
+                !a.body.contains("myapp") && !a.body.contains("arn:"),
+                "{}",
+                a.body
+            );
+        }
+    }
+    // On, from the node's loopback (IPv4, IPv6, IPv4-mapped): answered.
+    for peer in ["127.0.0.1", "::1", "::ffff:127.0.0.1"] {
+        let a = h.admin_from(peer, true, "/debug/pods").await;
+        assert_eq!(a.status, StatusCode::OK, "{peer}");
+        assert!(a.body.contains("myapp-iam-role"), "{}", a.body);
+        assert!(!a.body.contains("ASIAFAKE"), "{}", a.body);
+    }
+    // Probes and scrapes work from anywhere and name no pod, role or key.
+    for debug_endpoints in [false, true] {
+        for path in ["/healthz", "/readyz", "/metrics"] {
+            let a = h.admin_from("198.18.1.11", debug_endpoints, path).await;
+            assert_eq!(a.status, StatusCode::OK, "{path}");
+            for secret in ["myapp", "arn:aws", "ASIAFAKE", "198.18.1.10"] {
+                assert!(
+                    !a.body.contains(secret),
+                    "{path} shows {secret}: {}",
+                    a.body
+                );
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_stale_pod_store_refuses_every_request_until_it_relists() {
+    let h = harness(Opts {
+        max_staleness: Duration::from_millis(300),
+        ..Opts::default()
+    });
+    let creds = format!("{CREDS}myapp-iam-role");
+    assert_eq!(h.filter("198.18.1.10", &creds).await.status, StatusCode::OK);
+
+    // The watch fails: within the bound, still served.
+    h.broker.store.mark_down(Resource::Pods);
+    assert_eq!(h.filter("198.18.1.10", &creds).await.status, StatusCode::OK);
+    tokio::time::sleep(Duration::from_millis(350)).await;
+
+    // Past the bound: every path, every way in, the token PUT included.
+    let ttl = [(headers::TOKEN_TTL, "60")];
+    let answers = [
+        (
+            "call-out credentials",
+            h.filter("198.18.1.10", &creds).await,
+        ),
+        ("call-out role list", h.filter("198.18.1.10", CREDS).await),
+        (
+            "call-out placement",
+            h.filter("198.18.1.10", "/latest/meta-data/placement/region")
+                .await,
+        ),
+        (
+            "direct credentials",
+            h.direct("198.18.1.10", Method::GET, &creds, &[]).await,
+        ),
+        (
+            "direct token PUT",
+            h.direct("198.18.1.10", Method::PUT, "/latest/api/token", &ttl)
+                .await,
+        ),
+        (
+            "unknown address",
+            h.direct("198.18.9.9", Method::GET, CREDS, &[]).await,
+        ),
+    ];
+    for (what, a) in &answers {
+        assert_eq!(a.status, StatusCode::SERVICE_UNAVAILABLE, "{what}");
+        assert_eq!(a.reason(), "pod-store-stale", "{what}");
+        assert!(!a.body.contains("myapp"), "{what}: {}", a.body);
+    }
+    let r = h.admin_from("198.18.1.11", false, "/readyz").await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        r.body.contains("pod-store-stale") && r.body.contains("pods watch has been down for"),
+        "{}",
+        r.body
+    );
+    let m = h.admin_from("198.18.1.11", false, "/metrics").await.body;
+    assert!(
+        m.contains(
+            "meshiam_broker_requests_total{path=\"credentials\",outcome=\"pod-store-stale\"} 2"
+        ),
+        "{m}"
+    );
+    let stale: f64 = m
+        .lines()
+        .find_map(|l| l.strip_prefix("meshiam_broker_pod_store_stale_seconds "))
+        .expect("the staleness gauge")
+        .parse()
+        .unwrap();
+    assert!(stale >= 0.3, "{stale}");
+
+    // The namespace side going down too changes nothing; the pods re-listing alone does not
+    // bring service back while the namespaces are still down.
+    h.broker.store.mark_down(Resource::Namespaces);
+    h.broker.store.mark_pods_synced();
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    let a = h.filter("198.18.1.10", &creds).await;
+    assert_eq!(
+        (a.status, a.reason()),
+        (StatusCode::SERVICE_UNAVAILABLE, "pod-store-stale")
+    );
+
+    // Both re-listed: served again, ready again.
+    h.broker.store.mark_namespaces_synced();
+    assert_eq!(h.filter("198.18.1.10", &creds).await.status, StatusCode::OK);
+    let t = h
+        .direct("198.18.1.10", Method::PUT, "/latest/api/token", &ttl)
+        .await;
+    assert_eq!(t.status, StatusCode::OK);
+    assert_eq!(
+        h.admin_from("198.18.1.11", false, "/readyz").await.status,
+        StatusCode::OK
+    );
+    let m = h.admin_from("198.18.1.11", false, "/metrics").await.body;
+    assert!(
+        m.contains("meshiam_broker_pod_store_stale_seconds 0.0"),
+        "{m}"
     );
 }

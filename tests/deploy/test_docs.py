@@ -9,7 +9,8 @@ from conftest import REPO
 BROKER = {f"meshiam_broker_{n}" for n in [
     "requests_total", "sts_calls_total", "sts_call_duration_seconds_bucket",
     "cache_hits_total", "cache_misses_total", "cache_refreshes_total",
-    "cache_stale_served_total", "cache_entries", "pods_tracked", "identity_mismatches_total"]}
+    "cache_stale_served_total", "cache_entries", "pods_tracked", "identity_mismatches_total",
+    "pod_store_stale_seconds"]}
 FILTER = {f"envoy_wasmcustom_meshiam_{n}" for n in [
     "callouts", "callout_failures", "cache_hits", "stale_serves", "tokens_issued"]}
 PROMQL_WORDS = {"sum", "by", "rate", "increase", "histogram_quantile", "le", "node",

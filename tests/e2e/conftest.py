@@ -108,8 +108,10 @@ class Stack:
         return res
 
     def admin(self, path):
-        """GET on the broker's admin port, from the node."""
-        url = self.status["BROKER_ADMIN_URL"] + path
+        """GET on the broker's admin port, from the node's loopback (the debug endpoints
+        answer nowhere else)."""
+        port = self.status["BROKER_ADMIN_URL"].rsplit(":", 1)[1]
+        url = f"http://127.0.0.1:{port}{path}"
         if self.netns:
             res = subprocess.run(["ip", "netns", "exec", "msh-node", "curl", "-s", "-m", "5", url],
                                  capture_output=True, text=True)

@@ -489,6 +489,9 @@ def broker_argv(state):
         "AWS_EC2_METADATA_DISABLED": "true",
         "AWS_ENDPOINT_URL_STS": f"http://127.0.0.1:{port(state, 'sts')}",
         "MESHIAM_LOG": "info,meshiam_broker=debug",
+        # /debug/pods for the demo and the tests; the broker answers it on the node
+        # namespace's loopback only (http://127.0.0.1:<admin port> there).
+        "MESHIAM_DEBUG_ENDPOINTS": "true",
     }
     return argv, env
 
@@ -564,11 +567,13 @@ def register_pod(state, key):
     save_state(state)
 
 
-def delete_pod(state, key):
+def delete_pod(state, key, api=True):
+    """Removes the pod's sidecar and network; with api=False the API keeps the pod (as if
+    the broker missed the deletion, e.g. while the API double is stopped)."""
     entry = state["pods"].get(key)
     if entry is None:
         raise StackError(f"no pod {key} in the stack")
-    if entry.get("registered"):
+    if api and entry.get("registered"):
         api_delete_pod(state, key)
     stop_proc(state, envoy_name(entry))
     if entry["netns"]:
@@ -739,7 +744,7 @@ def cmd_pod(args):
     elif args.pod_cmd == "register":
         register_pod(state, args.pod)
     elif args.pod_cmd == "delete":
-        delete_pod(state, args.pod)
+        delete_pod(state, args.pod, api=not args.keep_api)
     return 0
 
 
@@ -793,6 +798,8 @@ def main(argv=None):
     pr.add_argument("pod")
     pd = psub.add_parser("delete", help="delete a pod from the API and the stack")
     pd.add_argument("pod")
+    pd.add_argument("--keep-api", action="store_true",
+                    help="remove the pod's network and sidecar but leave it in the API (works with the API down)")
     st = sub.add_parser("stop", help=f"stop a component ({', '.join(COMPONENTS)})")
     st.add_argument("component")
     st.add_argument("--kill", action="store_true", help="SIGKILL instead of SIGTERM")
