@@ -1092,7 +1092,10 @@ async fn a_role_change_in_the_pod_store_applies_to_the_next_request() {
         .store
         .upsert_pod(pod("default", "myapp", me, Some("new-role")));
     let list = h.filter(me, CREDS).await;
-    assert_eq!((list.status, list.body.as_str()), (StatusCode::OK, "new-role"));
+    assert_eq!(
+        (list.status, list.body.as_str()),
+        (StatusCode::OK, "new-role")
+    );
     let old = h.filter(me, &old_creds).await;
     assert_eq!(
         (old.status, old.reason()),
@@ -1106,7 +1109,10 @@ async fn a_role_change_in_the_pod_store_applies_to_the_next_request() {
     // Removed: nothing, with the reason.
     h.broker.store.upsert_pod(pod("default", "myapp", me, None));
     let list = h.filter(me, CREDS).await;
-    assert_eq!((list.status, list.reason()), (StatusCode::NOT_FOUND, "no-role"));
+    assert_eq!(
+        (list.status, list.reason()),
+        (StatusCode::NOT_FOUND, "no-role")
+    );
     let gone = h.filter(me, &format!("{CREDS}new-role")).await;
     assert_eq!(gone.status, StatusCode::NOT_FOUND);
     assert!(!gone.body.contains("AccessKeyId"));
@@ -1164,14 +1170,23 @@ async fn a_repeated_ttl_or_token_header_is_400() {
     let a = h.direct(me, Method::PUT, "/latest/api/token", &twice).await;
     assert_eq!(
         (a.status, a.reason(), a.body.as_str()),
-        (StatusCode::BAD_REQUEST, "repeated-imds-header", "Bad Request")
+        (
+            StatusCode::BAD_REQUEST,
+            "repeated-imds-header",
+            "Bad Request"
+        )
     );
     let same = [(headers::TOKEN_TTL, "60"), (headers::TOKEN_TTL, "60")];
     let a = h.direct(me, Method::PUT, "/latest/api/token", &same).await;
     assert_eq!(a.status, StatusCode::BAD_REQUEST);
 
     let t = h
-        .direct(me, Method::PUT, "/latest/api/token", &[(headers::TOKEN_TTL, "60")])
+        .direct(
+            me,
+            Method::PUT,
+            "/latest/api/token",
+            &[(headers::TOKEN_TTL, "60")],
+        )
         .await
         .body;
     let tokens = [(headers::TOKEN, t.as_str()), (headers::TOKEN, "junk")];
@@ -1180,6 +1195,11 @@ async fn a_repeated_ttl_or_token_header_is_400() {
         (a.status, a.reason()),
         (StatusCode::BAD_REQUEST, "repeated-imds-header")
     );
-    let one = h.direct(me, Method::GET, CREDS, &[(headers::TOKEN, &t)]).await;
-    assert_eq!((one.status, one.body.as_str()), (StatusCode::OK, "myapp-iam-role"));
+    let one = h
+        .direct(me, Method::GET, CREDS, &[(headers::TOKEN, &t)])
+        .await;
+    assert_eq!(
+        (one.status, one.body.as_str()),
+        (StatusCode::OK, "myapp-iam-role")
+    );
 }

@@ -725,7 +725,10 @@ mod decisions {
         let r = via_broker(&h, &s, CREDS, status(429, "rate-limited"));
         assert_eq!(r.status, 429);
         let r = via_broker(&h, &s, CREDS, CalloutResponse::default());
-        assert_eq!((r.status, r.header("x-meshiam-source")), (200, Some("stale")));
+        assert_eq!(
+            (r.status, r.header("x-meshiam-source")),
+            (200, Some("stale"))
+        );
     }
 
     #[test]
@@ -740,7 +743,11 @@ mod decisions {
             content_type: "text/plain".into(),
             body: b"new-role".to_vec(),
         };
-        assert!(crate::cache::put(&h, &crate::cache::CacheKey::RoleList, &list));
+        assert!(crate::cache::put(
+            &h,
+            &crate::cache::CacheKey::RoleList,
+            &list
+        ));
         let r = via_broker(&h, &s, CREDS, CalloutResponse::default());
         assert_eq!(r.status, 503);
     }
@@ -749,14 +756,21 @@ mod decisions {
     fn only_the_exact_token_path_issues_tokens() {
         let (h, s) = pod();
         let ttl = "x-aws-ec2-metadata-token-ttl-seconds";
-        for p in ["/latest/api/token/", "/latest/api/token?x=1", "/latest/api/token?"] {
+        for p in [
+            "/latest/api/token/",
+            "/latest/api/token?x=1",
+            "/latest/api/token?",
+        ] {
             let r = local(&h, &s, "PUT", p, &[(ttl, "60")]);
             assert_eq!((r.status, r.text().as_str()), (404, "Not Found"), "{p}");
             assert_eq!(r.header("x-meshiam-reason"), Some("invalid-path"), "{p}");
             assert_eq!(r.header(ttl), None, "{p}");
         }
         assert_eq!(h.metric(metrics::TOKENS_ISSUED), 0);
-        assert_eq!(local(&h, &s, "PUT", "/latest/api/token", &[(ttl, "60")]).status, 200);
+        assert_eq!(
+            local(&h, &s, "PUT", "/latest/api/token", &[(ttl, "60")]).status,
+            200
+        );
     }
 
     #[test]
@@ -773,10 +787,22 @@ mod decisions {
     fn a_repeated_ttl_or_token_header_is_400() {
         let (h, s) = pod();
         let ttl = "x-aws-ec2-metadata-token-ttl-seconds";
-        let r = local(&h, &s, "PUT", "/latest/api/token", &[(ttl, "60"), (ttl, "99999")]);
+        let r = local(
+            &h,
+            &s,
+            "PUT",
+            "/latest/api/token",
+            &[(ttl, "60"), (ttl, "99999")],
+        );
         assert_eq!((r.status, r.text().as_str()), (400, "Bad Request"));
         assert_eq!(r.header("x-meshiam-reason"), Some("repeated-imds-header"));
-        let r = local(&h, &s, "PUT", "/latest/api/token", &[(ttl, "60"), (ttl, "60")]);
+        let r = local(
+            &h,
+            &s,
+            "PUT",
+            "/latest/api/token",
+            &[(ttl, "60"), (ttl, "60")],
+        );
         assert_eq!(r.status, 400);
         assert_eq!(h.metric(metrics::TOKENS_ISSUED), 0);
         let t = token(&h, &s, "60");
@@ -798,10 +824,20 @@ mod decisions {
         let (h, s) = pod();
         via_broker(&h, &s, ROLE_LIST, ok("myapp-iam-role", "text/plain"));
         local(&h, &s, "GET", ROLE_LIST, &[]);
-        assert_eq!(h.header_map_reads(), 0, "IMDSv1 reads read single headers only");
+        assert_eq!(
+            h.header_map_reads(),
+            0,
+            "IMDSv1 reads read single headers only"
+        );
         let t = token(&h, &s, "60");
         assert_eq!(h.header_map_reads(), 1);
-        local(&h, &s, "GET", ROLE_LIST, &[("x-aws-ec2-metadata-token", &t)]);
+        local(
+            &h,
+            &s,
+            "GET",
+            ROLE_LIST,
+            &[("x-aws-ec2-metadata-token", &t)],
+        );
         assert_eq!(h.header_map_reads(), 2);
     }
 }

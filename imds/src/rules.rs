@@ -190,8 +190,16 @@ mod tests {
             "/latest/api/token?x=1",
             "/latest/api/token?",
         ] {
-            assert_eq!(admit("PUT", &classify(p), &ttl("60")), Err(NOT_FOUND), "{p}");
-            assert_eq!(admit("GET", &classify(p), &ttl("60")), Err(NOT_FOUND), "{p}");
+            assert_eq!(
+                admit("PUT", &classify(p), &ttl("60")),
+                Err(NOT_FOUND),
+                "{p}"
+            );
+            assert_eq!(
+                admit("GET", &classify(p), &ttl("60")),
+                Err(NOT_FOUND),
+                "{p}"
+            );
         }
         let trailing = classify("/latest/meta-data/iam/security-credentials/r/");
         assert_eq!(admit("GET", &trailing, &ttl("60")), Err(NOT_FOUND));
@@ -246,11 +254,7 @@ mod tests {
         };
         assert_eq!(admit("GET", &creds, &forwarded), Ok(Admission::Read));
         for m in ["POST", "PUT", "DELETE", "PATCH", "OPTIONS", "get", ""] {
-            assert_eq!(
-                admit(m, &creds, &ttl("60")),
-                Err(METHOD_NOT_ALLOWED),
-                "{m}"
-            );
+            assert_eq!(admit(m, &creds, &ttl("60")), Err(METHOD_NOT_ALLOWED), "{m}");
         }
     }
 
