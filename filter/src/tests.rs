@@ -673,7 +673,8 @@ mod decisions {
 
     #[test]
     fn default_freshness_lets_a_role_change_through_within_5_seconds() {
-        assert!(FRESH <= 4, "cacheFreshSeconds default {FRESH}");
+        let fresh = Config::default().cache_fresh_seconds;
+        assert!(fresh <= 4, "cacheFreshSeconds default {fresh}");
         let (h, s) = pod();
         cached_then_due(&h, &s);
         // The annotation now names another role: the broker says so at the next call-out.
