@@ -166,7 +166,21 @@ def rounds_of(cfg, variants, measure):
 # --------------------------------------------------------------------------- 1 and 2
 
 
-def bench_envoy(stack, broker, cfg):
+def envoy_counter(admin, name):
+    """A counter from Envoy's admin /stats (0 when not yet defined)."""
+    st, text = http_get(f"http://127.0.0.1:{admin}/stats?filter={name}")
+    for line in text.decode().splitlines():
+        k, _, v = line.partition(": ")
+        if k.strip() == name:
+            return int(v)
+    return 0
+
+
+# The filter's cacheFreshSeconds before role changes had to reach pods within 5 s.
+OLD_CACHE_FRESH_SECONDS = 30
+
+
+def bench_envoy(stack, broker, cfg, parts=(1, 2)):
     """1: ordinary traffic with and without the filter; 2: metadata answers vs the floor."""
     filt = stack.start_envoy("envoy-filter", broker)
     creds_path = CREDS_PATH + SIDECAR_POD["role"]
@@ -180,6 +194,8 @@ def bench_envoy(stack, broker, cfg):
     floor = {creds_path: (creds, "application/json"), "/latest/api/token": (token, "text/plain")}
     bare = stack.start_envoy("envoy-nofilter", broker, with_filter=False, floor=floor)
     fresh0 = stack.start_envoy("envoy-filter-nocache", broker, plugin={"cacheFreshSeconds": 0})
+    fresh30 = stack.start_envoy("envoy-filter-fresh30", broker,
+                                plugin={"cacheFreshSeconds": OLD_CACHE_FRESH_SECONDS})
     st, body, hdr = imds_get(fresh0["port"], creds_path)
     if st != 200 or hdr.get("x-meshiam-source") != "broker":
         raise RuntimeError(f"broker-cache path: {st} {hdr}")
@@ -192,22 +208,50 @@ def bench_envoy(stack, broker, cfg):
     app_headers = [f"x-envoy-original-dst-host: 127.0.0.1:{upstream['port']}"]
     envoys = {"with_filter": filt, "without_filter": bare}
 
-    log(f"1/7 filter overhead: wrk -c16 throughput and -c1 latency, {cfg['rounds']} round(s) × {d}s")
-    tput = rounds_of(cfg, list(envoys), lambda v: wrk(f"http://127.0.0.1:{envoys[v]['port']}/app", d, 16, app_headers))
-    lat = rounds_of(cfg, list(envoys), lambda v: wrk(f"http://127.0.0.1:{envoys[v]['port']}/app", d, 1, app_headers))
-    b1 = {
-        "throughput": tput,
-        "latency": lat,
-        "throughput_ratio": tput["with_filter"]["rps"] / tput["without_filter"]["rps"],
-        "added_p50_us": lat["with_filter"]["latency_us"]["50"] - lat["without_filter"]["latency_us"]["50"],
-        "added_p99_us": lat["with_filter"]["latency_us"]["99"] - lat["without_filter"]["latency_us"]["99"],
-    }
-    log(f"    throughput ratio {b1['throughput_ratio']:.3f}, p50 added {b1['added_p50_us']:.0f} µs")
+    b1 = None
+    if 1 in parts:
+        log(f"1/7 filter overhead: wrk -c16 throughput and -c1 latency, {cfg['rounds']} round(s) × {d}s")
+        tput = rounds_of(cfg, list(envoys),
+                         lambda v: wrk(f"http://127.0.0.1:{envoys[v]['port']}/app", d, 16, app_headers))
+        lat = rounds_of(cfg, list(envoys),
+                        lambda v: wrk(f"http://127.0.0.1:{envoys[v]['port']}/app", d, 1, app_headers))
+        b1 = {
+            "throughput": tput,
+            "latency": lat,
+            "throughput_ratio": tput["with_filter"]["rps"] / tput["without_filter"]["rps"],
+            "added_p50_us": lat["with_filter"]["latency_us"]["50"] - lat["without_filter"]["latency_us"]["50"],
+            "added_p99_us": lat["with_filter"]["latency_us"]["99"] - lat["without_filter"]["latency_us"]["99"],
+        }
+        log(f"    throughput ratio {b1['throughput_ratio']:.3f}, p50 added {b1['added_p50_us']:.0f} µs")
+    if 2 not in parts:
+        for n in ("envoy-filter", "envoy-nofilter", "envoy-filter-nocache", "envoy-filter-fresh30", "upstream"):
+            stack.procs.stop(n)
+        return b1, None
 
     md = [f"Host: {METADATA}"]
+    # The sidecar-cache hit path at the default freshness and at the old 30 s, side by side:
+    # what a pod that asks without pause pays for role changes that reach it within 5 s. The
+    # call-outs each Envoy made during its runs are counted from its admin stats.
+    callouts = {"sidecar_cache_hit": [filt["admin"], 0, 0.0],
+                "sidecar_cache_hit_fresh30": [fresh30["admin"], 0, 0.0]}
+
+    def counted(name, port):
+        def run():
+            c = callouts[name]
+            # Warm first: between rounds more than 30 s may pass, and the run should see the
+            # steady state of a pod that keeps asking, not the first miss after a pause.
+            imds_get(port, creds_path)
+            before = envoy_counter(c[0], "wasmcustom.meshiam.callouts")
+            r = wrk(f"http://127.0.0.1:{port}{creds_path}", d, 1, md)
+            c[1] += envoy_counter(c[0], "wasmcustom.meshiam.callouts") - before
+            c[2] += d
+            return r
+        return run
+
     scen = {
         "floor_direct_response": lambda: wrk(f"http://127.0.0.1:{bare['port']}{creds_path}", d, 1, md),
-        "sidecar_cache_hit": lambda: wrk(f"http://127.0.0.1:{filt['port']}{creds_path}", d, 1, md),
+        "sidecar_cache_hit": counted("sidecar_cache_hit", filt["port"]),
+        "sidecar_cache_hit_fresh30": counted("sidecar_cache_hit_fresh30", fresh30["port"]),
         "broker_cache_hit": lambda: wrk(f"http://127.0.0.1:{fresh0['port']}{creds_path}", d, 1, md),
         "floor_token_direct_response": lambda: wrk(f"http://127.0.0.1:{bare['port']}/latest/api/token", d, 1,
                                                    md + ["x-aws-ec2-metadata-token-ttl-seconds: 21600"], "PUT"),
@@ -218,8 +262,15 @@ def bench_envoy(stack, broker, cfg):
     lat2 = rounds_of(cfg, list(scen), lambda v: scen[v]())
     f50 = lat2["floor_direct_response"]["latency_us"]["50"]
     t50 = lat2["floor_token_direct_response"]["latency_us"]["50"]
+    hit, old = lat2["sidecar_cache_hit"], lat2["sidecar_cache_hit_fresh30"]
     b2 = {
         "latency": lat2,
+        "cache_fresh_seconds": {"sidecar_cache_hit": envoy_plugin_default_fresh(),
+                                "sidecar_cache_hit_fresh30": OLD_CACHE_FRESH_SECONDS},
+        "callouts_per_s": {k: round(c[1] / c[2], 3) if c[2] else 0.0 for k, c in callouts.items()},
+        "fresh_default_vs_30_rps": hit["rps"] / old["rps"],
+        "fresh_default_vs_30_p50": hit["latency_us"]["50"] / old["latency_us"]["50"],
+        "fresh_default_vs_30_p99": hit["latency_us"]["99"] / old["latency_us"]["99"],
         "sidecar_cache_hit_p50_vs_floor": lat2["sidecar_cache_hit"]["latency_us"]["50"] / f50,
         "broker_cache_hit_p50_vs_floor": lat2["broker_cache_hit"]["latency_us"]["50"] / f50,
         "token_put_p50_vs_floor": lat2["token_put"]["latency_us"]["50"] / t50,
@@ -228,9 +279,20 @@ def bench_envoy(stack, broker, cfg):
     }
     log(f"    cache hit {b2['sidecar_cache_hit_p50_vs_floor']:.2f}× floor, broker hit p99 "
         f"{b2['broker_cache_hit_p99_us']:.0f} µs, token {b2['token_put_p50_vs_floor']:.2f}× floor")
-    for n in ("envoy-filter", "envoy-nofilter", "envoy-filter-nocache", "upstream"):
+    log(f"    cache hit at {b2['cache_fresh_seconds']['sidecar_cache_hit']} s vs {OLD_CACHE_FRESH_SECONDS} s "
+        f"freshness: {b2['fresh_default_vs_30_rps']:.3f}× req/s, {b2['fresh_default_vs_30_p50']:.2f}× p50, "
+        f"{b2['fresh_default_vs_30_p99']:.2f}× p99; call-outs/s {b2['callouts_per_s']}")
+    for n in ("envoy-filter", "envoy-nofilter", "envoy-filter-nocache", "envoy-filter-fresh30", "upstream"):
         stack.procs.stop(n)
     return b1, b2
+
+
+def envoy_plugin_default_fresh():
+    """The filter's default cacheFreshSeconds, read from its source (filter/src/config.rs)."""
+    import re
+    with open(os.path.join(ROOT, "filter", "src", "config.rs")) as f:
+        m = re.search(r"DEFAULT_CACHE_FRESH_SECONDS: u64 = (\d+);", f.read())
+    return int(m.group(1)) if m else None
 
 
 # --------------------------------------------------------------------------- 3

@@ -77,13 +77,24 @@ def rows(results):
     if x:
         lat = x["latency"]
         f = lat["floor_direct_response"]["latency_us"]
-        for name, label, base in (("sidecar_cache_hit", "sidecar-cache hit", "floor_direct_response"),
+        fresh = x.get("cache_fresh_seconds", {}).get("sidecar_cache_hit")
+        hit_label = f"sidecar-cache hit ({fresh} s fresh)" if fresh is not None else "sidecar-cache hit"
+        for name, label, base in (("sidecar_cache_hit", hit_label, "floor_direct_response"),
                                   ("broker_cache_hit", "broker-cache hit", "floor_direct_response"),
                                   ("token_put", "IMDSv2 token PUT", "floor_token_direct_response")):
             s, f = lat[name]["latency_us"], lat[base]["latency_us"]
             out.append(("2 answer latency" if name == "sidecar_cache_hit" else "", f"{label}: p50 / p99 µs",
                         f"{s['50']:.0f} / {s['99']:.0f}", f"{f['50']:.0f} / {f['99']:.0f} (direct_response)",
                         f"{s['50'] / f['50']:.2f}× p50"))
+        if "sidecar_cache_hit_fresh30" in lat:
+            new, old = lat["sidecar_cache_hit"], lat["sidecar_cache_hit_fresh30"]
+            co = x["callouts_per_s"]
+            out.append(("", f"sidecar-cache hit, {fresh} s vs 30 s fresh: req/s; p50 / p99 µs; call-outs/s under load",
+                        f"{new['rps']:,.0f}; {new['latency_us']['50']:.0f} / {new['latency_us']['99']:.0f}; "
+                        f"{co['sidecar_cache_hit']:.2f}",
+                        f"{old['rps']:,.0f}; {old['latency_us']['50']:.0f} / {old['latency_us']['99']:.0f}; "
+                        f"{co['sidecar_cache_hit_fresh30']:.2f} (30 s fresh)",
+                        f"{x['fresh_default_vs_30_rps']:.3f}× req/s, {x['fresh_default_vs_30_p99']:.2f}× p99"))
     x = b.get("3_broker_throughput")
     if x:
         br, fl = x["throughput"]["broker"], x["throughput"]["hyper_floor"]
@@ -250,9 +261,22 @@ def write_markdown(results, path, chart_rel):
             .replace("{{TABLE}}", markdown_table(results))
             .replace("{{TARGETS}}", markdown_targets(results))
             .replace("{{CHART}}", chart_rel)
-            .replace("{{MISSES}}", misses(results)))
+            .replace("{{MISSES}}", misses(results))
+            .replace("{{PARTIAL}}\n", partial_runs(results) + "\n" if partial_runs(results) else ""))
     with open(path, "w") as f:
         f.write(text)
+
+
+def partial_runs(results):
+    """A line per benchmark measured again on its own after the full run."""
+    out = []
+    for r in results.get("partial_runs", []):
+        nums = ", ".join(str(n) for n in r["numbers"])
+        load = ", ".join(f"{x:.2f}" for x in r["machine"]["load"])
+        out.append(f"- **Re-measured alone**: benchmark {nums} on {r['date']} (commit `{r['git']}`) with "
+                   f"`{r['command']}` ({r['elapsed_s'] / 60:.1f} minutes, load average at start {load}); its "
+                   "ratios compare figures of that run only. The other benchmarks are from the full run above.")
+    return "\n".join(out)
 
 
 def misses(results):
@@ -277,6 +301,19 @@ def misses(results):
             "chain by destination, so the filter could be left off the `passthrough` chain, or wrapped in an "
             "`ExtensionWithMatcher` on `:authority`, making ordinary traffic pay nothing; the Host-based "
             "recognition on the passthrough chain is what costs this.")
+    key = (2, "sidecar-cache hit p50 / direct_response floor")
+    if key in by and not by[key]["met"]:
+        x = b["2_answer_latency"]
+        lat = x["latency"]
+        old = lat.get("sidecar_cache_hit_fresh30")
+        out.append(
+            f"- **2, sidecar-cache hit p50** — {x['sidecar_cache_hit_p50_vs_floor']:.2f}× the direct_response "
+            f"floor (target ≤ 1.5×): {lat['sidecar_cache_hit']['latency_us']['50']:,.0f} µs vs "
+            f"{lat['floor_direct_response']['latency_us']['50']:,.0f} µs."
+            + (f" The same path with the old 30 s freshness took {old['latency_us']['50']:,.0f} µs at p50 in the "
+               "same run, so the short freshness is not what costs this; the hit itself is a shared-data read and "
+               "a local reply from the wasm VM, and the floor moved between runs on this shared machine."
+               if old else ""))
     if (2, "broker-cache hit p99") in by and not by[(2, "broker-cache hit p99")]["met"]:
         lat = b["2_answer_latency"]["latency"]
         out.append(

@@ -1,6 +1,10 @@
 """meshiam benchmarks: `make bench` (full) or `make bench-quick` (CI: checks the harness).
 
-    .venv/bin/python bench/run.py [--quick] [--out DIR] [--only 1,2,...]
+    .venv/bin/python bench/run.py [--quick] [--out DIR] [--only 1,2,...] [--merge]
+
+One benchmark alone, keeping the others' figures: `--only 2 --merge` measures benchmark 2,
+takes every other benchmark from bench/results.json, notes the partial run in BENCHMARKS.md
+and rewrites it.
 
 Runs benchmarks 1–7 (see BENCHMARKS.md), each against a baseline measured side by side in
 this run, prints progress and a table, and writes DIR/results.json, DIR/latency.svg and
@@ -56,11 +60,27 @@ def machine():
     }
 
 
+def merged(partial, only):
+    """bench/results.json with the benchmarks of this partial run replaced, and the run noted."""
+    with open(os.path.join(ROOT, "bench", "results.json")) as f:
+        full = json.load(f)
+    names = set(partial["benchmarks"])
+    full["benchmarks"].update(partial["benchmarks"])
+    runs = [r for r in full.get("partial_runs", []) if not set(r["benchmarks"]) <= names]
+    runs.append({k: partial[k] for k in ("date", "git", "command", "elapsed_s", "machine")}
+                | {"benchmarks": sorted(names), "numbers": sorted(only)})
+    full["partial_runs"] = runs
+    return full
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="brief runs that only check the harness (CI)")
     ap.add_argument("--out", default=None, help="results directory (default bench/ for full, bench/out/quick)")
     ap.add_argument("--only", default="1,2,3,4,5,6,7", help="benchmarks to run, e.g. 1,2,7")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the benchmarks not in --only from bench/results.json (full mode) and note "
+                         "this partial run in BENCHMARKS.md")
     ap.add_argument("--no-markdown", action="store_true", help="do not write BENCHMARKS.md")
     ap.add_argument("--report-only", action="store_true",
                     help="measure nothing: rewrite the chart and BENCHMARKS.md from bench/results.json")
@@ -90,8 +110,12 @@ def main():
         if not shutil.which(tool):
             sys.exit(f"missing {tool} on PATH")
 
+    if args.merge and args.quick:
+        sys.exit("--merge is for full runs: quick figures are not to be mixed with full ones")
     started = time.time()
     command = "make bench-quick" if args.quick else "make bench"
+    if args.merge:
+        command = f".venv/bin/python bench/run.py --only {','.join(map(str, sorted(only)))} --merge"
     results = {
         "schema": 1,
         "mode": cfg["mode"],
@@ -119,7 +143,11 @@ def main():
         if only & {1, 2, 3, 6}:
             broker = stack.start_broker("broker", [B.SIDECAR_POD, B.DIRECT_POD])
         if only & {1, 2}:
-            bm["1_filter_overhead"], bm["2_answer_latency"] = B.bench_envoy(stack, broker, cfg)
+            b1, b2 = B.bench_envoy(stack, broker, cfg, parts=only & {1, 2})
+            if b1 is not None:
+                bm["1_filter_overhead"] = b1
+            if b2 is not None:
+                bm["2_answer_latency"] = b2
         if 3 in only:
             bm["3_broker_throughput"] = B.bench_broker_throughput(stack, broker, cfg)
         if 6 in only:
@@ -136,7 +164,9 @@ def main():
         log("7/7 STS load at cluster scale: simulation (bench/stsmodel.py)")
         bm["7_sts_cluster_scale"] = stsmodel.run(cfg["sim"], progress=log)
 
-    results["elapsed_s"] = round(time.time() - started, 1)
+    results["elapsed_s"] = elapsed = round(time.time() - started, 1)
+    if args.merge:
+        results = merged(results, only)
     results["targets"] = report.targets(results)
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
@@ -148,7 +178,7 @@ def main():
         md = os.path.join(ROOT, "BENCHMARKS.md")
         report.write_markdown(results, md, os.path.relpath(chart, ROOT))
         log(f"wrote {os.path.relpath(md, ROOT)}")
-    log(f"wrote {os.path.relpath(os.path.join(out_dir, 'results.json'), ROOT)} in {results['elapsed_s']} s")
+    log(f"wrote {os.path.relpath(os.path.join(out_dir, 'results.json'), ROOT)} in {elapsed} s")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use meshiam_imds::rules::{self, Admission};
+use meshiam_imds::rules::{self, Admission, ImdsHeaders, Seen};
 use meshiam_imds::{PathClass, admit, check_session, classify, creds, headers, is_allowed};
 use serde::Serialize;
 
@@ -182,16 +182,21 @@ fn json(body: String) -> Response {
         .into_response()
 }
 
-fn imds_refusal(r: rules::Refusal, class: &PathClass<'_>) -> BrokerError {
-    let reason = match (r.status, class) {
-        (400, _) => "bad-token-ttl",
-        (403, PathClass::VersionedToken) => "versioned-token-path",
-        (403, _) => "forwarded-token-request",
-        (405, _) => "method-not-allowed",
-        (401, _) => "token-invalid",
-        _ => "imds-rule",
-    };
-    BrokerError::Imds { refusal: r, reason }
+fn imds_refusal(r: rules::Refusal) -> BrokerError {
+    BrokerError::Imds {
+        refusal: r,
+        reason: r.reason,
+    }
+}
+
+/// Every value of one header: a header sent twice is refused, never read as its first copy.
+fn seen<'a>(req_headers: &'a HeaderMap, name: &str) -> Seen<'a> {
+    Seen::of(
+        req_headers
+            .get_all(name)
+            .iter()
+            .map(|v| v.to_str().unwrap_or("\u{fffd}")),
+    )
 }
 
 async fn serve(
@@ -204,13 +209,12 @@ async fn serve(
     via: &str,
 ) -> Result<Response, BrokerError> {
     let header = |name: &str| req_headers.get(name).and_then(|v| v.to_str().ok());
-    let admission = admit(
-        method.as_str(),
-        class,
-        header(headers::TOKEN_TTL),
-        req_headers.contains_key(headers::FORWARDED_FOR),
-    )
-    .map_err(|r| imds_refusal(r, class))?;
+    let imds_headers = ImdsHeaders {
+        ttl: seen(req_headers, headers::TOKEN_TTL),
+        token: seen(req_headers, headers::TOKEN),
+        forwarded_for: req_headers.contains_key(headers::FORWARDED_FOR),
+    };
+    let admission = admit(method.as_str(), class, &imds_headers).map_err(imds_refusal)?;
     // Every answer below, the token PUT included, rests on the caller's address: not while
     // the pod store may be missing the pod that holds it now.
     fresh(broker)?;

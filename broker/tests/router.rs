@@ -279,11 +279,11 @@ async fn the_caller_gets_its_role_name_and_credentials() {
     assert_eq!(reqs[0].session_name, "default.myapp");
     assert_eq!(reqs[0].duration_secs, 3600);
 
-    // Dated versions and a trailing slash are the same paths; the cache answers.
+    // Dated versions are the same paths; the cache answers.
     let again = h
         .filter(
             "198.18.1.10",
-            "/2021-03-23/meta-data/iam/security-credentials/myapp-iam-role/",
+            "/2021-03-23/meta-data/iam/security-credentials/myapp-iam-role",
         )
         .await;
     assert_eq!(again.status, StatusCode::OK);
@@ -1244,5 +1244,130 @@ async fn a_stale_pod_store_refuses_every_request_until_it_relists() {
     assert!(
         m.contains("meshiam_broker_pod_store_stale_seconds 0.0"),
         "{m}"
+    );
+}
+
+#[tokio::test]
+async fn a_role_change_in_the_pod_store_applies_to_the_next_request() {
+    let h = harness(Opts::default());
+    let me = "198.18.1.10";
+    let old_creds = format!("{CREDS}myapp-iam-role");
+    assert_eq!(h.filter(me, CREDS).await.body, "myapp-iam-role");
+    assert_eq!(h.filter(me, &old_creds).await.status, StatusCode::OK);
+
+    // The annotation now names another role: no per-pod decision is kept between requests.
+    h.broker
+        .store
+        .upsert_pod(pod("default", "myapp", me, Some("new-role")));
+    let list = h.filter(me, CREDS).await;
+    assert_eq!(
+        (list.status, list.body.as_str()),
+        (StatusCode::OK, "new-role")
+    );
+    let old = h.filter(me, &old_creds).await;
+    assert_eq!(
+        (old.status, old.reason()),
+        (StatusCode::NOT_FOUND, "not-pod-role")
+    );
+    assert!(!old.body.contains("AccessKeyId"));
+    let new = h.filter(me, &format!("{CREDS}new-role")).await;
+    assert_eq!(new.status, StatusCode::OK);
+    assert!(Credentials::from_imds_json(&new.body).is_ok());
+
+    // Removed: nothing, with the reason.
+    h.broker.store.upsert_pod(pod("default", "myapp", me, None));
+    let list = h.filter(me, CREDS).await;
+    assert_eq!(
+        (list.status, list.reason()),
+        (StatusCode::NOT_FOUND, "no-role")
+    );
+    let gone = h.filter(me, &format!("{CREDS}new-role")).await;
+    assert_eq!(gone.status, StatusCode::NOT_FOUND);
+    assert!(!gone.body.contains("AccessKeyId"));
+}
+
+#[tokio::test]
+async fn only_the_exact_token_path_issues_tokens() {
+    let h = harness(Opts::default());
+    let ttl = [(headers::TOKEN_TTL, "60")];
+    for p in [
+        "/latest/api/token/",
+        "/latest/api/token?x=1",
+        "/latest/api/token?",
+    ] {
+        let a = h.direct("198.18.1.10", Method::PUT, p, &ttl).await;
+        assert_eq!(
+            (a.status, a.reason(), a.body.as_str()),
+            (StatusCode::NOT_FOUND, "invalid-path", "Not Found"),
+            "{p}"
+        );
+        assert!(a.headers.get(headers::TOKEN_TTL).is_none(), "{p}");
+    }
+    let a = h
+        .direct("198.18.1.10", Method::PUT, "/latest/api/token", &ttl)
+        .await;
+    assert_eq!(a.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn credentials_with_a_trailing_slash_are_404() {
+    let h = harness(Opts::default());
+    for p in [
+        "/latest/meta-data/iam/security-credentials/myapp-iam-role/",
+        "/2021-03-23/meta-data/iam/security-credentials/myapp-iam-role/",
+        "/latest/meta-data/iam/info/",
+    ] {
+        let a = h.filter("198.18.1.10", p).await;
+        assert_eq!(
+            (a.status, a.reason()),
+            (StatusCode::NOT_FOUND, "invalid-path"),
+            "{p}"
+        );
+        assert!(!a.body.contains("AccessKeyId"));
+        let a = h.direct("198.18.1.10", Method::GET, p, &[]).await;
+        assert_eq!(a.status, StatusCode::NOT_FOUND, "{p}");
+    }
+    assert_eq!(h.sts.calls(), 0);
+}
+
+#[tokio::test]
+async fn a_repeated_ttl_or_token_header_is_400() {
+    let h = harness(Opts::default());
+    let me = "198.18.1.10";
+    let twice = [(headers::TOKEN_TTL, "60"), (headers::TOKEN_TTL, "99999")];
+    let a = h.direct(me, Method::PUT, "/latest/api/token", &twice).await;
+    assert_eq!(
+        (a.status, a.reason(), a.body.as_str()),
+        (
+            StatusCode::BAD_REQUEST,
+            "repeated-imds-header",
+            "Bad Request"
+        )
+    );
+    let same = [(headers::TOKEN_TTL, "60"), (headers::TOKEN_TTL, "60")];
+    let a = h.direct(me, Method::PUT, "/latest/api/token", &same).await;
+    assert_eq!(a.status, StatusCode::BAD_REQUEST);
+
+    let t = h
+        .direct(
+            me,
+            Method::PUT,
+            "/latest/api/token",
+            &[(headers::TOKEN_TTL, "60")],
+        )
+        .await
+        .body;
+    let tokens = [(headers::TOKEN, t.as_str()), (headers::TOKEN, "junk")];
+    let a = h.direct(me, Method::GET, CREDS, &tokens).await;
+    assert_eq!(
+        (a.status, a.reason()),
+        (StatusCode::BAD_REQUEST, "repeated-imds-header")
+    );
+    let one = h
+        .direct(me, Method::GET, CREDS, &[(headers::TOKEN, &t)])
+        .await;
+    assert_eq!(
+        (one.status, one.body.as_str()),
+        (StatusCode::OK, "myapp-iam-role")
     );
 }

@@ -2,9 +2,11 @@
 //!
 //! Keys are what an answer *is*, not the URL it came from: the same role's credentials are
 //! one entry under `latest` and under any dated version. Only `200` answers are stored. An
-//! entry is *fresh* for `cacheFreshSeconds` after the broker gave it; after that it is only
-//! used when the broker fails, and then only credentials (and the role list that leads to
-//! them) with more than `staleMinRemainingSeconds` left.
+//! entry is *fresh* for `cacheFreshSeconds` (default 3) after the broker gave it; after that
+//! it is only used when the broker fails, and then only credentials (and the role list that
+//! leads to them) with more than `staleMinRemainingSeconds` left. The short freshness is what
+//! makes a role change reach the pod within seconds: the broker decides from its pod store on
+//! every call-out. An entry the broker refuses (`403`/`404`) is forgotten at once.
 
 use alloc::format;
 use alloc::string::String;
@@ -107,6 +109,13 @@ pub fn put<H: Host>(h: &H, key: &CacheKey, entry: &Entry) -> bool {
         .is_ok()
 }
 
+/// Drops an answer the broker just said is no longer the pod's, so that neither a fresh hit
+/// nor a later broker outage (stale serving) can hand it out again. proxy-wasm shared data
+/// cannot delete a key: an empty value is a miss for [`get`].
+pub fn forget<H: Host>(h: &H, key: &CacheKey) -> bool {
+    h.shared_set(&key.shared_key(), b"", None).is_ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -153,6 +162,15 @@ mod tests {
     fn debug_hides_the_body() {
         let d = format!("{:?}", entry());
         assert!(!d.contains("\"a\""), "{d}");
+    }
+
+    #[test]
+    fn forgotten_is_a_miss_on_every_vm() {
+        let a = MockHost::new();
+        let key = CacheKey::Credentials("r".into());
+        assert!(put(&a, &key, &entry()));
+        assert!(forget(&a.other_vm(), &key));
+        assert_eq!(get(&a, &key), None);
     }
 
     #[test]

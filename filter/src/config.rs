@@ -19,7 +19,11 @@ pub const DEFAULT_BROKER_AUTHORITY: &str = "meshiam-broker";
 /// `--request-wait` (900 ms) when STS is slow, and a broker that is down fails the call-out
 /// at connect; only a hanging broker makes the filter wait this long.
 pub const DEFAULT_BROKER_TIMEOUT_MS: u32 = 2500;
-pub const DEFAULT_CACHE_FRESH_SECONDS: u64 = 30;
+/// How long a cached answer is served without asking the broker. Short, so that a role
+/// change (annotation edited or removed) reaches the pod within 5 seconds: this plus the
+/// broker's watch lag (well under a second) bounds it. A hit still costs no call-out; a pod
+/// polling without pause makes one call-out per 3 s per path (BENCHMARKS.md, benchmark 2).
+pub const DEFAULT_CACHE_FRESH_SECONDS: u64 = 3;
 pub const DEFAULT_STALE_MIN_REMAINING_SECONDS: u64 = 300;
 pub const DEFAULT_METADATA_HOSTS: [&str; 2] = ["169.254.169.254", "[fd00:ec2::254]"];
 pub const DEFAULT_METADATA_ADDRESSES: [&str; 2] = ["169.254.169.254:80", "[fd00:ec2::254]:80"];
@@ -355,7 +359,7 @@ mod tests {
         assert_eq!(parse(b" {} "), Ok(Config::default()));
         let d = Config::default();
         assert_eq!(d.metadata_hosts, ["169.254.169.254", "[fd00:ec2::254]"]);
-        assert_eq!(d.cache_fresh_seconds, 30);
+        assert_eq!(d.cache_fresh_seconds, 3);
         assert_eq!(d.stale_min_remaining_seconds, 300);
         assert!(!d.require_imdsv2);
         assert!(d.allow_paths.is_empty());

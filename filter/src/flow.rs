@@ -14,7 +14,7 @@ use core::net::IpAddr;
 use meshiam_imds::headers::{
     self, APPLICATION_JSON, FILTER, POD_NAME, POD_NAMESPACE, REASON, TEXT_PLAIN, TOKEN, TOKEN_TTL,
 };
-use meshiam_imds::rules::{self, Admission, Refusal};
+use meshiam_imds::rules::{self, Admission, ImdsHeaders, Refusal, Seen};
 use meshiam_imds::{Credentials, PathClass, classify, is_allowed};
 
 use crate::cache::{self, CacheKey, Entry};
@@ -31,6 +31,10 @@ pub const SOURCE_HEADER: &str = "x-meshiam-source";
 pub const NOT_THE_POD: &str = "metadata is answered only to the pod itself";
 /// The largest broker answer the filter reads.
 pub const MAX_BROKER_BODY: usize = 64 * 1024;
+
+/// `404`s the filter answers itself, with the broker's reason codes for the same refusals.
+const PATH_NOT_ALLOWED: Refusal = Refusal::new(404, "Not Found", "path-not-allowed");
+const EXTENDED_NOT_SERVED: Refusal = Refusal::new(404, "Not Found", "extended-not-served");
 
 /// What the proxy should do with the request's headers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -140,9 +144,30 @@ impl RequestFlow {
         let head = method == "HEAD";
         let class = classify(&path);
         let label = class.label();
-        let ttl = h.request_header(TOKEN_TTL);
-        let forwarded = h.request_header(headers::FORWARDED_FOR).is_some();
-        match rules::admit(&method, &class, ttl.as_deref(), forwarded) {
+        // Every value of a header only where a repeat matters (token PUTs, reads carrying a
+        // token): `request_header` sees the first value alone, and reading the whole map is
+        // kept off the IMDSv1 hot path. An unreadable map is refused as a repeat.
+        let all = |name: &str| h.request_header_values(name);
+        let ttl = match (method.as_str(), &class) {
+            ("PUT", PathClass::Token) => all(TOKEN_TTL),
+            _ => Some(Vec::new()),
+        };
+        let token = match h.request_header(TOKEN) {
+            Some(_) if method != "PUT" => all(TOKEN),
+            _ => Some(Vec::new()),
+        };
+        fn seen(v: &Option<Vec<String>>) -> Seen<'_> {
+            match v {
+                Some(v) => Seen::of(v.iter().map(String::as_str)),
+                None => Seen::Repeated,
+            }
+        }
+        let imds_headers = ImdsHeaders {
+            ttl: seen(&ttl),
+            token: seen(&token),
+            forwarded_for: h.request_header(headers::FORWARDED_FOR).is_some(),
+        };
+        match rules::admit(&method, &class, &imds_headers) {
             Err(r) => refuse(h, label, r, head),
             Ok(Admission::IssueToken { ttl }) => self.issue_token(h, ttl),
             Ok(Admission::Read) => self.read(h, &path, class, head),
@@ -215,7 +240,8 @@ impl RequestFlow {
                 (Kind::Allowed, CacheKey::Other(rel.to_string()))
             }
             // `-extended` credential documents are not implemented: SDKs fall back on 404.
-            _ => return refuse(h, label, rules::NOT_FOUND, head),
+            PathClass::Extended => return refuse(h, label, EXTENDED_NOT_SERVED, head),
+            _ => return refuse(h, label, PATH_NOT_ALLOWED, head),
         };
         let now = h.now();
         if let Some(e) = cache::get(h, &key)
@@ -283,6 +309,9 @@ impl RequestFlow {
         match resp.status {
             Some(200) => match accept(&p, &resp, h.now()) {
                 Ok(entry) => {
+                    if p.kind == Kind::RoleList {
+                        forget_other_role(h, &entry.body);
+                    }
                     cache::put(h, &p.key, &entry);
                     answer(
                         h,
@@ -318,6 +347,11 @@ impl RequestFlow {
                         printable(reason)
                     ),
                 );
+                // 408 and 429 speak about load; every other refusal says this answer is no
+                // longer the pod's (role removed or changed, not permitted): forget it.
+                if !matches!(status, 408 | 429) {
+                    forget_refused(h, &p);
+                }
                 let body = if resp.body.len() <= 256 && resp.body.is_ascii() {
                     resp.body.as_slice()
                 } else {
@@ -403,6 +437,37 @@ fn accept(p: &Pending, resp: &CalloutResponse, now: u64) -> Result<Entry, &'stat
     })
 }
 
+/// The broker refused `p`: drop its cached answer, and when it was the role list (or the
+/// credentials of the role the cached list names) also the list, that role's credentials and
+/// `iam/info`, so no later outage serves them stale.
+fn forget_refused<H: Host>(h: &H, p: &Pending) {
+    let names_refused_role = |role: &str| {
+        cache::get(h, &CacheKey::RoleList).is_some_and(|list| list.body == role.as_bytes())
+    };
+    match &p.key {
+        CacheKey::RoleList => forget_other_role(h, b""),
+        CacheKey::Credentials(role) if names_refused_role(role) => forget_other_role(h, b""),
+        _ => {}
+    }
+    cache::forget(h, &p.key);
+}
+
+/// The pod's role is now `role` (empty: none). Drops what the cache holds for the role the
+/// cached role list named, if that was another one.
+fn forget_other_role<H: Host>(h: &H, role: &[u8]) {
+    let Some(old) = cache::get(h, &CacheKey::RoleList) else {
+        return;
+    };
+    if old.body == role {
+        return;
+    }
+    if let Ok(old_role) = core::str::from_utf8(&old.body) {
+        cache::forget(h, &CacheKey::Credentials(old_role.to_string()));
+    }
+    cache::forget(h, &CacheKey::IamInfo);
+    cache::forget(h, &CacheKey::RoleList);
+}
+
 /// The broker could not answer: serve still-valid cached credentials, else fail closed.
 fn broker_failed<H: Host>(h: &H, cfg: &Config, p: &Pending, status: u16) {
     h.count(metrics::CALLOUT_FAILURES);
@@ -437,7 +502,13 @@ fn stale_entry<H: Host>(h: &H, cfg: &Config, p: &Pending) -> Option<Entry> {
             .filter(|e| e.expiration != 0 && e.has_left(now, min))
     };
     match (&p.kind, &p.key) {
-        (Kind::Credentials, CacheKey::Credentials(role)) => valid_creds(role),
+        (Kind::Credentials, CacheKey::Credentials(role)) => {
+            // Never the credentials of a role the cached role list no longer names.
+            match cache::get(h, &CacheKey::RoleList) {
+                Some(list) if list.body != role.as_bytes() => None,
+                _ => valid_creds(role),
+            }
+        }
         (Kind::RoleList, _) => {
             let list = cache::get(h, &CacheKey::RoleList)?;
             let role = core::str::from_utf8(&list.body).ok()?;
@@ -474,15 +545,14 @@ fn refuse_source<H: Host>(h: &H, why: SourceRefusal, ip: Option<IpAddr>) {
     );
 }
 
+/// An IMDS rule refused the request: IMDS's status and body, and the rule's reason code in
+/// `x-meshiam-reason` for whoever debugs the application.
 fn refuse<H: Host>(h: &H, label: &str, r: Refusal, head: bool) {
-    answer(
-        h,
-        label,
+    h.count(&metrics::request(label, r.status));
+    h.reply(
         r.status,
-        TEXT_PLAIN,
-        r.body.as_bytes(),
-        head,
-        None,
+        &[("content-type", TEXT_PLAIN), (headers::REASON, r.reason)],
+        if head { None } else { Some(r.body.as_bytes()) },
     );
 }
 

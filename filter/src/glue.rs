@@ -30,6 +30,16 @@ impl Host for ProxyHost {
             .flatten()
     }
 
+    fn request_header_values(&self, name: &str) -> Option<Vec<String>> {
+        let map = hostcalls::get_map(MapType::HttpRequestHeaders).ok()?;
+        Some(
+            map.into_iter()
+                .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v)
+                .collect(),
+        )
+    }
+
     fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
         hostcalls::get_property(path.to_vec()).ok().flatten()
     }

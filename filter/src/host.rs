@@ -50,6 +50,11 @@ pub struct CalloutResponse {
 pub trait Host {
     /// A request header of the current stream (`:authority`, `:path`, …), lowercase name.
     fn request_header(&self, name: &str) -> Option<String>;
+    /// Every value of a request header, in order (`None` when the headers cannot be read).
+    /// Costs a copy of the whole header map: only for the rare requests where a repeated
+    /// header matters (token PUTs, reads carrying a token); `request_header` sees the first
+    /// value only.
+    fn request_header_values(&self, name: &str) -> Option<Vec<String>>;
     /// An Envoy attribute such as `["destination", "address"]`.
     fn property(&self, path: &[&str]) -> Option<Vec<u8>>;
     /// Wall-clock time, Unix seconds.

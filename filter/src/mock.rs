@@ -50,6 +50,7 @@ pub struct MockHost {
     headers: RefCell<Vec<(String, String)>>,
     properties: HashMap<Vec<String>, Vec<u8>>,
     property_reads: Cell<usize>,
+    header_map_reads: Cell<usize>,
     now: Rc<Cell<u64>>,
     shared: SharedMap,
     no_random: bool,
@@ -115,6 +116,11 @@ impl MockHost {
         self.property_reads.get()
     }
 
+    /// How many times the whole request header map was read.
+    pub fn header_map_reads(&self) -> usize {
+        self.header_map_reads.get()
+    }
+
     pub fn advance(&self, secs: u64) {
         self.now.set(self.now.get() + secs);
     }
@@ -135,6 +141,18 @@ impl Host for MockHost {
             .iter()
             .find(|(k, _)| k.eq_ignore_ascii_case(name))
             .map(|(_, v)| v.clone())
+    }
+
+    fn request_header_values(&self, name: &str) -> Option<Vec<String>> {
+        self.header_map_reads.set(self.header_map_reads.get() + 1);
+        Some(
+            self.headers
+                .borrow()
+                .iter()
+                .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.clone())
+                .collect(),
+        )
     }
 
     fn property(&self, path: &[&str]) -> Option<Vec<u8>> {

@@ -270,7 +270,7 @@ mod decisions {
 
         // Fresh: answered from the cache by another worker VM, without a call-out.
         let other = h.other_vm();
-        h.advance(29);
+        h.advance(config::DEFAULT_CACHE_FRESH_SECONDS - 1);
         let r = local(
             &other,
             &s,
@@ -850,5 +850,185 @@ mod decisions {
         let mut flow = RequestFlow::new(s);
         flow.on_callout_response(&h, ok("x", "text/plain"));
         assert!(h.replies.borrow().is_empty());
+    }
+
+    const FRESH: u64 = config::DEFAULT_CACHE_FRESH_SECONDS;
+
+    /// Role list and credentials of `myapp-iam-role` in the sidecar cache, then past freshness.
+    fn cached_then_due(h: &MockHost, s: &Rc<Shared>) {
+        via_broker(h, s, ROLE_LIST, ok("myapp-iam-role", "text/plain"));
+        via_broker(h, s, CREDS, ok(&creds_doc(NOW + 3600), "application/json"));
+        h.advance(FRESH);
+    }
+
+    #[test]
+    fn default_freshness_lets_a_role_change_through_within_5_seconds() {
+        let fresh = Config::default().cache_fresh_seconds;
+        assert!(fresh <= 4, "cacheFreshSeconds default {fresh}");
+        let (h, s) = pod();
+        cached_then_due(&h, &s);
+        // The annotation now names another role: the broker says so at the next call-out.
+        let r = via_broker(&h, &s, ROLE_LIST, ok("new-role", "text/plain"));
+        assert_eq!((r.status, r.text().as_str()), (200, "new-role"));
+        let r = local(&h, &s, "GET", ROLE_LIST, &[]);
+        assert_eq!(
+            (r.text().as_str(), r.header("x-meshiam-source")),
+            ("new-role", Some("cache"))
+        );
+        // The old role's credentials went with the old list: a broker outage cannot bring
+        // them back.
+        let r = via_broker(&h, &s, CREDS, CalloutResponse::default());
+        assert_eq!(r.status, 503);
+        assert!(!r.text().contains("AccessKeyId"));
+    }
+
+    #[test]
+    fn a_removed_role_is_forgotten_and_never_served_stale() {
+        let (h, s) = pod();
+        cached_then_due(&h, &s);
+        let r = via_broker(&h, &s, ROLE_LIST, status(404, "no-role"));
+        assert_eq!(r.status, 404);
+        // Broker down now: neither the list nor the credentials come back from the cache.
+        let r = via_broker(&h, &s, ROLE_LIST, CalloutResponse::default());
+        assert_eq!(r.status, 503);
+        let r = via_broker(&h, &s, CREDS, status(503, "sts-unavailable"));
+        assert_eq!(r.status, 503);
+        assert_eq!(h.metric(metrics::STALE_SERVES), 0);
+    }
+
+    #[test]
+    fn refused_credentials_are_forgotten_with_the_list_that_named_them() {
+        let (h, s) = pod();
+        cached_then_due(&h, &s);
+        let r = via_broker(&h, &s, CREDS, status(403, "role-not-permitted"));
+        assert_eq!(r.status, 403);
+        // The list named that role: it goes too, so the next list asks the broker.
+        let r = via_broker(&h, &s, ROLE_LIST, CalloutResponse::default());
+        assert_eq!(r.status, 503);
+        let r = via_broker(&h, &s, CREDS, CalloutResponse::default());
+        assert_eq!(r.status, 503);
+    }
+
+    #[test]
+    fn load_refusals_keep_the_cache_for_an_outage() {
+        let (h, s) = pod();
+        cached_then_due(&h, &s);
+        let r = via_broker(&h, &s, CREDS, status(429, "rate-limited"));
+        assert_eq!(r.status, 429);
+        let r = via_broker(&h, &s, CREDS, CalloutResponse::default());
+        assert_eq!(
+            (r.status, r.header("x-meshiam-source")),
+            (200, Some("stale"))
+        );
+    }
+
+    #[test]
+    fn stale_credentials_only_for_the_role_the_cached_list_names() {
+        let (h, s) = pod();
+        cached_then_due(&h, &s);
+        // The cached list names another role (as a write racing ours could leave it) while
+        // the old role's credentials are still cached.
+        let list = crate::cache::Entry {
+            fetched: NOW,
+            expiration: 0,
+            content_type: "text/plain".into(),
+            body: b"new-role".to_vec(),
+        };
+        assert!(crate::cache::put(
+            &h,
+            &crate::cache::CacheKey::RoleList,
+            &list
+        ));
+        let r = via_broker(&h, &s, CREDS, CalloutResponse::default());
+        assert_eq!(r.status, 503);
+    }
+
+    #[test]
+    fn only_the_exact_token_path_issues_tokens() {
+        let (h, s) = pod();
+        let ttl = "x-aws-ec2-metadata-token-ttl-seconds";
+        for p in [
+            "/latest/api/token/",
+            "/latest/api/token?x=1",
+            "/latest/api/token?",
+        ] {
+            let r = local(&h, &s, "PUT", p, &[(ttl, "60")]);
+            assert_eq!((r.status, r.text().as_str()), (404, "Not Found"), "{p}");
+            assert_eq!(r.header("x-meshiam-reason"), Some("invalid-path"), "{p}");
+            assert_eq!(r.header(ttl), None, "{p}");
+        }
+        assert_eq!(h.metric(metrics::TOKENS_ISSUED), 0);
+        assert_eq!(
+            local(&h, &s, "PUT", "/latest/api/token", &[(ttl, "60")]).status,
+            200
+        );
+    }
+
+    #[test]
+    fn credentials_path_with_a_trailing_slash_is_404_without_a_callout() {
+        let (h, s) = pod();
+        let r = local(&h, &s, "GET", &format!("{CREDS}/"), &[]);
+        assert_eq!((r.status, r.text().as_str()), (404, "Not Found"));
+        let r = local(&h, &s, "GET", "/latest/meta-data/iam/info/", &[]);
+        assert_eq!(r.status, 404);
+        assert!(h.dispatched.borrow().is_empty());
+    }
+
+    #[test]
+    fn a_repeated_ttl_or_token_header_is_400() {
+        let (h, s) = pod();
+        let ttl = "x-aws-ec2-metadata-token-ttl-seconds";
+        let r = local(
+            &h,
+            &s,
+            "PUT",
+            "/latest/api/token",
+            &[(ttl, "60"), (ttl, "99999")],
+        );
+        assert_eq!((r.status, r.text().as_str()), (400, "Bad Request"));
+        assert_eq!(r.header("x-meshiam-reason"), Some("repeated-imds-header"));
+        let r = local(
+            &h,
+            &s,
+            "PUT",
+            "/latest/api/token",
+            &[(ttl, "60"), (ttl, "60")],
+        );
+        assert_eq!(r.status, 400);
+        assert_eq!(h.metric(metrics::TOKENS_ISSUED), 0);
+        let t = token(&h, &s, "60");
+        let tok = "x-aws-ec2-metadata-token";
+        let r = local(&h, &s, "GET", ROLE_LIST, &[(tok, &t), (tok, "junk")]);
+        assert_eq!(r.status, 400);
+        let r = local(&h, &s, "GET", ROLE_LIST, &[(tok, &t), (tok, &t)]);
+        assert_eq!(r.status, 400);
+        assert!(h.dispatched.borrow().is_empty());
+        // One token is one token.
+        let r = via_broker(&h, &s, ROLE_LIST, ok("myapp-iam-role", "text/plain"));
+        assert_eq!(r.status, 200);
+        let _ = send(&h, &s, "GET", ROLE_LIST, &[(tok, &t)]);
+        assert_eq!(h.last_reply().map(|r| r.status), Some(200));
+    }
+
+    #[test]
+    fn the_whole_header_map_is_read_only_for_token_puts_and_tokened_reads() {
+        let (h, s) = pod();
+        via_broker(&h, &s, ROLE_LIST, ok("myapp-iam-role", "text/plain"));
+        local(&h, &s, "GET", ROLE_LIST, &[]);
+        assert_eq!(
+            h.header_map_reads(),
+            0,
+            "IMDSv1 reads read single headers only"
+        );
+        let t = token(&h, &s, "60");
+        assert_eq!(h.header_map_reads(), 1);
+        local(
+            &h,
+            &s,
+            "GET",
+            ROLE_LIST,
+            &[("x-aws-ec2-metadata-token", &t)],
+        );
+        assert_eq!(h.header_map_reads(), 2);
     }
 }

@@ -9,7 +9,7 @@
 use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use meshiam_imds::{Credentials, TokenIssuer, admit, check_session, classify};
+use meshiam_imds::{Credentials, ImdsHeaders, Seen, TokenIssuer, admit, check_session, classify};
 
 const NOW: u64 = 1_760_000_000;
 const BINDING: &[u8] = b"default/myapp";
@@ -44,8 +44,10 @@ fn paths(c: &mut Criterion) {
             admit(
                 black_box("PUT"),
                 black_box(&class),
-                black_box(Some("21600")),
-                false,
+                black_box(&ImdsHeaders {
+                    ttl: Seen::Once("21600"),
+                    ..Default::default()
+                }),
             )
         })
     });

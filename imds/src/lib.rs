@@ -26,5 +26,5 @@ pub mod token;
 
 pub use creds::{Credentials, JsonError};
 pub use path::{PathClass, classify, is_allowed};
-pub use rules::{Admission, Refusal, admit, check_session};
+pub use rules::{Admission, ImdsHeaders, Refusal, Seen, admit, check_session};
 pub use token::{TokenError, TokenIssuer, TtlError, parse_ttl};

@@ -1,22 +1,31 @@
 //! What an IMDS request path asks for.
 //!
 //! IMDS serves the same tree under `latest` and under dated versions (`2021-03-23`, `1.0`).
-//! Classification ignores the query string and a single trailing slash on leaves, and refuses
-//! anything that could mean two different paths to two different parsers (`..`, `%`, `//`,
-//! backslashes, control bytes): such a path is [`PathClass::Invalid`] and answered `404`.
+//! Classification refuses anything that could mean two different paths to two different
+//! parsers (`..`, `%`, `//`, backslashes, control bytes): such a path is
+//! [`PathClass::Invalid`] and answered `404`.
+//!
+//! The token endpoint and the credential leaves are exact: `/latest/api/token` with a
+//! trailing slash or any query string (even an empty `?`), and
+//! `…/security-credentials/<role>/` or `…/iam/info/`, are [`PathClass::Invalid`] — no SDK
+//! sends them, and a path that means the same thing several ways is one more thing to get
+//! wrong in a proxy in front of us. Elsewhere the query string is ignored, and directories
+//! (`…/security-credentials`, with or without its slash) and allow-listed paths tolerate a
+//! trailing slash.
 
 /// The kind of thing a metadata request path asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PathClass<'a> {
-    /// `/latest/api/token`: the IMDSv2 token endpoint.
+    /// `/latest/api/token`, exactly (no trailing slash, no query): the IMDSv2 token endpoint.
     Token,
     /// `/<dated version>/api/token`: real IMDS answers a PUT here with `403`.
     VersionedToken,
     /// `/<v>/meta-data/iam/security-credentials/`: the role name.
     RoleList,
-    /// `/<v>/meta-data/iam/security-credentials/<role>`: the role's credentials.
+    /// `/<v>/meta-data/iam/security-credentials/<role>` (no trailing slash): the role's
+    /// credentials.
     RoleCredentials(&'a str),
-    /// `/<v>/meta-data/iam/info`: the instance-profile document.
+    /// `/<v>/meta-data/iam/info` (no trailing slash): the instance-profile document.
     IamInfo,
     /// `/<v>/meta-data/iam/security-credentials-extended/…`: newer SDKs try it first and fall
     /// back on `404`.
@@ -61,9 +70,9 @@ pub const MAX_PATH_LEN: usize = 1024;
 
 /// Classifies a request path (`:path`, query string allowed).
 pub fn classify(path: &str) -> PathClass<'_> {
-    let path = match path.find('?') {
-        Some(i) => &path[..i],
-        None => path,
+    let (path, query) = match path.find('?') {
+        Some(i) => (&path[..i], true),
+        None => (path, false),
     };
     if path.len() > MAX_PATH_LEN || !path.starts_with('/') || !is_clean(path) {
         return PathClass::Invalid;
@@ -77,12 +86,15 @@ pub fn classify(path: &str) -> PathClass<'_> {
     if !latest && !is_dated_version(version) {
         return PathClass::Invalid;
     }
-    if below == "api/token" || below == "api/token/" {
-        return if latest {
-            PathClass::Token
-        } else {
-            PathClass::VersionedToken
+    if below == "api/token" {
+        return match (latest, query) {
+            (true, false) => PathClass::Token,
+            (true, true) => PathClass::Invalid,
+            (false, _) => PathClass::VersionedToken,
         };
+    }
+    if below == "api/token/" {
+        return PathClass::Invalid;
     }
     const CREDS: &str = "meta-data/iam/security-credentials";
     const EXTENDED: &str = "meta-data/iam/security-credentials-extended";
@@ -93,14 +105,18 @@ pub fn classify(path: &str) -> PathClass<'_> {
         return PathClass::RoleList;
     }
     if let Some(role) = below.strip_prefix("meta-data/iam/security-credentials/") {
-        let role = role.strip_suffix('/').unwrap_or(role);
+        // `<role>/` is not the credentials document: no SDK asks for it, and answering it
+        // would give the same secret under a second name.
         if role.is_empty() || role.contains('/') {
             return PathClass::Invalid;
         }
         return PathClass::RoleCredentials(role);
     }
-    if below == "meta-data/iam/info" || below == "meta-data/iam/info/" {
+    if below == "meta-data/iam/info" {
         return PathClass::IamInfo;
+    }
+    if below == "meta-data/iam/info/" {
+        return PathClass::Invalid;
     }
     let below = below.strip_suffix('/').unwrap_or(below);
     PathClass::Other(below)
@@ -151,11 +167,18 @@ mod tests {
     #[test]
     fn token_paths() {
         assert_eq!(classify("/latest/api/token"), Token);
-        assert_eq!(classify("/latest/api/token/"), Token);
         assert_eq!(classify("/2021-03-23/api/token"), VersionedToken);
         assert_eq!(classify("/1.0/api/token"), VersionedToken);
-        assert_eq!(classify("/latest/api/token?x=1"), Token);
         assert_eq!(classify("/latest/api/tokens"), Other("api/tokens"));
+        // Only the exact path issues tokens.
+        for p in [
+            "/latest/api/token/",
+            "/latest/api/token?x=1",
+            "/latest/api/token?",
+            "/2021-03-23/api/token/",
+        ] {
+            assert_eq!(classify(p), Invalid, "{p}");
+        }
     }
 
     #[test]
@@ -172,10 +195,16 @@ mod tests {
             let p = alloc::format!("/{v}/meta-data/iam/security-credentials-extended/r");
             assert_eq!(classify(&p), Extended, "{p}");
         }
+        // A credential leaf has one name only.
         assert_eq!(
             classify("/latest/meta-data/iam/security-credentials/r/"),
+            Invalid
+        );
+        assert_eq!(
+            classify("/latest/meta-data/iam/security-credentials/r?x=1"),
             RoleCredentials("r")
         );
+        assert_eq!(classify("/latest/meta-data/iam/info/"), Invalid);
         assert_eq!(
             classify("/latest/meta-data/iam/security-credentials-extended"),
             Extended

@@ -57,10 +57,15 @@ def test_filter_overhead_and_answer_latency(results):
     assert b1["throughput_ratio"] > 0
     b2 = results["benchmarks"]["2_answer_latency"]
     assert set(b2["latency"]) == {"floor_direct_response", "sidecar_cache_hit", "broker_cache_hit",
-                                  "floor_token_direct_response", "token_put"}
+                                  "floor_token_direct_response", "token_put", "sidecar_cache_hit_fresh30"}
     for r in b2["latency"].values():
         run_shape(r)
     assert b2["body_bytes"] > 100
+    # The cache hit at the default freshness against the old 30 s, in the same run.
+    assert b2["cache_fresh_seconds"] == {"sidecar_cache_hit": 3, "sidecar_cache_hit_fresh30": 30}
+    assert b2["fresh_default_vs_30_rps"] > 0 and b2["fresh_default_vs_30_p99"] > 0
+    assert set(b2["callouts_per_s"]) == {"sidecar_cache_hit", "sidecar_cache_hit_fresh30"}
+    assert all(v >= 0 for v in b2["callouts_per_s"].values())
 
 
 def test_broker_throughput(results):

@@ -567,6 +567,30 @@ def register_pod(state, key):
     save_state(state)
 
 
+def annotate_pod(state, key, changes):
+    """Sets (`KEY=VALUE`) or removes (`KEY-`) annotations of a pod, in the stack's record and
+    in the Kubernetes API double (a PUT of the whole pod: the broker's watch sees MODIFIED)."""
+    entry = state["pods"].get(key)
+    if entry is None:
+        raise StackError(f"no pod {key} in the stack")
+    annotations = dict(entry["spec"].get("annotations") or {})
+    for change in changes:
+        name, sep, value = change.partition("=")
+        if sep:
+            annotations[name] = value
+        elif change.endswith("-"):
+            annotations.pop(change[:-1], None)
+        else:
+            raise StackError(f"annotation change {change!r}: want KEY=VALUE or KEY-")
+    entry["spec"] = dict(entry["spec"], annotations=annotations)
+    save_state(state)
+    if entry.get("registered"):
+        ns, name = key.split("/", 1)
+        code = kube_request(state, "PUT", f"/api/v1/namespaces/{ns}/pods/{name}", k8s_pod(entry["spec"]))
+        if code != 200:
+            raise StackError(f"updating pod {key} in the API double answered {code}")
+
+
 def delete_pod(state, key, api=True):
     """Removes the pod's sidecar and network; with api=False the API keeps the pod (as if
     the broker missed the deletion, e.g. while the API double is stopped)."""
@@ -745,6 +769,8 @@ def cmd_pod(args):
         register_pod(state, args.pod)
     elif args.pod_cmd == "delete":
         delete_pod(state, args.pod, api=not args.keep_api)
+    elif args.pod_cmd == "annotate":
+        annotate_pod(state, args.pod, args.changes)
     return 0
 
 
@@ -800,6 +826,10 @@ def main(argv=None):
     pd.add_argument("pod")
     pd.add_argument("--keep-api", action="store_true",
                     help="remove the pod's network and sidecar but leave it in the API (works with the API down)")
+    pn = psub.add_parser("annotate", help="set (KEY=VALUE) or remove (KEY-) a pod's annotations in the API, "
+                                          "as kubectl annotate --overwrite does")
+    pn.add_argument("pod")
+    pn.add_argument("changes", nargs="+", metavar="KEY=VALUE|KEY-")
     st = sub.add_parser("stop", help=f"stop a component ({', '.join(COMPONENTS)})")
     st.add_argument("component")
     st.add_argument("--kill", action="store_true", help="SIGKILL instead of SIGTERM")
