@@ -88,6 +88,16 @@ def cli_identity(s, pod):
     return res
 
 
+def sidecar_broker_tokens(s, pod):
+    """How many broker tokens the pod's sidecar has asked the broker for (its Envoy stats)."""
+    res = s.exec(pod, "curl", "-s", "-m", "5", "http://127.0.0.1:15000/stats?filter=meshiam.broker_tokens$")
+    for line in res.stdout.splitlines():
+        name, _, value = line.partition(": ")
+        if name.strip() == "wasmcustom.meshiam.broker_tokens":
+            return int(value)
+    return 0
+
+
 def boto3_identity(s, pod):
     res = s.caller_identity(pod)
     print(f"tried: {pod} boto3 sts.get_caller_identity()\n   got: rc={res.returncode} "
@@ -139,8 +149,10 @@ def test_direct_imdsv2_flow_still_works(default_stack):
     code, _, body = direct(s, MYAPP, CREDS, auth)
     assert code == 200
     assert creds_of(body)["AccessKeyId"].startswith("ASIA")
-    # Tokens are unique: a second one in the same second differs.
-    assert broker_token(s, MYAPP) != token
+    # Tokens are unique: several asked for in a row (some within the same second, with the
+    # same TTL) all differ.
+    more = [broker_token(s, MYAPP, ttl=600) for _ in range(5)]
+    assert len(set(more)) == len(more)
     # Another pod cannot use it.
     code, reason, _ = direct(s, "restricted/allowed", ROLE_LIST, auth)
     assert (code, reason) == (401, "token-invalid")
@@ -188,6 +200,10 @@ def test_sidecar_path_works_with_imdsv2_optional(default_stack):
     code, body, _ = s.curl(MYAPP, ROLE_LIST)
     print(f"tried: {MYAPP} GET 169.254.169.254{ROLE_LIST} (sidecar, no token)\n   got: {code} {body!s:.80}")
     assert (code, body) == (200, "myapp-iam-role")
+    # The sidecar asked with a broker token of its own (one for all its workers).
+    n = sidecar_broker_tokens(s, MYAPP)
+    print(f"sidecar of {MYAPP}: wasmcustom.meshiam.broker_tokens = {n}")
+    assert n >= 1
 
 
 def test_direct_mode_off_is_refused_with_a_reason():
@@ -237,8 +253,10 @@ def test_optional_is_what_the_docs_say(optional_stack):
     s = optional_stack
     code, _, body = direct(s, MYAPP, ROLE_LIST)
     assert (code, body) == (200, "myapp-iam-role")
-    code, reason, _ = direct(s, MYAPP, ROLE_LIST, [("x-aws-ec2-metadata-token", "junk")])
-    assert (code, reason) == (401, "token-invalid")
+    # A bad token is refused, and the filter's marker does not make it acceptable.
+    for headers in ([], [MARKER]):
+        code, reason, _ = direct(s, MYAPP, ROLE_LIST, [("x-aws-ec2-metadata-token", "junk"), *headers])
+        assert (code, reason) == (401, "token-invalid")
 
 
 @needs_root
@@ -254,3 +272,7 @@ def test_sidecar_path_works_with_imdsv2_required(optional_stack):
         res = boto3_identity(s, pod)
         assert res.returncode == 0, res.stderr
         assert f":assumed-role/myapp-iam-role/{session}" in res.stdout
+        # The sidecar asked with a broker token of its own.
+        n = sidecar_broker_tokens(s, pod)
+        print(f"sidecar of {pod}: wasmcustom.meshiam.broker_tokens = {n}")
+        assert n >= 1
