@@ -146,7 +146,12 @@ async fn main() {
         Ok(l) => l,
         Err(e) => fail(format!("--admin-listen {}: {e}", cfg.admin_listen)),
     };
-    tracing::info!(listen = %cfg.listen, admin = %cfg.admin_listen, "serving");
+    tracing::info!(
+        listen = %cfg.listen,
+        admin = %cfg.admin_listen,
+        direct_mode = cfg.direct_mode.as_str(),
+        "serving"
+    );
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
