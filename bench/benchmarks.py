@@ -78,7 +78,10 @@ class Stack:
         argv = [BROKER_BIN, "--listen", f"127.0.0.1:{port}", "--admin-listen", f"127.0.0.1:{admin}",
                 "--pod-source", "file", "--pods-file", pods_file, "--pods-file-poll", "100ms",
                 "--base-role-arn", BASE_ARN, "--region", "us-east-1",
-                "--node-imds-url", "http://127.0.0.1:9", "--log", "warn", *extra]
+                "--node-imds-url", "http://127.0.0.1:9", "--log", "warn",
+                # The broker benches call it as a sidecar-less IMDSv1 pod would; sidecars still
+                # send their broker token (and the broker checks it) on every call-out.
+                "--direct-mode", "optional", *extra]
         env = {
             "AWS_ACCESS_KEY_ID": "AKIABENCHNODEKEY", "AWS_SECRET_ACCESS_KEY": "bench-node-secret",
             "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",

@@ -16,8 +16,9 @@ pub struct AuditEvent<'a> {
     /// `issued`, `stale`, or the refusal's reason code.
     pub outcome: &'a str,
     pub status: u16,
-    /// `filter` (call-out) or `direct`.
-    pub via: &'a str,
+    /// The `x-meshiam-filter` version the caller sent (sanitised), empty when absent.
+    /// Informational only: any caller can send it, and it changes no rule.
+    pub claimed_filter: &'a str,
     pub detail: Option<String>,
 }
 
@@ -33,7 +34,7 @@ pub fn record(e: &AuditEvent<'_>) {
         path = e.path,
         outcome = e.outcome,
         status = e.status,
-        via = e.via,
+        claimed_filter = e.claimed_filter,
         detail = e.detail.as_deref().unwrap_or(""),
         "audit"
     );

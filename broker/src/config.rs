@@ -214,9 +214,12 @@ pub struct Config {
     #[arg(long, env = "MESHIAM_MAINTENANCE_INTERVAL", default_value = "15s", value_parser = parse_duration)]
     pub maintenance_interval: Duration,
 
-    /// Pods calling without the filter: `off` (refused), `optional` (IMDSv1 and v2) or
-    /// `required` (IMDSv2 only).
-    #[arg(long, env = "MESHIAM_DIRECT_MODE", value_enum, default_value_t = DirectMode::Optional)]
+    /// The token rule for every read, filter call-out or direct (the broker cannot tell them
+    /// apart): `required` (reads need a token from the broker's token PUT; the filter holds
+    /// one) or `optional` (tokenless IMDSv1 reads allowed unless the pod's
+    /// meshiam.io/imdsv2 annotation says `required`; for pods without a sidecar during a
+    /// kube2iam migration; weakens SSRF protection). `off` is no longer supported.
+    #[arg(long, env = "MESHIAM_DIRECT_MODE", default_value = "required", value_parser = DirectMode::parse)]
     pub direct_mode: DirectMode,
 
     /// Non-credential metadata paths fetched from the node's IMDS (comma-separated, below
@@ -447,6 +450,27 @@ mod tests {
             "debug endpoints are off unless asked for"
         );
         assert!(parse(&["--debug-endpoints"]).unwrap().debug_endpoints);
+        assert_eq!(c.direct_mode, DirectMode::Required);
+    }
+
+    #[test]
+    fn direct_mode_values_and_the_removed_off() {
+        assert_eq!(
+            parse(&["--direct-mode", "optional"]).unwrap().direct_mode,
+            DirectMode::Optional
+        );
+        assert_eq!(
+            parse(&["--direct-mode", "required"]).unwrap().direct_mode,
+            DirectMode::Required
+        );
+        let e = parse(&["--direct-mode", "off"]).unwrap_err();
+        assert!(e.contains("--direct-mode"), "{e}");
+        assert!(
+            e.contains("no longer supported") && e.contains("required"),
+            "{e}"
+        );
+        let e = parse(&["--direct-mode", "sometimes"]).unwrap_err();
+        assert!(e.contains("required, optional"), "{e}");
     }
 
     #[test]

@@ -41,8 +41,6 @@ pub enum BrokerError {
     Sts(#[from] StsError),
     #[error("node metadata service: {0}")]
     NodeImds(String),
-    #[error("direct IMDS requests (without the meshiam filter) are disabled")]
-    DirectDisabled,
     #[error("IMDS rule refused the request ({reason})")]
     Imds {
         refusal: Refusal,
@@ -71,7 +69,6 @@ impl BrokerError {
                 StsErrorKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
             },
             NodeImds(_) => StatusCode::BAD_GATEWAY,
-            DirectDisabled => StatusCode::FORBIDDEN,
             Imds { refusal, .. } => {
                 StatusCode::from_u16(refusal.status).unwrap_or(StatusCode::FORBIDDEN)
             }
@@ -102,7 +99,6 @@ impl BrokerError {
                 StsErrorKind::Timeout => "sts-timeout",
             },
             NodeImds(_) => "node-imds-unavailable",
-            DirectDisabled => "direct-disabled",
             Imds { reason, .. } => reason,
         }
     }

@@ -1,9 +1,14 @@
-//! The IMDS router: the same paths for the filter's call-outs and for pods calling directly.
+//! The IMDS router: one set of rules for every request, whether it is a filter's call-out
+//! or a pod (or anything that reaches the broker's address: an SSRF through an app) calling
+//! directly.
 //!
-//! A request carrying `x-meshiam-filter` is a filter call-out: the filter has already applied
-//! the token rules. Any other request is a pod calling directly (node-level redirect): the
-//! broker then answers the token PUT itself, with tokens bound to the caller's address, and
-//! checks session tokens on reads. Either way the caller is its TCP source address.
+//! The broker cannot tell the two apart: both come from the pod's address, and any header
+//! can be forged by whoever opens the connection. So nothing a caller sends relaxes a rule.
+//! The caller is its TCP source address; the broker answers the IMDSv2 token PUT itself,
+//! with tokens bound to the UID of the pod at that address (a token dies with its pod, even
+//! when the next pod gets the address), and checks session tokens on every read according
+//! to `--direct-mode` and the pod's `meshiam.io/imdsv2` annotation. The filter holds its own
+//! broker token for its call-outs (see docs/architecture.md).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -26,16 +31,74 @@ use crate::identity;
 use crate::pods::{Pod, canonical};
 use crate::policy::{Decision, PolicyError};
 
-/// How pods calling the broker directly (without a sidecar) are treated.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+/// The pod annotation with which a pod demands IMDSv2 at the broker: `required` (any other
+/// value than `optional` counts as `required`, so a typo never weakens it). Only tightens:
+/// under `--direct-mode required` every pod needs a token anyway.
+pub const IMDSV2_ANNOTATION: &str = "meshiam.io/imdsv2";
+
+/// The broker's token rule for every read (`--direct-mode`), call-out or direct.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum DirectMode {
-    /// Only filter call-outs are answered.
-    Off,
-    /// IMDSv1 and IMDSv2 (a token, when sent, must be valid).
+    /// Reads without a token are answered (IMDSv1), unless the pod's `meshiam.io/imdsv2`
+    /// annotation says `required`; a token, when sent, must be valid. For pods without a
+    /// sidecar that still use IMDSv1 (a kube2iam migration). Weakens SSRF protection: a
+    /// GET that reaches the broker's address gets credentials.
     Optional,
-    /// IMDSv2 only: reads need a session token from the token PUT.
+    /// Every read needs a valid token from the broker's token PUT, whichever way it comes.
     Required,
+}
+
+impl DirectMode {
+    pub const VALUES: [&str; 2] = ["required", "optional"];
+
+    /// Parses the `--direct-mode` value; `off` is gone, with a message that says why.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "required" => Ok(DirectMode::Required),
+            "optional" => Ok(DirectMode::Optional),
+            "off" => Err(
+                "`off` is no longer supported: the broker cannot tell a filter \
+                          call-out from a direct request (same address, and any marker header \
+                          can be forged), so it cannot refuse only the latter. Use `required` \
+                          (the default): every read needs a broker token, and the filter \
+                          holds one"
+                    .into(),
+            ),
+            other => Err(format!(
+                "{other:?} is not a direct mode (possible values: {})",
+                Self::VALUES.join(", ")
+            )),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DirectMode::Required => "required",
+            DirectMode::Optional => "optional",
+        }
+    }
+}
+
+/// True when reads of this pod need a valid token: the mode says so, or the pod does.
+pub fn token_required(mode: DirectMode, pod: &Pod) -> bool {
+    mode == DirectMode::Required
+        || pod
+            .annotation(IMDSV2_ANNOTATION)
+            .is_some_and(|v| !v.trim().eq_ignore_ascii_case("optional"))
+}
+
+/// What a broker token is bound to: the pod's UID (and, should a source ever leave the UID
+/// empty, its namespace and name). A new pod at the same address has another UID.
+pub fn token_binding(pod: &Pod) -> Vec<u8> {
+    let mut b = Vec::with_capacity(16 + pod.uid.len() + pod.namespace.len() + pod.name.len());
+    b.extend_from_slice(b"pod-uid\0");
+    b.extend_from_slice(pod.uid.as_bytes());
+    b.push(0);
+    b.extend_from_slice(pod.namespace.as_bytes());
+    b.push(b'/');
+    b.extend_from_slice(pod.name.as_bytes());
+    b
 }
 
 /// The IMDS service, with request timeout, body and concurrency limits.
@@ -79,11 +142,8 @@ async fn handle(
         .to_string();
     let class = classify(&path);
     let caller = canonical(peer.ip());
-    let via = if parts.headers.contains_key(headers::FILTER) {
-        "filter"
-    } else {
-        "direct"
-    };
+    // Informational only (audit): any caller can send the marker.
+    let claimed_filter = filter_claim(&parts.headers);
     let mut trail = Trail::default();
     let result = serve(
         &broker,
@@ -92,7 +152,6 @@ async fn handle(
         &class,
         &parts.headers,
         caller,
-        via,
     )
     .await;
     let label = class.label();
@@ -104,7 +163,15 @@ async fn handle(
                     Some(Served::Stale) => "issued-stale",
                     _ => "issued",
                 };
-                audit::record(&event(&trail, caller, &path, outcome, 200, via, None));
+                audit::record(&event(
+                    &trail,
+                    caller,
+                    &path,
+                    outcome,
+                    200,
+                    &claimed_filter,
+                    None,
+                ));
             }
             r
         }
@@ -122,7 +189,7 @@ async fn handle(
                 &path,
                 reason,
                 status,
-                via,
+                &claimed_filter,
                 Some(e.to_string()),
             ));
             e.into_response()
@@ -140,7 +207,7 @@ fn event<'a>(
     path: &'a str,
     outcome: &'a str,
     status: u16,
-    via: &'a str,
+    claimed_filter: &'a str,
     detail: Option<String>,
 ) -> AuditEvent<'a> {
     AuditEvent {
@@ -153,9 +220,26 @@ fn event<'a>(
         path,
         outcome,
         status,
-        via,
+        claimed_filter,
         detail,
     }
+}
+
+/// The `x-meshiam-filter` value a caller sent, cut to safe characters for the audit line.
+/// It proves nothing and changes no rule.
+fn filter_claim(h: &HeaderMap) -> String {
+    h.get(headers::FILTER)
+        .map(|v| {
+            let s: String = v
+                .as_bytes()
+                .iter()
+                .map(|b| *b as char)
+                .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '+' | '_'))
+                .take(32)
+                .collect();
+            if s.is_empty() { "?".to_string() } else { s }
+        })
+        .unwrap_or_default()
 }
 
 fn text(status: StatusCode, body: impl Into<Body>) -> Response {
@@ -206,7 +290,6 @@ async fn serve(
     class: &PathClass<'_>,
     req_headers: &HeaderMap,
     caller: std::net::IpAddr,
-    via: &str,
 ) -> Result<Response, BrokerError> {
     let header = |name: &str| req_headers.get(name).and_then(|v| v.to_str().ok());
     let imds_headers = ImdsHeaders {
@@ -218,39 +301,21 @@ async fn serve(
     // Every answer below, the token PUT included, rests on the caller's address: not while
     // the pod store may be missing the pod that holds it now.
     fresh(broker)?;
-    let direct = via == "direct";
-    let mode = broker.serve.direct_mode;
-    let binding = caller.to_string();
     let now = broker.clock.now();
 
     if let Admission::IssueToken { ttl } = admission {
-        if mode == DirectMode::Off {
-            return Err(BrokerError::DirectDisabled);
-        }
-        let token = broker.issuer.issue(now, ttl, binding.as_bytes());
+        // A token is for one pod: the one at the caller's address now, by its UID.
+        let pod = identity::identify(&broker.store, caller, broker.serve.ip_wait).await?;
+        fresh(broker)?;
+        trail.pod = Some(pod.clone());
+        identity::cross_check(&pod, req_headers)?;
+        let token = broker
+            .issuer
+            .issue(now, ttl, &token_binding(&pod), &Broker::token_nonce());
         let mut r = text(StatusCode::OK, token);
         r.headers_mut()
             .insert(headers::TOKEN_TTL, HeaderValue::from(ttl));
         return Ok(r);
-    }
-
-    if direct {
-        let token = header(headers::TOKEN);
-        let required = match mode {
-            DirectMode::Off => return Err(BrokerError::DirectDisabled),
-            DirectMode::Optional => false,
-            DirectMode::Required => true,
-        };
-        check_session(token, &broker.issuer, now, binding.as_bytes(), required).map_err(|r| {
-            BrokerError::Imds {
-                refusal: r,
-                reason: if token.is_some() {
-                    "token-invalid"
-                } else {
-                    "token-required"
-                },
-            }
-        })?;
     }
 
     // Paths never answered: refuse before looking anyone up.
@@ -273,6 +338,21 @@ async fn serve(
     fresh(broker)?;
     trail.pod = Some(pod.clone());
     identity::cross_check(&pod, req_headers)?;
+
+    // The token rule, the same for every read: checked against the pod at the address now,
+    // so a token issued to a pod that is gone is refused for the pod that took its address.
+    let token = header(headers::TOKEN);
+    let required = token_required(broker.serve.direct_mode, &pod);
+    check_session(token, &broker.issuer, now, &token_binding(&pod), required).map_err(|r| {
+        BrokerError::Imds {
+            refusal: r,
+            reason: if token.is_some() {
+                "token-invalid"
+            } else {
+                "token-required"
+            },
+        }
+    })?;
 
     if let PathClass::Other(rel) = class {
         let (status, body) = broker

@@ -42,6 +42,7 @@ pub const VERSION: &str = concat!(
 pub struct ServeConfig {
     /// How long a request from an unknown address waits for the pod store.
     pub ip_wait: Duration,
+    /// The token rule for every read (`--direct-mode`).
     pub direct_mode: imds::DirectMode,
     /// Non-credential metadata paths fetched from the node's IMDS.
     pub metadata_allow: Vec<String>,
@@ -57,7 +58,7 @@ impl Default for ServeConfig {
     fn default() -> Self {
         Self {
             ip_wait: Duration::from_secs(2),
-            direct_mode: imds::DirectMode::Optional,
+            direct_mode: imds::DirectMode::Required,
             metadata_allow: vec![
                 "meta-data/placement/region".into(),
                 "meta-data/placement/availability-zone".into(),
@@ -84,12 +85,20 @@ pub struct Broker {
 }
 
 impl Broker {
-    /// A fresh random secret for direct-mode IMDSv2 tokens. Tokens do not survive a
-    /// restart; SDKs ask for a new one on `401`.
+    /// A fresh random secret for the broker's IMDSv2 tokens. Tokens do not survive a
+    /// restart; SDKs (and the filter) ask for a new one on `401`.
     pub fn random_token_secret() -> [u8; meshiam_imds::token::SECRET_LEN] {
         use rand::RngCore;
         let mut s = [0u8; meshiam_imds::token::SECRET_LEN];
         rand::rng().fill_bytes(&mut s);
         s
+    }
+
+    /// Fresh random bytes for one token, so no two tokens are alike.
+    pub fn token_nonce() -> [u8; meshiam_imds::token::NONCE_LEN] {
+        use rand::RngCore;
+        let mut n = [0u8; meshiam_imds::token::NONCE_LEN];
+        rand::rng().fill_bytes(&mut n);
+        n
     }
 }

@@ -146,7 +146,14 @@ async fn main() {
         Ok(l) => l,
         Err(e) => fail(format!("--admin-listen {}: {e}", cfg.admin_listen)),
     };
-    tracing::info!(listen = %cfg.listen, admin = %cfg.admin_listen, debug_endpoints = cfg.debug_endpoints, max_staleness = ?cfg.max_staleness, "serving");
+    tracing::info!(
+        listen = %cfg.listen,
+        admin = %cfg.admin_listen,
+        direct_mode = cfg.direct_mode.as_str(),
+        debug_endpoints = cfg.debug_endpoints,
+        max_staleness = ?cfg.max_staleness,
+        "serving"
+    );
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {

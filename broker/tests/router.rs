@@ -63,7 +63,7 @@ impl Default for Opts {
         Self {
             restriction: Restriction::Off,
             default_role: None,
-            direct_mode: DirectMode::Optional,
+            direct_mode: DirectMode::Required,
             node_imds: "http://127.0.0.1:9".into(),
             session_tags: false,
             max_staleness: ServeConfig::default().max_staleness,
@@ -205,13 +205,19 @@ async fn call_on(
 }
 
 impl Harness {
-    /// A filter call-out (GET, `x-meshiam-filter`).
+    /// A filter call-out, as the filter makes it: a broker token from the token PUT first
+    /// (refused for a caller the broker cannot identify: the read then says why), then the
+    /// GET with the token and `x-meshiam-filter`.
     async fn filter(&self, peer: &str, path: &str) -> Answer {
         self.filter_as(peer, path, &[]).await
     }
 
     async fn filter_as(&self, peer: &str, path: &str, extra: &[(&str, &str)]) -> Answer {
+        let token = self.token(peer).await;
         let mut h = vec![(headers::FILTER, "0.1.0")];
+        if let Some(t) = &token {
+            h.push((headers::TOKEN, t.as_str()));
+        }
         h.extend_from_slice(extra);
         call_on(
             meshiam_broker::router(self.broker.clone()),
@@ -221,6 +227,19 @@ impl Harness {
             &h,
         )
         .await
+    }
+
+    /// A broker token for the pod at `peer`, if the broker gives one.
+    async fn token(&self, peer: &str) -> Option<String> {
+        let put = self
+            .direct(
+                peer,
+                Method::PUT,
+                "/latest/api/token",
+                &[(headers::FILTER, "0.1.0"), (headers::TOKEN_TTL, "21600")],
+            )
+            .await;
+        (put.status == StatusCode::OK).then_some(put.body)
     }
 
     async fn direct(&self, peer: &str, method: Method, path: &str, h: &[(&str, &str)]) -> Answer {
@@ -492,8 +511,11 @@ async fn kiam_permitted_restriction() {
 }
 
 #[tokio::test]
-async fn direct_mode_issues_tokens_bound_to_the_caller() {
-    let h = harness(Opts::default());
+async fn tokens_are_bound_to_the_pod_and_unique() {
+    let h = harness(Opts {
+        direct_mode: DirectMode::Optional,
+        ..Opts::default()
+    });
     let put = h
         .direct(
             "198.18.1.10",
@@ -504,36 +526,73 @@ async fn direct_mode_issues_tokens_bound_to_the_caller() {
         .await;
     assert_eq!(put.status, StatusCode::OK);
     assert_eq!(put.headers[headers::TOKEN_TTL], "21600");
+    assert_eq!(put.headers["content-type"], headers::TEXT_PLAIN);
     let token = put.body.clone();
-    let with = |t: &'static str| [(headers::TOKEN, t)];
-    let token: &'static str = Box::leak(token.into_boxed_str());
-    let ok = h
-        .direct("198.18.1.10", Method::GET, CREDS, &with(token))
-        .await;
+    let get = |peer: &'static str, t: Option<String>| {
+        let h = &h;
+        async move {
+            let hd: Vec<(&str, &str)> = t
+                .as_deref()
+                .map(|t| (headers::TOKEN, t))
+                .into_iter()
+                .collect();
+            h.direct(peer, Method::GET, CREDS, &hd).await
+        }
+    };
+    let ok = get("198.18.1.10", Some(token.clone())).await;
     assert_eq!(
         (ok.status, ok.body.as_str()),
         (StatusCode::OK, "myapp-iam-role")
     );
-    // Another pod cannot use it; a made-up one is refused; IMDSv1 is allowed by default.
-    let stolen = h
-        .direct("198.18.1.12", Method::GET, CREDS, &with(token))
-        .await;
+    // Unique: a second token in the same second differs, and both work.
+    let again = h.token("198.18.1.10").await.unwrap();
+    assert_ne!(again, token);
+    assert_eq!(get("198.18.1.10", Some(again)).await.status, StatusCode::OK);
+    // Another pod cannot use it; a made-up one is refused; IMDSv1 is allowed (optional).
+    let stolen = get("198.18.1.12", Some(token.clone())).await;
     assert_eq!(
         (stolen.status, stolen.reason()),
         (StatusCode::UNAUTHORIZED, "token-invalid")
     );
-    let junk = h
-        .direct("198.18.1.10", Method::GET, CREDS, &with("junk"))
-        .await;
-    assert_eq!(junk.status, StatusCode::UNAUTHORIZED);
-    let v1 = h.direct("198.18.1.10", Method::GET, CREDS, &[]).await;
-    assert_eq!(v1.status, StatusCode::OK);
+    let junk = get("198.18.1.10", Some("junk".into())).await;
+    assert_eq!(
+        (junk.status, junk.reason()),
+        (StatusCode::UNAUTHORIZED, "token-invalid")
+    );
+    assert_eq!(get("198.18.1.10", None).await.status, StatusCode::OK);
     // The token expires with its TTL.
     h.clock.advance(21_600);
-    let expired = h
-        .direct("198.18.1.10", Method::GET, CREDS, &with(token))
-        .await;
+    let expired = get("198.18.1.10", Some(token)).await;
     assert_eq!(expired.status, StatusCode::UNAUTHORIZED);
+
+    // A token is for a pod the broker can identify, and the claimed identity must match.
+    let ttl = [(headers::TOKEN_TTL, "60")];
+    let unknown = h
+        .direct("198.18.9.9", Method::PUT, "/latest/api/token", &ttl)
+        .await;
+    assert_eq!(
+        (unknown.status, unknown.reason()),
+        (StatusCode::FORBIDDEN, "unknown-pod")
+    );
+    let node = h
+        .direct("198.18.0.1", Method::PUT, "/latest/api/token", &ttl)
+        .await;
+    assert_eq!(
+        (node.status, node.reason()),
+        (StatusCode::FORBIDDEN, "host-network")
+    );
+    let claimed = h
+        .direct(
+            "198.18.1.10",
+            Method::PUT,
+            "/latest/api/token",
+            &[(headers::TOKEN_TTL, "60"), (headers::POD_NAME, "pathy")],
+        )
+        .await;
+    assert_eq!(
+        (claimed.status, claimed.reason()),
+        (StatusCode::FORBIDDEN, "identity-mismatch")
+    );
 
     // The token PUT's rules.
     type Case<'a> = (
@@ -601,55 +660,158 @@ async fn direct_mode_issues_tokens_bound_to_the_caller() {
 }
 
 #[tokio::test]
-async fn direct_mode_can_require_imdsv2_or_be_off() {
+async fn the_filter_marker_relaxes_nothing() {
+    // The default, `required`: no read without a valid token, marker or not, forged
+    // identity claims or not.
+    let h = harness(Opts::default());
+    let marker = [(headers::FILTER, "0.1.0")];
+    for hd in [
+        &[][..],
+        &marker[..],
+        &[
+            (headers::FILTER, "0.1.0"),
+            (headers::POD_NAMESPACE, "default"),
+            (headers::POD_NAME, "myapp"),
+        ][..],
+    ] {
+        for path in [CREDS.to_string(), format!("{CREDS}myapp-iam-role")] {
+            let a = h.direct("198.18.1.10", Method::GET, &path, hd).await;
+            assert_eq!(
+                (a.status, a.reason()),
+                (StatusCode::UNAUTHORIZED, "token-required"),
+                "{path} {hd:?}"
+            );
+            assert!(!a.body.contains("AccessKeyId"));
+        }
+        let head = h.direct("198.18.1.10", Method::HEAD, CREDS, hd).await;
+        assert_eq!(head.status, StatusCode::UNAUTHORIZED);
+    }
+    assert_eq!(h.sts.calls(), 0);
+    // With a token, the same read works, with or without the marker.
+    let t = h.token("198.18.1.10").await.unwrap();
+    for hd in [
+        vec![(headers::TOKEN, t.as_str())],
+        vec![(headers::TOKEN, t.as_str()), (headers::FILTER, "0.1.0")],
+    ] {
+        let a = h.direct("198.18.1.10", Method::GET, CREDS, &hd).await;
+        assert_eq!(
+            (a.status, a.body.as_str()),
+            (StatusCode::OK, "myapp-iam-role")
+        );
+    }
+    // `optional`: the marker does not make a token necessary or unnecessary either.
     let h = harness(Opts {
-        direct_mode: DirectMode::Required,
+        direct_mode: DirectMode::Optional,
         ..Opts::default()
     });
-    let v1 = h.direct("198.18.1.10", Method::GET, CREDS, &[]).await;
-    assert_eq!(
-        (v1.status, v1.reason()),
-        (StatusCode::UNAUTHORIZED, "token-required")
-    );
-    let put = h
-        .direct(
-            "198.18.1.10",
-            Method::PUT,
-            "/latest/api/token",
-            &[(headers::TOKEN_TTL, "60")],
-        )
-        .await;
-    let v2 = h
-        .direct(
-            "198.18.1.10",
-            Method::GET,
-            CREDS,
-            &[(headers::TOKEN, put.body.as_str())],
-        )
-        .await;
-    assert_eq!(v2.status, StatusCode::OK);
-    // Filter call-outs carry no token: the filter enforced the rules.
-    assert_eq!(h.filter("198.18.1.10", CREDS).await.status, StatusCode::OK);
+    for hd in [&[][..], &marker[..]] {
+        let a = h.direct("198.18.1.10", Method::GET, CREDS, hd).await;
+        assert_eq!(a.status, StatusCode::OK, "{hd:?}");
+        let bad = h
+            .direct(
+                "198.18.1.10",
+                Method::GET,
+                CREDS,
+                &[hd, &[(headers::TOKEN, "junk")][..]].concat(),
+            )
+            .await;
+        assert_eq!(
+            (bad.status, bad.reason()),
+            (StatusCode::UNAUTHORIZED, "token-invalid"),
+            "{hd:?}"
+        );
+    }
+}
 
+#[tokio::test]
+async fn a_pod_can_demand_imdsv2_under_optional() {
     let h = harness(Opts {
-        direct_mode: DirectMode::Off,
+        direct_mode: DirectMode::Optional,
         ..Opts::default()
     });
-    let a = h.direct("198.18.1.10", Method::GET, CREDS, &[]).await;
-    assert_eq!(
-        (a.status, a.reason()),
-        (StatusCode::FORBIDDEN, "direct-disabled")
+    for (name, ip, value, needs_token) in [
+        ("strict", "198.18.5.10", "required", true),
+        ("typo", "198.18.5.11", "Requried", true),
+        ("relaxed", "198.18.5.12", "optional", false),
+        ("shouty", "198.18.5.13", "OPTIONAL", false),
+    ] {
+        let mut p = pod("default", name, ip, Some("myapp-iam-role"));
+        p.annotations
+            .insert(meshiam_broker::imds::IMDSV2_ANNOTATION.into(), value.into());
+        h.broker.store.upsert_pod(p);
+        for hd in [&[][..], &[(headers::FILTER, "0.1.0")][..]] {
+            let a = h.direct(ip, Method::GET, CREDS, hd).await;
+            if needs_token {
+                assert_eq!(
+                    (a.status, a.reason()),
+                    (StatusCode::UNAUTHORIZED, "token-required"),
+                    "{name} {hd:?}"
+                );
+            } else {
+                assert_eq!(a.status, StatusCode::OK, "{name} {hd:?}");
+            }
+        }
+        let t = h.token(ip).await.unwrap();
+        let a = h
+            .direct(ip, Method::GET, CREDS, &[(headers::TOKEN, t.as_str())])
+            .await;
+        assert_eq!(a.status, StatusCode::OK, "{name}");
+    }
+    // Under `required` the annotation cannot relax anything.
+    let h = harness(Opts::default());
+    let mut p = pod("default", "relaxed", "198.18.5.12", Some("myapp-iam-role"));
+    p.annotations.insert(
+        meshiam_broker::imds::IMDSV2_ANNOTATION.into(),
+        "optional".into(),
     );
-    let t = h
-        .direct(
-            "198.18.1.10",
-            Method::PUT,
-            "/latest/api/token",
-            &[(headers::TOKEN_TTL, "60")],
-        )
-        .await;
-    assert_eq!(t.reason(), "direct-disabled");
-    assert_eq!(h.filter("198.18.1.10", CREDS).await.status, StatusCode::OK);
+    h.broker.store.upsert_pod(p);
+    let a = h.direct("198.18.5.12", Method::GET, CREDS, &[]).await;
+    assert_eq!(a.status, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn a_token_dies_with_its_pod() {
+    for mode in [DirectMode::Required, DirectMode::Optional] {
+        let h = harness(Opts {
+            direct_mode: mode,
+            ..Opts::default()
+        });
+        let old = h.token("198.18.1.10").await.unwrap();
+        assert_eq!(
+            h.direct("198.18.1.10", Method::GET, CREDS, &[(headers::TOKEN, &old)])
+                .await
+                .status,
+            StatusCode::OK
+        );
+        // The pod goes; another pod gets its address (a new pod, or the same name again
+        // as a StatefulSet does: either way a new UID).
+        h.broker.store.remove_pod(&PodKey::new("default", "myapp"));
+        for (name, uid) in [("newcomer", "uid-newcomer"), ("myapp", "uid-myapp-2")] {
+            let mut next = pod("default", name, "198.18.1.10", Some("myapp-iam-role"));
+            next.uid = uid.into();
+            h.broker.store.upsert_pod(next);
+            let a = h
+                .direct("198.18.1.10", Method::GET, CREDS, &[(headers::TOKEN, &old)])
+                .await;
+            assert_eq!(
+                (a.status, a.reason()),
+                (StatusCode::UNAUTHORIZED, "token-invalid"),
+                "{mode:?} {name}"
+            );
+            // Its own token works.
+            let fresh = h.token("198.18.1.10").await.unwrap();
+            let a = h
+                .direct(
+                    "198.18.1.10",
+                    Method::GET,
+                    CREDS,
+                    &[(headers::TOKEN, &fresh)],
+                )
+                .await;
+            assert_eq!(a.status, StatusCode::OK, "{mode:?} {name}");
+            h.broker.store.remove_pod(&PodKey::new("default", name));
+        }
+    }
 }
 
 #[tokio::test]
@@ -719,7 +881,10 @@ async fn iam_info_and_head() {
         "no-role"
     );
 
-    let head = h.direct("198.18.1.10", Method::HEAD, CREDS, &[]).await;
+    let t = h.token("198.18.1.10").await.unwrap();
+    let head = h
+        .direct("198.18.1.10", Method::HEAD, CREDS, &[(headers::TOKEN, &t)])
+        .await;
     assert_eq!((head.status, head.body.as_str()), (StatusCode::OK, ""));
 }
 

@@ -224,10 +224,27 @@ impl Broker {
         std::fs::rename(&tmp, self.dir.path().join("pods.yaml")).unwrap();
     }
 
+    /// A read as the filter makes it: a broker token first (refused for a caller the
+    /// broker cannot identify: the read then says why), then the GET with it.
     async fn call(&self, from: &str, path: &str) -> Answer {
-        get(self.addr, from, path, &[("x-meshiam-filter", "it")])
-            .await
-            .unwrap()
+        let put = request(
+            self.addr,
+            from,
+            "PUT",
+            "/latest/api/token",
+            &[
+                ("x-aws-ec2-metadata-token-ttl-seconds", "21600"),
+                ("x-meshiam-filter", "it"),
+            ],
+        )
+        .await
+        .unwrap();
+        let token = (put.status == 200).then_some(put.body);
+        let mut h = vec![("x-meshiam-filter", "it")];
+        if let Some(t) = &token {
+            h.push(("x-aws-ec2-metadata-token", t.as_str()));
+        }
+        get(self.addr, from, path, &h).await.unwrap()
     }
 
     async fn metrics(&self) -> String {
@@ -409,7 +426,7 @@ async fn assume_role_with_the_right_arn_session_external_id_and_tags() {
     );
     assert!(t0.elapsed() >= Duration::from_millis(300));
 
-    // Direct mode: an IMDSv2 token bound to the caller's address.
+    // The IMDSv2 token PUT: a token bound to the calling pod.
     let put = request(
         b.addr,
         "127.0.0.2",
@@ -447,6 +464,7 @@ async fn assume_role_with_the_right_arn_session_external_id_and_tags() {
     assert!(log.contains(&c.access_key_id));
     assert!(log.contains("\"session_name\":\"default.myapp\""));
     assert!(!log.contains(&c.secret_access_key) && !log.contains(&c.token));
+    assert!(!log.contains(token.as_str()), "no broker token in the log");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

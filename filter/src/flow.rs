@@ -3,7 +3,9 @@
 //!
 //! Every metadata request ends in a local reply: nothing the application sent to the
 //! metadata address is ever forwarded anywhere. The broker sees a call-out built here from
-//! scratch, so no header of the application (an `x-meshiam-*` identity, a token) reaches it.
+//! scratch, so no header of the application (an `x-meshiam-*` identity, its IMDSv2 token)
+//! reaches it; the call-out carries the sidecar's own broker token instead
+//! ([`broker_session`]), because the broker applies its token rule to every read.
 
 use alloc::rc::Rc;
 use alloc::string::{String, ToString};
@@ -15,13 +17,14 @@ use meshiam_imds::headers::{
     self, APPLICATION_JSON, FILTER, POD_NAME, POD_NAMESPACE, REASON, TEXT_PLAIN, TOKEN, TOKEN_TTL,
 };
 use meshiam_imds::rules::{self, Admission, ImdsHeaders, Refusal, Seen};
+use meshiam_imds::token::NONCE_LEN;
 use meshiam_imds::{Credentials, PathClass, classify, is_allowed};
 
 use crate::cache::{self, CacheKey, Entry};
 use crate::config::Config;
 use crate::host::{Callout, CalloutResponse, Host, Level};
 use crate::identity::{self, Identity, SourceRefusal};
-use crate::{metrics, secret};
+use crate::{broker_session, metrics, secret};
 
 /// The filter's version, sent to the broker in `x-meshiam-filter`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -29,6 +32,8 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 pub const SOURCE_HEADER: &str = "x-meshiam-source";
 /// The body of a metadata request refused because it did not come from the pod itself.
 pub const NOT_THE_POD: &str = "metadata is answered only to the pod itself";
+/// The broker's token PUT path (the filter's own broker session).
+const TOKEN_PATH: &str = "/latest/api/token";
 /// The largest broker answer the filter reads.
 pub const MAX_BROKER_BODY: usize = 64 * 1024;
 
@@ -113,11 +118,28 @@ struct Pending {
     head: bool,
 }
 
+/// Which call-out of a read is on its way.
+#[derive(Debug)]
+enum Stage {
+    /// The token PUT for the filter's broker session; the read follows.
+    Token { retried: bool },
+    /// The read itself, with this broker token.
+    Read { token: String, retried: bool },
+}
+
+/// A read waiting for the broker: what it is for, the path to ask, and the stage.
+#[derive(Debug)]
+struct InFlight {
+    p: Pending,
+    path: String,
+    stage: Stage,
+}
+
 /// The decision flow of one HTTP request.
 #[derive(Debug)]
 pub struct RequestFlow {
     shared: Rc<Shared>,
-    pending: Option<Pending>,
+    pending: Option<InFlight>,
 }
 
 impl RequestFlow {
@@ -191,8 +213,22 @@ impl RequestFlow {
                 None,
             );
         };
+        // Every token unique: a fresh nonce from the proxy's randomness.
+        let mut nonce = [0u8; NONCE_LEN];
+        if !h.fill_random(&mut nonce) {
+            h.log(Level::Error, "meshiam: no randomness; cannot issue tokens");
+            return answer(
+                h,
+                "token",
+                503,
+                TEXT_PLAIN,
+                b"Service Unavailable",
+                false,
+                None,
+            );
+        }
         let binding = self.shared.identity(h).binding();
-        let token = issuer.issue(h.now(), ttl, binding.as_bytes());
+        let token = issuer.issue(h.now(), ttl, binding.as_bytes(), &nonce);
         let ttl = ttl.to_string();
         h.count(metrics::TOKENS_ISSUED);
         h.count(&metrics::request("token", 200));
@@ -266,128 +302,247 @@ impl RequestFlow {
         );
     }
 
+    /// Asks the broker, with the sidecar's broker token; gets one first when there is none
+    /// (or it is close to expiry).
     fn call_broker<H: Host>(&mut self, h: &H, path: &str, p: Pending) {
-        let cfg = &self.shared.config;
-        let path = path.split('?').next().unwrap_or(path);
-        let id = self.shared.identity(h);
-        let mut headers: Vec<(&str, &str)> = Vec::with_capacity(7);
-        headers.push((":method", "GET"));
-        headers.push((":path", path));
-        headers.push((":authority", &cfg.broker_authority));
-        headers.push((":scheme", "http"));
-        headers.push((FILTER, VERSION));
-        if let Some(ns) = &id.namespace {
-            headers.push((POD_NAMESPACE, ns));
+        let path = String::from(path.split('?').next().unwrap_or(path));
+        match broker_session::current(h) {
+            Some(t) => self.dispatch_read(h, p, path, t.token, false),
+            None => self.dispatch_token(h, p, path, false),
         }
-        if let Some(n) = &id.name {
-            headers.push((POD_NAME, n));
+    }
+
+    /// The token PUT of the sidecar's broker session (see [`broker_session`]).
+    fn dispatch_token<H: Host>(&mut self, h: &H, p: Pending, path: String, retried: bool) {
+        let shared = self.shared.clone();
+        let mut headers = call_headers(h, &shared, "PUT", TOKEN_PATH);
+        headers.push((TOKEN_TTL, broker_session::TTL_HEADER_VALUE));
+        h.count(metrics::BROKER_TOKENS);
+        let started = start(h, &shared.config, headers);
+        let stage = Stage::Token { retried };
+        self.after_dispatch(h, started, InFlight { p, path, stage });
+    }
+
+    /// The read, with the broker token.
+    fn dispatch_read<H: Host>(
+        &mut self,
+        h: &H,
+        p: Pending,
+        path: String,
+        token: String,
+        retried: bool,
+    ) {
+        let shared = self.shared.clone();
+        let mut headers = call_headers(h, &shared, "GET", &path);
+        headers.push((TOKEN, &token));
+        let started = start(h, &shared.config, headers);
+        let stage = Stage::Read { token, retried };
+        self.after_dispatch(h, started, InFlight { p, path, stage });
+    }
+
+    fn after_dispatch<H: Host>(&mut self, h: &H, started: bool, f: InFlight) {
+        if started {
+            self.pending = Some(f);
+            return;
         }
-        let call = Callout {
-            cluster: &cfg.broker_cluster,
-            headers,
-            timeout_ms: cfg.broker_timeout_ms,
-        };
-        h.count(metrics::CALLOUTS);
-        match h.dispatch(&call) {
-            Ok(()) => self.pending = Some(p),
-            Err(_) => {
-                h.log(
-                    Level::Warn,
-                    "meshiam: could not dispatch to the broker cluster (is it configured?)",
-                );
-                broker_failed(h, &self.shared.config, &p, 503);
-            }
-        }
+        h.log(
+            Level::Warn,
+            "meshiam: could not dispatch to the broker cluster (is it configured?)",
+        );
+        broker_failed(h, &self.shared.config, &f.p, 503);
     }
 
     /// The broker answered, or the call-out failed (`resp.status == None`).
     pub fn on_callout_response<H: Host>(&mut self, h: &H, resp: CalloutResponse) {
-        let Some(p) = self.pending.take() else {
+        let Some(f) = self.pending.take() else {
             return;
         };
+        match f.stage {
+            Stage::Token { retried } => self.on_token_answer(h, f.p, f.path, retried, resp),
+            Stage::Read { token, retried } if resp.status == Some(401) => {
+                // The broker no longer takes our token (it restarted: new secret). Get a
+                // new one and ask once more; a second 401 is a broker failure.
+                broker_session::forget(h, &token);
+                if retried {
+                    h.log(
+                        Level::Warn,
+                        "meshiam: broker refused a fresh broker token for the read",
+                    );
+                    return broker_failed(h, &self.shared.config, &f.p, 502);
+                }
+                h.log(
+                    Level::Info,
+                    "meshiam: broker refused the sidecar's broker token; getting a new one",
+                );
+                h.count(metrics::BROKER_TOKEN_RETRIES);
+                self.dispatch_token(h, f.p, f.path, true);
+            }
+            Stage::Read { .. } => on_read_answer(h, &self.shared.config, &f.p, resp),
+        }
+    }
+
+    /// The broker answered the token PUT: store the token and make the read, or fail the
+    /// read as a failed call-out would (still-valid cached credentials, else fail closed).
+    fn on_token_answer<H: Host>(
+        &mut self,
+        h: &H,
+        p: Pending,
+        path: String,
+        retried: bool,
+        resp: CalloutResponse,
+    ) {
         let cfg = &self.shared.config;
         match resp.status {
-            Some(200) => match accept(&p, &resp, h.now()) {
-                Ok(entry) => {
-                    if p.kind == Kind::RoleList {
-                        forget_other_role(h, &entry.body);
-                    }
-                    cache::put(h, &p.key, &entry);
-                    answer(
-                        h,
-                        p.label,
-                        200,
-                        &entry.content_type,
-                        &entry.body,
-                        p.head,
-                        Some("broker"),
-                    );
+            Some(200) => match broker_session::accept(&resp, h.now()) {
+                Ok(t) => {
+                    broker_session::store(h, &t);
+                    self.dispatch_read(h, p, path, t.token, retried);
                 }
                 Err(why) => {
                     h.log(
                         Level::Warn,
-                        &alloc::format!("meshiam: broker answer refused: {why}"),
+                        &alloc::format!("meshiam: broker token answer refused: {why}"),
                     );
                     broker_failed(h, cfg, &p, 502);
                 }
             },
+            // The broker does not know this pod (or it is not who we say): the read
+            // would be refused the same way, so the application hears it.
+            Some(403) => on_read_answer(h, cfg, &p, resp),
             Some(status @ 400..=499) => {
-                let reason = resp.reason.as_deref().unwrap_or("-");
-                // A pod without a role asks again and again: 404 is routine, 403 is not.
-                let level = if status == 404 {
-                    Level::Debug
-                } else {
-                    Level::Info
-                };
-                h.log(
-                    level,
-                    &alloc::format!(
-                        "meshiam: broker refused {} with {status} (reason {})",
-                        p.label,
-                        printable(reason)
-                    ),
-                );
-                // 408 and 429 speak about load; every other refusal says this answer is no
-                // longer the pod's (role removed or changed, not permitted): forget it.
-                if !matches!(status, 408 | 429) {
-                    forget_refused(h, &p);
-                }
-                let body = if resp.body.len() <= 256 && resp.body.is_ascii() {
-                    resp.body.as_slice()
-                } else {
-                    b"Refused".as_slice()
-                };
-                answer(h, p.label, status, TEXT_PLAIN, body, p.head, Some("broker"));
-            }
-            Some(status @ 500..=599) => {
                 h.log(
                     Level::Warn,
                     &alloc::format!(
-                        "meshiam: broker failed {} with {status} (reason {})",
-                        p.label,
+                        "meshiam: broker refused the sidecar's token request with {status} (reason {})",
                         printable(resp.reason.as_deref().unwrap_or("-"))
                     ),
                 );
-                let status = match status {
-                    503 | 504 => status,
-                    _ => 502,
-                };
-                broker_failed(h, cfg, &p, status);
-            }
-            Some(other) => {
-                h.log(
-                    Level::Warn,
-                    &alloc::format!("meshiam: broker answered unexpected status {other}"),
-                );
                 broker_failed(h, cfg, &p, 502);
             }
-            None => {
+            _ => on_read_answer(h, cfg, &p, resp),
+        }
+    }
+}
+
+/// The headers every call-out has, built from scratch (nothing the application sent):
+/// method, path, the broker authority, the filter's version (informational: the broker
+/// trusts no marker) and the identity the filter believes it serves (a cross-check).
+fn call_headers<'a, H: Host>(
+    h: &H,
+    shared: &'a Shared,
+    method: &'a str,
+    path: &'a str,
+) -> Vec<(&'a str, &'a str)> {
+    let id = shared.identity(h);
+    let mut headers: Vec<(&str, &str)> = Vec::with_capacity(8);
+    headers.push((":method", method));
+    headers.push((":path", path));
+    headers.push((":authority", &shared.config.broker_authority));
+    headers.push((":scheme", "http"));
+    headers.push((FILTER, VERSION));
+    if let Some(ns) = &id.namespace {
+        headers.push((POD_NAMESPACE, ns));
+    }
+    if let Some(n) = &id.name {
+        headers.push((POD_NAME, n));
+    }
+    headers
+}
+
+/// Starts a call-out to the broker cluster; false when the proxy refuses to.
+fn start<H: Host>(h: &H, cfg: &Config, headers: Vec<(&str, &str)>) -> bool {
+    h.count(metrics::CALLOUTS);
+    let call = Callout {
+        cluster: &cfg.broker_cluster,
+        headers,
+        timeout_ms: cfg.broker_timeout_ms,
+    };
+    h.dispatch(&call).is_ok()
+}
+
+/// What the application gets for the broker's answer to a read.
+fn on_read_answer<H: Host>(h: &H, cfg: &Config, p: &Pending, resp: CalloutResponse) {
+    match resp.status {
+        Some(200) => match accept(p, &resp, h.now()) {
+            Ok(entry) => {
+                if p.kind == Kind::RoleList {
+                    forget_other_role(h, &entry.body);
+                }
+                cache::put(h, &p.key, &entry);
+                answer(
+                    h,
+                    p.label,
+                    200,
+                    &entry.content_type,
+                    &entry.body,
+                    p.head,
+                    Some("broker"),
+                );
+            }
+            Err(why) => {
                 h.log(
                     Level::Warn,
-                    "meshiam: broker call-out failed without an answer",
+                    &alloc::format!("meshiam: broker answer refused: {why}"),
                 );
-                broker_failed(h, cfg, &p, 503);
+                broker_failed(h, cfg, p, 502);
             }
+        },
+        Some(status @ 400..=499) => {
+            let reason = resp.reason.as_deref().unwrap_or("-");
+            // A pod without a role asks again and again: 404 is routine, 403 is not.
+            let level = if status == 404 {
+                Level::Debug
+            } else {
+                Level::Info
+            };
+            h.log(
+                level,
+                &alloc::format!(
+                    "meshiam: broker refused {} with {status} (reason {})",
+                    p.label,
+                    printable(reason)
+                ),
+            );
+            // 408 and 429 speak about load; every other refusal says this answer is no
+            // longer the pod's (role removed or changed, not permitted): forget it.
+            if !matches!(status, 408 | 429) {
+                forget_refused(h, p);
+            }
+            let body = if resp.body.len() <= 256 && resp.body.is_ascii() {
+                resp.body.as_slice()
+            } else {
+                b"Refused".as_slice()
+            };
+            answer(h, p.label, status, TEXT_PLAIN, body, p.head, Some("broker"));
+        }
+        Some(status @ 500..=599) => {
+            h.log(
+                Level::Warn,
+                &alloc::format!(
+                    "meshiam: broker failed {} with {status} (reason {})",
+                    p.label,
+                    printable(resp.reason.as_deref().unwrap_or("-"))
+                ),
+            );
+            let status = match status {
+                503 | 504 => status,
+                _ => 502,
+            };
+            broker_failed(h, cfg, p, status);
+        }
+        Some(other) => {
+            h.log(
+                Level::Warn,
+                &alloc::format!("meshiam: broker answered unexpected status {other}"),
+            );
+            broker_failed(h, cfg, p, 502);
+        }
+        None => {
+            h.log(
+                Level::Warn,
+                "meshiam: broker call-out failed without an answer",
+            );
+            broker_failed(h, cfg, p, 503);
         }
     }
 }

@@ -3,7 +3,7 @@
 //! cache and credentials from the node broker; everything else passes through untouched.
 //!
 //! Decisions live in plain Rust behind [`host::Host`] ([`flow`], [`identity`], [`secret`],
-//! [`cache`], [`config`]); [`glue`] is the thin proxy-wasm adapter.
+//! [`broker_session`], [`cache`], [`config`]); [`glue`] is the thin proxy-wasm adapter.
 #![cfg_attr(
     not(test),
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
@@ -11,6 +11,7 @@
 
 extern crate alloc;
 
+pub mod broker_session;
 pub mod cache;
 pub mod config;
 pub mod flow;

@@ -90,7 +90,7 @@ mod tests {
         assert!(a.shared_set(KEY, &s, None).is_ok());
         s = [2u8; SECRET_LEN];
         assert!(b.shared_set(KEY, &s, None).is_ok());
-        let t = issuer(&a).map(|i| i.issue(10, 60, b"x"));
+        let t = issuer(&a).map(|i| i.issue(10, 60, b"x", &[3; meshiam_imds::token::NONCE_LEN]));
         let t = t.unwrap_or_default();
         assert!(issuer(&b).is_some_and(|i| i.verify(&t, 11, b"x").is_ok()));
     }

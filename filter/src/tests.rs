@@ -8,6 +8,7 @@ mod decisions {
 
     use meshiam_imds::Credentials;
 
+    use crate::broker_session::{self, BrokerToken};
     use crate::config::{self, Config};
     use crate::flow::{Action, RequestFlow, Shared};
     use crate::host::{CalloutResponse, Host, Level};
@@ -22,9 +23,25 @@ mod decisions {
 
     const POD_IP: &str = "10.1.0.7";
 
+    /// The broker token a running sidecar already holds (see `broker_session_*` tests for
+    /// how it gets one).
+    const BROKER_TOKEN: &str = "broker-session-token-0001";
+
     /// A pod's sidecar: node metadata as Istio sets it, secret created as on_configure does,
-    /// requests from the application (the pod's own address, as an iptables REDIRECT keeps it).
+    /// requests from the application (the pod's own address, as an iptables REDIRECT keeps it),
+    /// and a broker session already set up.
     fn pod_with(cfg: Config) -> (MockHost, Rc<Shared>) {
+        let (h, s) = fresh_pod_with(cfg);
+        let t = BrokerToken {
+            token: BROKER_TOKEN.into(),
+            expiry: NOW + 21_600,
+        };
+        assert!(broker_session::store(&h, &t));
+        (h, s)
+    }
+
+    /// A sidecar that has not talked to the broker yet.
+    fn fresh_pod_with(cfg: Config) -> (MockHost, Rc<Shared>) {
         let h = MockHost::new()
             .property(&["xds", "node", "metadata", "NAMESPACE"], "default")
             .property(&["xds", "node", "metadata", "NAME"], "myapp-7d9f")
@@ -195,9 +212,12 @@ mod decisions {
                 ":scheme",
                 "x-meshiam-filter",
                 "x-meshiam-pod-namespace",
-                "x-meshiam-pod-name"
+                "x-meshiam-pod-name",
+                "x-aws-ec2-metadata-token"
             ]
         );
+        // The sidecar's broker token, never the application's.
+        assert_eq!(call.header("x-aws-ec2-metadata-token"), Some(BROKER_TOKEN));
         assert_eq!(call.header(":method"), Some("GET"));
         assert_eq!(
             call.header(":path"),
@@ -641,6 +661,13 @@ mod decisions {
             ROLE_LIST,
             &[("x-aws-ec2-metadata-token", "bad-token-value")],
         );
+        // The broker session: a 401, a new token, a refused token answer.
+        let (mut flow, _) = send(&h, &s, "GET", ROLE_LIST, &[]);
+        flow.on_callout_response(&h, status(401, "token-invalid"));
+        flow.on_callout_response(&h, broker_token_answer("fresh-broker-token"));
+        flow.on_callout_response(&h, status(401, "token-invalid"));
+        let (mut flow, _) = send(&h, &s, "GET", ROLE_LIST, &[]);
+        flow.on_callout_response(&h, broker_token_answer("broken broker token"));
         let (secret_bytes, _) = h.shared_get(secret::KEY);
         let secret_hex: String = secret_bytes
             .unwrap_or_default()
@@ -655,6 +682,9 @@ mod decisions {
                 "LEAKSECRET",
                 "ASIALEAK",
                 "bad-token-value",
+                BROKER_TOKEN,
+                "fresh-broker-token",
+                "broken",
                 &secret_hex[..16],
                 "\n",
             ] {
@@ -758,6 +788,93 @@ mod decisions {
         );
     }
 
+    fn last_call(h: &MockHost) -> crate::mock::Dispatched {
+        h.dispatched
+            .borrow()
+            .last()
+            .cloned()
+            .unwrap_or_else(|| panic!("no call-out"))
+    }
+
+    fn broker_token_answer(token: &str) -> CalloutResponse {
+        CalloutResponse {
+            status: Some(200),
+            content_type: Some("text/plain".into()),
+            reason: None,
+            body: token.as_bytes().to_vec(),
+        }
+    }
+
+    #[test]
+    fn broker_session_is_fetched_once_and_shared_by_every_vm() {
+        let (h, s) = fresh_pod_with(Config::default());
+        let (mut flow, action) = send(&h, &s, "GET", ROLE_LIST, &[]);
+        assert_eq!(action, Action::Pause);
+        let put = last_call(&h);
+        assert_eq!(put.header(":method"), Some("PUT"));
+        assert_eq!(put.header(":path"), Some("/latest/api/token"));
+        assert_eq!(
+            put.header("x-aws-ec2-metadata-token-ttl-seconds"),
+            Some("21600")
+        );
+        assert_eq!(put.header("x-meshiam-pod-namespace"), Some("default"));
+        assert_eq!(put.header("x-meshiam-pod-name"), Some("myapp-7d9f"));
+        assert_eq!(put.header("x-aws-ec2-metadata-token"), None);
+        assert!(h.replies.borrow().is_empty(), "no answer before the read");
+        flow.on_callout_response(&h, broker_token_answer("tok-A\n"));
+        let read = last_call(&h);
+        assert_eq!(read.header(":method"), Some("GET"));
+        assert_eq!(read.header(":path"), Some(ROLE_LIST));
+        assert_eq!(read.header("x-aws-ec2-metadata-token"), Some("tok-A"));
+        flow.on_callout_response(&h, ok("myapp-iam-role", "text/plain"));
+        let r = h.last_reply().unwrap_or_else(|| panic!("no reply"));
+        assert_eq!((r.status, r.text().as_str()), (200, "myapp-iam-role"));
+
+        // Every later read of every worker VM uses that token: one call-out per read.
+        let other = h.other_vm();
+        h.advance(3600);
+        for vm in [&h, &other] {
+            let before = vm.dispatched.borrow().len();
+            let (mut flow, _) = send(vm, &s, "GET", CREDS, &[]);
+            assert_eq!(vm.dispatched.borrow().len(), before + 1);
+            assert_eq!(
+                last_call(vm).header("x-aws-ec2-metadata-token"),
+                Some("tok-A")
+            );
+            flow.on_callout_response(vm, ok(&creds_doc(NOW + 7200), "application/json"));
+            assert_eq!(vm.last_reply().map(|r| r.status), Some(200));
+            h.advance(60);
+        }
+        assert_eq!(h.metric(metrics::BROKER_TOKENS), 1);
+        assert_eq!(other.metric(metrics::BROKER_TOKENS), 0);
+    }
+
+    #[test]
+    fn broker_session_is_renewed_five_minutes_before_expiry() {
+        let (h, s) = pod();
+        h.advance(21_600 - 301);
+        let (mut flow, _) = send(&h, &s, "GET", ROLE_LIST, &[]);
+        assert_eq!(
+            last_call(&h).header("x-aws-ec2-metadata-token"),
+            Some(BROKER_TOKEN)
+        );
+        flow.on_callout_response(&h, ok("myapp-iam-role", "text/plain"));
+        h.advance(1);
+        let (mut flow, _) = send(&h, &s, "GET", CREDS, &[]);
+        assert_eq!(last_call(&h).header(":method"), Some("PUT"));
+        flow.on_callout_response(&h, broker_token_answer("tok-B"));
+        assert_eq!(
+            last_call(&h).header("x-aws-ec2-metadata-token"),
+            Some("tok-B")
+        );
+        flow.on_callout_response(&h, ok(&creds_doc(NOW + 21_600 + 3600), "application/json"));
+        assert_eq!(h.last_reply().map(|r| r.status), Some(200));
+        assert_eq!(
+            broker_session::current(&h).map(|t| t.token),
+            Some("tok-B".to_string())
+        );
+    }
+
     #[test]
     fn unknown_or_forwarded_sources_and_unknown_pod_addresses_fail_closed() {
         let (h, s) = pod();
@@ -807,7 +924,10 @@ mod decisions {
                 ("x-forwarded-for", "192.0.2.1"),
             ],
         );
-        assert_eq!((r.status, r.header("x-meshiam-reason")), (403, None));
+        assert_eq!(
+            (r.status, r.header("x-meshiam-reason")),
+            (403, Some("forwarded-token-request"))
+        );
 
         // No INSTANCE_IPS and no podIps: loopback only, and one warning.
         let h = MockHost::new()
@@ -842,6 +962,132 @@ mod decisions {
         let me = from(&h, "10.9.9.9:5");
         send(&me, &s, "GET", CREDS, &[]);
         assert_eq!(me.dispatched.borrow().len(), 1);
+    }
+
+    #[test]
+    fn broker_401_means_a_new_token_and_one_retry() {
+        let (h, s) = pod();
+        let (mut flow, _) = send(&h, &s, "GET", CREDS, &[]);
+        flow.on_callout_response(&h, status(401, "token-invalid"));
+        // The old token is gone; a new one is asked for, then the read again.
+        assert_eq!(broker_session::current(&h), None);
+        assert_eq!(last_call(&h).header(":method"), Some("PUT"));
+        assert!(h.replies.borrow().is_empty());
+        flow.on_callout_response(&h, broker_token_answer("tok-new"));
+        assert_eq!(
+            last_call(&h).header("x-aws-ec2-metadata-token"),
+            Some("tok-new")
+        );
+        flow.on_callout_response(&h, ok(&creds_doc(NOW + 3600), "application/json"));
+        let r = h.last_reply().unwrap_or_else(|| panic!("no reply"));
+        assert_eq!(
+            (r.status, r.header("x-meshiam-source")),
+            (200, Some("broker"))
+        );
+        assert_eq!(h.dispatched.borrow().len(), 3);
+        assert_eq!(h.metric(metrics::BROKER_TOKEN_RETRIES), 1);
+
+        // A second 401 right after a fresh token is a broker failure: still-valid cached
+        // credentials, else fail closed; never a loop, never relayed as the app's 401.
+        h.advance(600);
+        let (mut flow, _) = send(&h, &s, "GET", CREDS, &[]);
+        flow.on_callout_response(&h, status(401, "token-invalid"));
+        flow.on_callout_response(&h, broker_token_answer("tok-newer"));
+        flow.on_callout_response(&h, status(401, "token-invalid"));
+        let r = h.last_reply().unwrap_or_else(|| panic!("no reply"));
+        assert_eq!(
+            (r.status, r.header("x-meshiam-source")),
+            (200, Some("stale"))
+        );
+        assert_eq!(h.dispatched.borrow().len(), 6, "one retry only");
+
+        let (h, s) = pod();
+        let (mut flow, _) = send(&h, &s, "GET", ROLE_LIST, &[]);
+        flow.on_callout_response(&h, status(401, "token-invalid"));
+        flow.on_callout_response(&h, broker_token_answer("tok-x"));
+        flow.on_callout_response(&h, status(401, "token-invalid"));
+        assert_eq!(h.last_reply().map(|r| r.status), Some(502));
+        assert_eq!(h.dispatched.borrow().len(), 3);
+    }
+
+    #[test]
+    fn a_failed_broker_token_is_a_failed_callout() {
+        // Credentials cached while the broker was up, then the session is gone (say the
+        // sidecar restarted its VMs) and the broker is down.
+        let (h, s) = pod();
+        via_broker(
+            &h,
+            &s,
+            CREDS,
+            ok(&creds_doc(NOW + 3600), "application/json"),
+        );
+        for (resp, stale_status) in [
+            (CalloutResponse::default(), 200),
+            (status(503, "sts-unavailable"), 200),
+            (status(500, "boom"), 200),
+            (status(400, "bad-token-ttl"), 200),
+            (broker_token_answer("not a token"), 200),
+        ] {
+            broker_session::forget(&h, BROKER_TOKEN);
+            h.advance(60);
+            let (mut flow, _) = send(&h, &s, "GET", CREDS, &[]);
+            assert_eq!(last_call(&h).header(":method"), Some("PUT"));
+            flow.on_callout_response(&h, resp);
+            let r = h.last_reply().unwrap_or_else(|| panic!("no reply"));
+            assert_eq!(
+                (r.status, r.header("x-meshiam-source")),
+                (stale_status, Some("stale"))
+            );
+            assert_eq!(
+                last_call(&h).header(":method"),
+                Some("PUT"),
+                "no read without a token"
+            );
+        }
+        // Nothing cached: fail closed with the failure's status.
+        let (h, s) = fresh_pod_with(Config::default());
+        for (resp, want) in [
+            (CalloutResponse::default(), 503),
+            (status(504, "timeout"), 504),
+            (status(400, "bad-token-ttl"), 502),
+        ] {
+            let (mut flow, _) = send(&h, &s, "GET", CREDS, &[]);
+            flow.on_callout_response(&h, resp);
+            let r = h.last_reply().unwrap_or_else(|| panic!("no reply"));
+            assert_eq!(r.status, want);
+            assert!(!r.text().contains("Access"));
+        }
+        // A broker that will not identify the pod says so to the application, as it would
+        // for the read; the cache does not override it.
+        let (h, s) = pod();
+        via_broker(
+            &h,
+            &s,
+            CREDS,
+            ok(&creds_doc(NOW + 3600), "application/json"),
+        );
+        broker_session::forget(&h, BROKER_TOKEN);
+        h.advance(60);
+        let (mut flow, _) = send(&h, &s, "GET", CREDS, &[]);
+        flow.on_callout_response(&h, status(403, "unknown-pod"));
+        let r = h.last_reply().unwrap_or_else(|| panic!("no reply"));
+        assert_eq!((r.status, r.text().as_str()), (403, "short text"));
+        // The proxy refuses to start the token call-out: 503 (or stale), at once.
+        let (h, s) = fresh_pod_with(Config::default());
+        h.dispatch_fails.set(true);
+        let r = local(&h, &s, "GET", CREDS, &[]);
+        assert_eq!(r.status, 503);
+    }
+
+    #[test]
+    fn the_apps_token_is_checked_here_and_never_sent_to_the_broker() {
+        let cfg = config::parse(br#"{"requireImdsv2":true}"#).unwrap_or_else(|e| panic!("{e}"));
+        let (h, s) = pod_with(cfg);
+        let app = token(&h, &s, "60");
+        let (_, _) = send(&h, &s, "GET", CREDS, &[("x-aws-ec2-metadata-token", &app)]);
+        let call = last_call(&h);
+        assert_eq!(call.header("x-aws-ec2-metadata-token"), Some(BROKER_TOKEN));
+        assert!(call.headers.iter().all(|(_, v)| v != &app));
     }
 
     #[test]

@@ -13,6 +13,7 @@ use meshiam_imds::{Credentials, ImdsHeaders, Seen, TokenIssuer, admit, check_ses
 
 const NOW: u64 = 1_760_000_000;
 const BINDING: &[u8] = b"default/myapp";
+const NONCE: [u8; meshiam_imds::token::NONCE_LEN] = [0x42; meshiam_imds::token::NONCE_LEN];
 
 fn credentials() -> Credentials {
     Credentials {
@@ -55,9 +56,9 @@ fn paths(c: &mut Criterion) {
 
 fn tokens(c: &mut Criterion) {
     let issuer = TokenIssuer::new([7u8; 64]);
-    let token = issuer.issue(NOW, 21600, BINDING);
+    let token = issuer.issue(NOW, 21600, BINDING, &NONCE);
     c.bench_function("token/issue", |b| {
-        b.iter(|| issuer.issue(black_box(NOW), black_box(21600), black_box(BINDING)))
+        b.iter(|| issuer.issue(black_box(NOW), black_box(21600), black_box(BINDING), &NONCE))
     });
     c.bench_function("token/verify", |b| {
         b.iter(|| issuer.verify(black_box(&token), black_box(NOW + 10), black_box(BINDING)))

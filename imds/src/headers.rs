@@ -18,7 +18,8 @@ pub const MESHIAM_PREFIX: &str = "x-meshiam-";
 pub const POD_NAME: &str = "x-meshiam-pod-name";
 /// The pod namespace the filter believes it serves (cross-check only).
 pub const POD_NAMESPACE: &str = "x-meshiam-pod-namespace";
-/// Marks a call-out made by the meshiam filter; its value is the filter's version.
+/// The filter's version, sent on its call-outs. Informational only (the broker records it
+/// in the audit line): anything that reaches the broker can send it, so it changes no rule.
 pub const FILTER: &str = "x-meshiam-filter";
 /// A short, secret-free reason code the broker attaches to refusals, for logs and metrics.
 pub const REASON: &str = "x-meshiam-reason";

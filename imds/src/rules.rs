@@ -261,7 +261,7 @@ mod tests {
     #[test]
     fn session_rules() {
         let issuer = TokenIssuer::new([5; crate::token::SECRET_LEN]);
-        let t = issuer.issue(100, 60, b"pod");
+        let t = issuer.issue(100, 60, b"pod", &[9; crate::token::NONCE_LEN]);
         assert_eq!(check_session(Some(&t), &issuer, 120, b"pod", true), Ok(()));
         assert_eq!(
             check_session(Some(&t), &issuer, 160, b"pod", false),

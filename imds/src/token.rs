@@ -1,12 +1,15 @@
 //! IMDSv2 session tokens.
 //!
-//! A token is stateless: `v1` marker, expiry and an HMAC-SHA256 tag over both and a
-//! *binding*, hex-encoded. The binding names the scope the token is good for: the filter
-//! binds to its pod's identity and keeps the secret in proxy-wasm shared data, so every
-//! Envoy worker of one sidecar accepts the token for its whole TTL while no other pod (with
-//! its own random secret) ever does; the broker, serving pods directly, binds to the
-//! caller's address. Nothing has to be stored per token, so a flood of token PUTs costs no
-//! memory.
+//! A token is stateless: a version byte, a random nonce, the expiry and an HMAC-SHA256 tag
+//! over all three and a *binding*, hex-encoded. The binding names the scope the token is
+//! good for: the filter binds to its pod's identity and keeps the secret in proxy-wasm
+//! shared data, so every Envoy worker of one sidecar accepts the token for its whole TTL
+//! while no other pod (with its own random secret) ever does; the broker binds to the UID
+//! of the pod that asked, so a token dies with its pod even when a new pod gets the same
+//! address. The nonce (the caller brings the randomness: this crate has none) makes every
+//! token unique, so two tokens issued in the same second to the same binding differ and
+//! one never tells anything about another. Nothing has to be stored per token, so a flood
+//! of token PUTs costs no memory.
 
 use alloc::string::String;
 use core::fmt;
@@ -23,9 +26,16 @@ pub const MAX_TTL: u32 = 21_600;
 /// (HMAC-SHA256's block size, so the key is used as is.)
 pub const SECRET_LEN: usize = 64;
 
-const VERSION: u8 = 1;
+/// Length of the random nonce every token carries.
+pub const NONCE_LEN: usize = 16;
+
+/// Version 2: with nonce. (Version 1 tokens had none; they are refused as invalid, and
+/// clients ask for a new token on `401`.)
+const VERSION: u8 = 2;
 const TAG_LEN: usize = 20;
-const RAW_LEN: usize = 1 + 8 + TAG_LEN;
+/// The part the tag covers, besides the binding: version, nonce, expiry.
+const HEAD_LEN: usize = 1 + NONCE_LEN + 8;
+const RAW_LEN: usize = HEAD_LEN + TAG_LEN;
 /// Length of every token this module issues.
 pub const TOKEN_LEN: usize = RAW_LEN * 2;
 
@@ -101,14 +111,17 @@ impl TokenIssuer {
         Self { secret }
     }
 
-    /// A token valid from `now` for `ttl` seconds, for `binding` only.
-    pub fn issue(&self, now: u64, ttl: u32, binding: &[u8]) -> String {
+    /// A token valid from `now` for `ttl` seconds, for `binding` only. `nonce` must be fresh
+    /// random bytes (the caller's randomness: `getrandom` in the broker, the proxy's in the
+    /// filter).
+    pub fn issue(&self, now: u64, ttl: u32, binding: &[u8], nonce: &[u8; NONCE_LEN]) -> String {
         let expiry = now.saturating_add(ttl as u64);
         let mut raw = [0u8; RAW_LEN];
         raw[0] = VERSION;
-        raw[1..9].copy_from_slice(&expiry.to_be_bytes());
-        let tag = self.mac(&raw[..9], binding).finalize().into_bytes();
-        raw[9..].copy_from_slice(&tag[..TAG_LEN]);
+        raw[1..1 + NONCE_LEN].copy_from_slice(nonce);
+        raw[1 + NONCE_LEN..HEAD_LEN].copy_from_slice(&expiry.to_be_bytes());
+        let tag = self.mac(&raw[..HEAD_LEN], binding).finalize().into_bytes();
+        raw[HEAD_LEN..].copy_from_slice(&tag[..TAG_LEN]);
         let mut out = String::with_capacity(TOKEN_LEN);
         for b in raw {
             out.push(HEX[(b >> 4) as usize] as char);
@@ -133,11 +146,11 @@ impl TokenIssuer {
             return Err(TokenError::Invalid);
         }
         // Constant-time comparison of the truncated tag.
-        self.mac(&raw[..9], binding)
-            .verify_truncated_left(&raw[9..])
+        self.mac(&raw[..HEAD_LEN], binding)
+            .verify_truncated_left(&raw[HEAD_LEN..])
             .map_err(|_| TokenError::Invalid)?;
         let mut exp = [0u8; 8];
-        exp.copy_from_slice(&raw[1..9]);
+        exp.copy_from_slice(&raw[1 + NONCE_LEN..HEAD_LEN]);
         let expiry = u64::from_be_bytes(exp);
         if now >= expiry {
             return Err(TokenError::Expired);
@@ -174,6 +187,8 @@ mod tests {
         TokenIssuer::new([seed; SECRET_LEN])
     }
 
+    const N: [u8; NONCE_LEN] = [0x5a; NONCE_LEN];
+
     #[test]
     fn ttl_rules() {
         assert_eq!(parse_ttl(Some("1")), Ok(1));
@@ -195,7 +210,7 @@ mod tests {
     #[test]
     fn token_valid_for_its_whole_ttl_and_not_after() {
         let i = issuer(7);
-        let t = i.issue(1000, 21_600, b"default/myapp");
+        let t = i.issue(1000, 21_600, b"default/myapp", &N);
         assert_eq!(t.len(), TOKEN_LEN);
         assert_eq!(i.verify(&t, 1000, b"default/myapp"), Ok(22_600));
         assert_eq!(i.verify(&t, 22_599, b"default/myapp"), Ok(22_600));
@@ -212,19 +227,19 @@ mod tests {
     #[test]
     fn another_issuer_of_the_same_sidecar_accepts_it() {
         // Two Envoy workers share the secret through shared data: two issuers, same key.
-        let t = issuer(9).issue(50, 60, b"ns/pod");
+        let t = issuer(9).issue(50, 60, b"ns/pod", &N);
         assert!(issuer(9).verify(&t, 100, b"ns/pod").is_ok());
     }
 
     #[test]
     fn another_pod_refuses_it() {
-        let t = issuer(1).issue(0, 600, b"default/myapp");
+        let t = issuer(1).issue(0, 600, b"default/myapp", &N);
         // Another pod's sidecar has another secret.
         assert_eq!(
             issuer(2).verify(&t, 1, b"default/myapp"),
             Err(TokenError::Invalid)
         );
-        // Same secret, other binding (the broker binds to caller addresses).
+        // Same secret, other binding (the broker binds to pod UIDs).
         assert_eq!(
             issuer(1).verify(&t, 1, b"default/other"),
             Err(TokenError::Invalid)
@@ -234,12 +249,16 @@ mod tests {
     #[test]
     fn tampering_is_detected() {
         let i = issuer(3);
-        let t = i.issue(0, 60, b"b");
-        // Push the expiry forward by editing one hex digit of the expiry field.
-        let mut forged: alloc::vec::Vec<u8> = t.clone().into_bytes();
-        forged[10] = if forged[10] == b'f' { b'e' } else { b'f' };
-        let forged = String::from_utf8(forged).unwrap_or_default();
-        assert_eq!(i.verify(&forged, 1, b"b"), Err(TokenError::Invalid));
+        let t = i.issue(0, 60, b"b", &N);
+        // Push the expiry forward by editing one hex digit of the expiry field, or change
+        // the nonce.
+        let expiry_digit = 2 * (1 + NONCE_LEN) + 10;
+        for at in [expiry_digit, 4] {
+            let mut forged: alloc::vec::Vec<u8> = t.clone().into_bytes();
+            forged[at] = if forged[at] == b'f' { b'e' } else { b'f' };
+            let forged = String::from_utf8(forged).unwrap_or_default();
+            assert_eq!(i.verify(&forged, 1, b"b"), Err(TokenError::Invalid), "{at}");
+        }
         for bad in [
             "",
             "zz",
@@ -249,8 +268,19 @@ mod tests {
             assert_eq!(i.verify(bad, 1, b"b"), Err(TokenError::Invalid), "{bad:?}");
         }
         let mut wrong_version = t.clone();
-        wrong_version.replace_range(0..2, "02");
+        wrong_version.replace_range(0..2, "01");
         assert_eq!(i.verify(&wrong_version, 1, b"b"), Err(TokenError::Invalid));
+    }
+
+    #[test]
+    fn every_token_is_unique_by_its_nonce() {
+        let i = issuer(4);
+        let a = i.issue(1000, 60, b"uid-1", &[1; NONCE_LEN]);
+        let b = i.issue(1000, 60, b"uid-1", &[2; NONCE_LEN]);
+        assert_ne!(a, b, "same second, same binding, other nonce: other token");
+        assert_eq!(i.verify(&a, 1001, b"uid-1"), Ok(1060));
+        assert_eq!(i.verify(&b, 1001, b"uid-1"), Ok(1060));
+        assert_eq!(a.len(), TOKEN_LEN);
     }
 
     #[test]

@@ -95,14 +95,21 @@ class _Server:
 
 class Broker(_Server):
     """Stands in for meshiam-broker: answers the credential paths for one role, records
-    every request (path and headers). `mode` changes what it does: "ok", "status:<code>",
-    "slow:<seconds>"."""
+    every read (path and headers) in `requests` and every token PUT in `token_puts`. Like
+    the real broker (`--direct-mode required`), reads need a token it issued: 401 otherwise.
+    `mode` changes what reads get: "ok", "status:<code>", "slow:<seconds>"."""
 
     def __init__(self):
         self.requests = []
+        self.token_puts = []
+        self.issued = set()
         self.mode = "ok"
         self.expiration = time.time() + 3600
         super().__init__(self._handler)
+
+    def forget_tokens(self):
+        """As a broker restart does: every token issued so far is refused."""
+        self.issued.clear()
 
     def credentials(self):
         return {
@@ -135,10 +142,25 @@ class Broker(_Server):
                 self.end_headers()
                 self.wfile.write(data)
 
+            def do_PUT(self):
+                broker.token_puts.append(
+                    {"path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()}}
+                )
+                ttl = self.headers.get("x-aws-ec2-metadata-token-ttl-seconds", "")
+                if self.path != "/latest/api/token" or not ttl.isdigit():
+                    return self._send(400, "Bad Request", extra=[("x-meshiam-reason", "bad-token-ttl")])
+                token = f"fake-broker-token-{len(broker.token_puts)}"
+                broker.issued.add(token)
+                self._send(200, token, extra=[("x-aws-ec2-metadata-token-ttl-seconds", ttl)])
+
             def do_GET(self):
                 broker.requests.append(
                     {"path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()}}
                 )
+                token = self.headers.get("x-aws-ec2-metadata-token")
+                if token not in broker.issued:
+                    reason = "token-invalid" if token else "token-required"
+                    return self._send(401, "Unauthorized", extra=[("x-meshiam-reason", reason)])
                 mode = broker.mode
                 if mode.startswith("slow:"):
                     time.sleep(float(mode[5:]))

@@ -59,7 +59,32 @@ def test_identity_headers_are_the_filters_not_the_apps(envoy, broker):
     assert h["x-meshiam-pod-namespace"] == "default"
     assert h["x-meshiam-filter"] == "0.1.0"
     assert h["host"] == "meshiam-broker"
-    assert "authorization" not in h and "x-aws-ec2-metadata-token" not in h
+    assert "authorization" not in h
+    # The only token the broker sees is the sidecar's own broker token.
+    assert h["x-aws-ec2-metadata-token"] in broker.issued
+    (put,) = broker.token_puts
+    assert put["headers"]["x-aws-ec2-metadata-token-ttl-seconds"] == "21600"
+    assert put["headers"]["x-meshiam-pod-name"] == "myapp-7d9f"
+
+
+def test_broker_session_is_shared_and_renewed_after_a_broker_restart(envoy, broker):
+    """One broker token for every worker; a broker that forgot it (restart) gets asked for
+    a new one and the read is retried, invisibly to the application."""
+    for _ in range(8):
+        with requests.Session() as s:
+            r = s.get(envoy.url + ROLE_LIST + "?n=1", headers={"Host": "169.254.169.254"}, timeout=5)
+            assert (r.status_code, r.text) == (200, ROLE)
+    assert len(broker.token_puts) == 1
+    tokens = {q["headers"]["x-aws-ec2-metadata-token"] for q in broker.requests}
+    assert len(tokens) == 1
+    broker.forget_tokens()
+    r = envoy.get(CREDS)  # not cached yet: a call-out with the forgotten token
+    assert r.status_code == 200 and r.json()["AccessKeyId"] == "ASIABROKERKEY"
+    assert len(broker.token_puts) == 2
+    assert broker.requests[-1]["headers"]["x-aws-ec2-metadata-token"] in broker.issued
+    stats = envoy.stats()
+    assert stats.get("wasmcustom.meshiam.broker_tokens", 0) == 2
+    assert stats.get("wasmcustom.meshiam.broker_token_retries", 0) == 1
 
 
 def test_imdsv2_flow_with_botocore(envoy, broker, monkeypatch):
