@@ -42,8 +42,10 @@ def main(wasm, logdir):
     broker.start()
     config = os.path.join(logdir, "netns-details-envoy.yaml")
     with open(config, "w") as f:
+        # The metadata address on lo is this namespace's only address besides loopback, so
+        # curl's connections to it come from it: it is the "pod's" own address here.
         f.write(render(os.path.join(ENVOY_DIR, "sidecar.yaml"), WASM_PATH=wasm,
-                       POD_NAME="myapp-7d9f", POD_NAMESPACE="default"))
+                       POD_NAME="myapp-7d9f", POD_NAMESPACE="default", POD_IPS="169.254.169.254"))
     envoy = Envoy(config, 15001, 15000, os.path.join(logdir, "netns-details-envoy.log"))
     imds = "http://169.254.169.254"
     out = {}
