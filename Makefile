@@ -45,8 +45,9 @@ test: setup lint unit fuzz-smoke integration
 # for FUZZ_SECONDS each (new inputs go to fuzz/out/, crashes to fuzz/out/artifacts/; a crash
 # is fixed and its input committed to fuzz/corpus/<target>/, which `cargo test` replays).
 # `make test` runs the targets that build quickly for FUZZ_SMOKE_SECONDS each; the broker's
-# two targets instrument the whole broker (kube, the AWS SDK: minutes of build), so there
-# `make test` only replays their corpus (broker/tests/fuzz_corpus.rs, in `make unit`).
+# two targets instrument the whole broker (kube, the AWS SDK, aws-lc: ~14 CPU-minutes of
+# build from clean, against ~45 s for the other five), so `make test` only replays their
+# corpus (broker/tests/fuzz_corpus.rs, in `make unit`).
 FUZZ_SECONDS ?= 30
 FUZZ_SMOKE_SECONDS ?= 5
 FUZZ_QUICK := imds_path imds_token imds_ttl imds_creds_json filter_config
