@@ -7,13 +7,14 @@ PY := $(VENV)/bin/python
 WASM := target/wasm32-wasip1/release/meshiam_filter.wasm
 BROKER := target/release/meshiam-broker
 
-.PHONY: help setup build wasm broker demo test lint unit integration clean
+.PHONY: help setup build wasm broker demo test lint unit integration clean fuzz fuzz-smoke
 
 help:
 	@echo "make demo   - set up, build, run the local demo"
 	@echo "make test   - set up, build, run every test (what CI runs)"
 	@echo "make lint   - rustfmt and clippy (host and wasm)"
 	@echo "make build  - release filter (.wasm) and broker"
+	@echo "make fuzz   - run every fuzz target for FUZZ_SECONDS (default 30) each"
 
 setup:
 	@scripts/setup
@@ -38,7 +39,26 @@ unit:
 integration: build
 	$(PY) -m pytest -q tests
 
-test: setup lint unit integration
+test: setup lint unit fuzz-smoke integration
+
+# Fuzzing (fuzz/, cargo-fuzz on nightly; see fuzz/Cargo.toml). `make fuzz` runs every target
+# for FUZZ_SECONDS each (new inputs go to fuzz/out/, crashes to fuzz/out/artifacts/; a crash
+# is fixed and its input committed to fuzz/corpus/<target>/, which `cargo test` replays).
+# `make test` runs the targets that build quickly for FUZZ_SMOKE_SECONDS each; the broker's
+# two targets instrument the whole broker (kube, the AWS SDK, aws-lc: ~14 CPU-minutes of
+# build from clean, against ~45 s for the other five), so `make test` only replays their
+# corpus (broker/tests/fuzz_corpus.rs, in `make unit`).
+FUZZ_SECONDS ?= 30
+FUZZ_SMOKE_SECONDS ?= 5
+FUZZ_QUICK := imds_path imds_token imds_ttl imds_creds_json filter_config
+FUZZ_BROKER := broker_policy broker_pods_file
+test fuzz fuzz-smoke: export MESHIAM_WITH_FUZZ := 1
+
+fuzz-smoke: setup
+	scripts/fuzz $(FUZZ_SMOKE_SECONDS) $(FUZZ_QUICK)
+
+fuzz: setup
+	scripts/fuzz $(FUZZ_SECONDS) $(FUZZ_QUICK) $(FUZZ_BROKER)
 
 demo: setup build
 	@scripts/demo

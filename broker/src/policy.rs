@@ -49,7 +49,7 @@ impl BaseArn {
             && parts[2] == "iam"
             && parts[3].is_empty()
             && is_account(parts[4])
-            && (parts[5] == "role" || parts[5].starts_with("role/"));
+            && is_base_path(parts[5]);
         if !ok {
             return Err(format!(
                 "{s:?} is not a role base ARN such as arn:aws:iam::123456789012:role/"
@@ -75,6 +75,19 @@ impl BaseArn {
 
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+}
+
+/// `role`, `role/` or `role/<segments>/`: a base whose names, appended, make role ARNs
+/// that `is_role_arn` accepts (found by fuzzing: a `:` in the path did not).
+fn is_base_path(s: &str) -> bool {
+    match s.strip_prefix("role") {
+        Some("" | "/") => true,
+        Some(rest) => rest
+            .strip_prefix('/')
+            .map(|p| p.strip_suffix('/').unwrap_or(p))
+            .is_some_and(|p| p.split('/').all(is_role_segment)),
+        None => false,
     }
 }
 

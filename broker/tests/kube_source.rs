@@ -382,3 +382,76 @@ async fn a_failed_watch_leaves_the_store_stale_until_it_has_relisted() {
     })
     .await;
 }
+
+/// The API server restarts and comes back with other pods (the double forgets everything; a
+/// real cluster's pods may have changed while the broker could not watch). The broker's
+/// watcher resumes at its old resourceVersion, gets 410 Gone, re-lists and converges to what
+/// the API has now: the pods it no longer has are gone from the store, new ones are in it.
+#[tokio::test]
+async fn relists_and_converges_after_the_api_server_restarts() {
+    let first = double().await;
+    let addr = first.addr();
+    first
+        .create_pod(&pod("a", NODE, Some("198.18.0.1"), "Running"))
+        .unwrap();
+    first
+        .create_pod(&pod("b", NODE, Some("198.18.0.2"), "Running"))
+        .unwrap();
+    let store = PodStore::new();
+    let cfg = KubeSourceConfig {
+        node_name: NODE.into(),
+        watch_namespaces: false,
+    };
+    let source = tokio::spawn(kube_source::run(client(&first), cfg, store.clone()));
+    eventually("a and b", || names(&store) == ["a", "b"]).await;
+    // More history, so the broker's resourceVersion is well past what a fresh server starts
+    // handing out first.
+    for i in 0..5 {
+        first
+            .create_pod(&pod(&format!("x{i}"), "node-2", None, "Pending"))
+            .unwrap();
+    }
+    let old_rv = first.resource_version();
+    first.shutdown().await;
+
+    let mut second = None;
+    for _ in 0..50 {
+        match KubeDouble::start_with(
+            addr,
+            Options {
+                bookmark_interval: Duration::from_millis(100),
+            },
+        )
+        .await
+        {
+            Ok(d) => {
+                second = Some(d);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    let second = second.expect("rebinding the API double's address");
+    // The API now has a (at a new address) and c; b is gone.
+    second
+        .create_pod(&pod("a", NODE, Some("198.18.0.9"), "Running"))
+        .unwrap();
+    second
+        .create_pod(&pod("c", NODE, Some("198.18.0.3"), "Running"))
+        .unwrap();
+    eventually_within(15, "the store to match the restarted API", || {
+        names(&store) == ["a", "c"]
+    })
+    .await;
+    assert_eq!(holder(&store, "198.18.0.9").as_deref(), Some("a"));
+    assert_eq!(holder(&store, "198.18.0.3").as_deref(), Some("c"));
+    assert_eq!(holder(&store, "198.18.0.1"), None, "a's old address");
+    assert_eq!(holder(&store, "198.18.0.2"), None, "b is gone from the API");
+    let stats = second.stats();
+    println!(
+        "resumed at {old_rv}, restarted API at {}: {stats:?}",
+        second.resource_version()
+    );
+    assert!(stats.expired >= 1 && stats.lists >= 1, "{stats:?}");
+    source.abort();
+}

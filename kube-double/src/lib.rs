@@ -107,7 +107,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Shared {
     fn new(options: &Options) -> Self {
-        let db = Db::default();
+        // Not `Db::default()`: a restarted double must not re-issue the resourceVersions of
+        // an earlier run (see `store::clock_base`).
+        let db = Db::starting_at(store::clock_base());
         let (rv_tx, _) = tokio_watch::channel(db.rv());
         let (epoch, _) = tokio_watch::channel(0);
         Self {

@@ -110,6 +110,9 @@ pub struct Db {
     /// The oldest resourceVersion a watch can resume from (or a list be served at).
     compacted: u64,
     uids: u64,
+    /// Stamped into every uid, so no two runs of the double hand out the same uid (a real
+    /// API server's uids are unique forever; the broker binds tokens to them).
+    uid_run: u64,
 }
 
 impl Default for Db {
@@ -120,8 +123,36 @@ impl Default for Db {
             history: VecDeque::new(),
             compacted: RV_BASE,
             uids: 0,
+            uid_run: 0,
         }
     }
+}
+
+impl Db {
+    /// An empty store whose first write gets `base + 1`. Everything at or below `base` counts
+    /// as compacted: a watch or list at an older resourceVersion gets 410 Expired, as one
+    /// from before a restart does on a real API server whose etcd moved on.
+    pub fn starting_at(base: u64) -> Self {
+        Self {
+            rv: base,
+            compacted: base,
+            uid_run: base,
+            ..Self::default()
+        }
+    }
+}
+
+/// A resourceVersion base no earlier run of the double can have reached: the clock in
+/// microseconds. A restarted double therefore never hands out a resourceVersion a client
+/// kept from before the restart (which would let a resumed watch skip the changes and
+/// keep the client's stale objects); such resourceVersions are below the new base and get
+/// 410 Expired, so clients re-list.
+pub fn clock_base() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(RV_BASE)
+        .max(RV_BASE)
 }
 
 /// `resourceVersion` as the apiserver parses it: a decimal; anything else is a bad request.
@@ -177,12 +208,21 @@ impl Db {
         Ok(objects.into_values().collect())
     }
 
-    /// Changes after `since`, or `Expired` when history no longer reaches back that far.
+    /// Changes after `since`, or `Expired` when history no longer reaches back that far, or
+    /// when `since` is a resourceVersion this store never issued (newer than its current
+    /// one: typically kept by a client from before the double restarted).
     pub fn changes_since(&self, since: u64) -> Result<Vec<Change>, ApiError> {
         if since < self.compacted {
             return Err(ApiError::expired(format!(
                 "too old resource version: {since} ({})",
                 self.compacted
+            )));
+        }
+        if since > self.rv {
+            return Err(ApiError::expired(format!(
+                "resource version {since} was never issued by this API server (current: {}); \
+                 re-list",
+                self.rv
             )));
         }
         // History is ordered by rv; skip what the caller has seen.
@@ -199,7 +239,14 @@ impl Db {
 
     fn next_uid(&mut self) -> String {
         self.uids += 1;
-        format!("00000000-0000-4000-8000-{:012x}", self.uids)
+        let run = self.uid_run;
+        format!(
+            "{:08x}-{:04x}-4{:03x}-8000-{:012x}",
+            (run >> 28) as u32,
+            (run >> 12) & 0xffff,
+            run & 0xfff,
+            self.uids
+        )
     }
 
     fn record(&mut self, key: ObjKey, event: EventType, prev: Option<Arc<Value>>, obj: Arc<Value>) {
@@ -458,6 +505,36 @@ mod tests {
         );
         assert_eq!(db.changes_since(at).unwrap_err().code, 410);
         assert!(db.changes_since(db.rv()).unwrap().is_empty());
+    }
+
+    #[test]
+    fn uids_differ_across_runs() {
+        let uid = |db: &mut Db| {
+            let o = db.create(Kind::Pod, Some("default"), pod("a")).unwrap();
+            o["metadata"]["uid"].as_str().unwrap().to_string()
+        };
+        let (mut one, mut two) = (Db::starting_at(5_000), Db::starting_at(9_000));
+        let (a, b) = (uid(&mut one), uid(&mut two));
+        assert_ne!(
+            a, b,
+            "a restarted double must not reuse an earlier run's uids"
+        );
+        assert_eq!(a.len(), 36);
+    }
+
+    #[test]
+    fn resource_versions_never_issued_are_expired() {
+        let mut db = Db::starting_at(5_000);
+        // Before the base (an earlier run of the double): too old.
+        assert_eq!(db.changes_since(4_999).unwrap_err().code, 410);
+        assert!(db.changes_since(5_000).unwrap().is_empty());
+        db.create(Kind::Pod, Some("default"), pod("a")).unwrap();
+        assert_eq!(db.changes_since(5_000).unwrap().len(), 1);
+        assert!(db.changes_since(5_001).unwrap().is_empty());
+        // Newer than anything issued: never issued, so expired rather than silently empty.
+        let err = db.changes_since(5_002).unwrap_err();
+        assert_eq!((err.code, err.reason), (410, "Expired"));
+        assert!(clock_base() > 1_700_000_000_000_000);
     }
 
     #[test]

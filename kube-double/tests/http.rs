@@ -655,3 +655,111 @@ async fn discovery_endpoints_answer() {
     let (_, res) = http.get("/api/v1").await;
     assert_eq!(res["kind"], "APIResourceList");
 }
+
+/// A watch resumed at a resourceVersion the double never issued gets an `ERROR` event with a
+/// 410 `Expired` Status inside a 200 response (what the apiserver sends and what kube-rs's
+/// watcher answers with a re-list), not an empty stream that silently skips changes.
+#[tokio::test]
+async fn watch_at_a_resource_version_never_issued_is_gone() {
+    let (double, http) = start().await;
+    http.send(
+        "POST",
+        "/api/v1/namespaces/default/pods",
+        pod("a", "node-1"),
+    )
+    .await;
+    let now = double.resource_version();
+    let mut w = http
+        .watch(&format!(
+            "/api/v1/pods?watch=true&resourceVersion={}",
+            now + 5
+        ))
+        .await;
+    let e = w.next().await;
+    println!("watch at {} (current {now}) answered {e}", now + 5);
+    assert_eq!(e["type"], "ERROR");
+    assert_eq!(e["object"]["kind"], "Status");
+    assert_eq!(e["object"]["code"], 410);
+    assert_eq!(e["object"]["reason"], "Expired");
+    assert!(w.ends_within(Duration::from_secs(2)).await);
+    // The current one is fine: no ERROR, the next change arrives.
+    let mut w = http
+        .watch(&format!("/api/v1/pods?watch=true&resourceVersion={now}"))
+        .await;
+    http.send(
+        "POST",
+        "/api/v1/namespaces/default/pods",
+        pod("b", "node-1"),
+    )
+    .await;
+    let e = w.next().await;
+    assert_eq!(
+        (e["type"].as_str(), e["object"]["metadata"]["name"].as_str()),
+        (Some("ADDED"), Some("b"))
+    );
+    assert_eq!(double.stats().expired, 1);
+}
+
+/// Restarted on the same address, the double is a new API server: every resourceVersion it
+/// hands out is newer than any of the old run's, and a watch resumed at an old one (the
+/// broker's, from before the restart) gets 410 so the client re-lists instead of keeping
+/// pods the API no longer has.
+#[tokio::test]
+async fn a_restarted_double_expires_the_old_runs_resource_versions() {
+    let (first, http) = start().await;
+    let addr = first.addr();
+    for name in ["a", "b", "c"] {
+        http.send(
+            "POST",
+            "/api/v1/namespaces/default/pods",
+            pod(name, "node-1"),
+        )
+        .await;
+    }
+    let (_, before) = http.get("/api/v1/pods").await;
+    let old_rv = rv(&before);
+    first.shutdown().await;
+
+    let mut second = None;
+    for _ in 0..50 {
+        match KubeDouble::start_with(addr, Options::default()).await {
+            Ok(d) => {
+                second = Some(d);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    let second = second.expect("rebinding the double's address");
+    let http = Http::new(&second);
+    http.send(
+        "POST",
+        "/api/v1/namespaces/default/pods",
+        pod("z", "node-1"),
+    )
+    .await;
+    let (_, after) = http.get("/api/v1/pods").await;
+    println!(
+        "before the restart: rv {old_rv} {:?}; after: rv {} {:?}",
+        names(&before),
+        rv(&after),
+        names(&after)
+    );
+    assert_eq!(names(&after), ["z"]);
+    assert!(rv(&after) > old_rv, "resourceVersions went backwards");
+    let mut w = http
+        .watch(&format!("/api/v1/pods?watch=true&resourceVersion={old_rv}"))
+        .await;
+    let e = w.next().await;
+    assert_eq!(
+        (e["type"].as_str(), e["object"]["code"].as_u64()),
+        (Some("ERROR"), Some(410))
+    );
+    // A list at the old resourceVersion with Exact is too old as well.
+    let (code, _) = http
+        .get(&format!(
+            "/api/v1/pods?resourceVersion={old_rv}&resourceVersionMatch=Exact"
+        ))
+        .await;
+    assert_eq!(code, 410);
+}

@@ -520,6 +520,13 @@ def start_component(state, name):
     elif name == "kube":
         spawn(state, "kube", [KUBE_DOUBLE_BIN, "--listen", f"{host_any}:{port(state, 'kube')}"], netns=ns)
         wait_until("the Kubernetes API double", lambda: http_ok(state, ns, f"http://127.0.0.1:{port(state, 'kube')}/version"))
+        # The double keeps nothing across a restart: give it the stack's namespaces and
+        # registered pods again, as a real API server would still have them.
+        for n in state.get("namespaces", []):
+            api_add_namespace(state, n)
+        for entry in state["pods"].values():
+            if entry.get("registered"):
+                api_add_pod(state, entry["spec"])
     elif name == "broker":
         argv, env = broker_argv(state)
         spawn(state, "broker", argv, netns=ns, env=env)
@@ -626,15 +633,12 @@ def cmd_up(args):
     STATE_DIR.mkdir(parents=True)
     state = {"mode": mode, "procs": {}, "pods": {}, "next_index": 0,
              "broker_args": args.broker_arg or [], "filter_options": args.filter_option or [],
-             "started": time.time()}
+             "namespaces": namespaces, "started": time.time()}
     save_state(state)
     try:
         if mode == "netns":
             make_node_netns()
         for c in COMPONENTS:
-            if c == "broker":
-                for ns in namespaces:
-                    api_add_namespace(state, ns)
             say(f"starting {c}")
             start_component(state, c)
         for p in pods:
