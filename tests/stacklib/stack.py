@@ -42,6 +42,7 @@ DEFAULT_PODS = ROOT / "tests/pods.yaml"
 
 NODE_NS = "msh-node"
 BRIDGE = "mshbr0"
+BRIDGE_MAC = "02:6d:73:68:00:01"  # locally administered
 NODE_IP = "198.18.0.1"
 POD_PREFIX_LEN = 16
 ENVOY_UID = 1337
@@ -321,6 +322,10 @@ def make_node_netns():
     run("ip", "netns", "add", NODE_NS)
     run("ip", "-n", NODE_NS, "link", "set", "lo", "up")
     run("ip", "-n", NODE_NS, "link", "add", BRIDGE, "type", "bridge")
+    # A fixed address: a bridge otherwise takes the lowest address of its ports, so adding a
+    # pod (a new veth) can change it, and every pod that still has the old one in its ARP
+    # cache cannot reach the node (the broker) until that entry is refreshed, up to ~45 s.
+    run("ip", "-n", NODE_NS, "link", "set", BRIDGE, "address", BRIDGE_MAC)
     run("ip", "-n", NODE_NS, "addr", "add", f"{NODE_IP}/{POD_PREFIX_LEN}", "dev", BRIDGE)
     run("ip", "-n", NODE_NS, "link", "set", BRIDGE, "up")
     # No forwarding out of the node namespace: it has no other link anyway.
