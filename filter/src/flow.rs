@@ -198,12 +198,13 @@ impl RequestFlow {
     }
 
     fn issue_token<H: Host>(&self, h: &H, ttl: u32) {
-        let Some(issuer) = secret::issuer_or_create(h) else {
+        // Fail closed, and say why once per request: no token without its secret or a nonce.
+        let cannot_issue = |why: &str| {
             h.log(
                 Level::Error,
-                "meshiam: no token secret; cannot issue tokens",
+                &alloc::format!("meshiam: {why}; cannot issue tokens"),
             );
-            return answer(
+            answer(
                 h,
                 "token",
                 503,
@@ -213,19 +214,13 @@ impl RequestFlow {
                 None,
             );
         };
+        let Some(issuer) = secret::issuer_or_create(h) else {
+            return cannot_issue("no token secret");
+        };
         // Every token unique: a fresh nonce from the proxy's randomness.
         let mut nonce = [0u8; NONCE_LEN];
         if !h.fill_random(&mut nonce) {
-            h.log(Level::Error, "meshiam: no randomness; cannot issue tokens");
-            return answer(
-                h,
-                "token",
-                503,
-                TEXT_PLAIN,
-                b"Service Unavailable",
-                false,
-                None,
-            );
+            return cannot_issue("no randomness");
         }
         let binding = self.shared.identity(h).binding();
         let token = issuer.issue(h.now(), ttl, binding.as_bytes(), &nonce);
