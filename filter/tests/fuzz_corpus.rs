@@ -5,27 +5,10 @@
 #[path = "../../fuzz/src/filter.rs"]
 mod checks;
 
-use std::path::PathBuf;
+#[path = "../../fuzz/src/replay.rs"]
+mod replay;
 
-/// Runs every file of `fuzz/corpus/<target>` through `check`; names the file that fails.
-fn replay(target: &str, check: fn(&[u8])) {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../fuzz/corpus")
-        .join(target);
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-        .map(|e| e.unwrap().path())
-        .collect();
-    files.sort();
-    assert!(!files.is_empty(), "{} has no corpus files", dir.display());
-    for file in &files {
-        let data = std::fs::read(file).unwrap();
-        if std::panic::catch_unwind(|| check(&data)).is_err() {
-            panic!("{target}: {} fails its check", file.display());
-        }
-    }
-    println!("{target}: {} corpus files pass", files.len());
-}
+use replay::replay;
 
 #[test]
 fn filter_config_corpus() {
