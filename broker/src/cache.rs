@@ -20,7 +20,7 @@ use crate::metrics::Metrics;
 use crate::sts::{AssumeRoleRequest, StsApi, StsError, StsErrorKind};
 
 /// Tuning, all operator-settable (see `config`).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct CacheConfig {
     /// Every answer has at least this much lifetime left (default 30 min).
     pub min_remaining: Duration,
@@ -96,16 +96,6 @@ pub enum Served {
     Fetched,
     /// STS is failing; these are still valid.
     Stale,
-}
-
-impl Served {
-    pub fn label(self) -> &'static str {
-        match self {
-            Served::Hit => "hit",
-            Served::Fetched => "fetched",
-            Served::Stale => "stale",
-        }
-    }
 }
 
 #[derive(Debug, Clone)]

@@ -12,6 +12,7 @@ use crate::cache::CacheConfig;
 use crate::imds::DirectMode;
 use crate::policy::{BaseArn, PolicyConfig, Restriction, RolePolicy};
 use crate::server::ConnLimits;
+use meshiam_imds::AllowList;
 
 /// Where pods come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -43,18 +44,6 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "h" => Ok(Duration::from_secs(n * 3600)),
         _ => Err(format!("{s:?} has an unknown unit (use ms, s, m or h)")),
     }
-}
-
-/// Metadata paths that hold or lead to the node's own credentials: never forwarded.
-pub const NEVER_FORWARDED: [&str; 2] = ["meta-data/iam", "meta-data/identity-credentials"];
-
-/// True when an allow-list entry could let a path under [`NEVER_FORWARDED`] through.
-pub fn allow_entry_is_dangerous(entry: &str) -> bool {
-    let e = entry.trim().trim_start_matches('/');
-    NEVER_FORWARDED.iter().any(|f| match e.strip_suffix('*') {
-        Some(prefix) => f.starts_with(prefix) || prefix.starts_with(f),
-        None => e.starts_with(f),
-    })
 }
 
 /// meshiam-broker answers pods' instance-metadata (IMDS) credential requests with STS
@@ -349,15 +338,7 @@ impl Config {
         if self.request_timeout <= self.ip_wait {
             return Err("--request-timeout must be longer than --ip-wait".into());
         }
-        if let Some(entry) = self
-            .metadata_allow
-            .iter()
-            .find(|e| allow_entry_is_dangerous(e))
-        {
-            return Err(format!(
-                "--metadata-allow entry {entry:?} could expose the node's own credentials (meta-data/iam, meta-data/identity-credentials)"
-            ));
-        }
+        self.allow_list()?;
         if !self.node_imds_url.starts_with("http://") {
             return Err("--node-imds-url must be an http:// URL".into());
         }
@@ -435,12 +416,8 @@ impl Config {
         ServeConfig {
             ip_wait: self.ip_wait,
             direct_mode: self.direct_mode,
-            metadata_allow: self
-                .metadata_allow
-                .iter()
-                .map(|e| e.trim().to_string())
-                .filter(|e| !e.is_empty())
-                .collect(),
+            // validate() has checked it.
+            metadata_allow: self.allow_list().unwrap_or_default(),
             request_timeout: self.request_timeout,
             max_body_bytes: self.max_body_bytes,
             max_concurrency: self.max_concurrency,
@@ -448,6 +425,18 @@ impl Config {
             max_pod_waiters: self.max_pod_waiters,
             max_pod_waiters_per_peer: self.max_pod_waiters_per_peer,
         }
+    }
+
+    /// `--metadata-allow` parsed by the rule the filter's `allowPaths` follows too; blank
+    /// items of the comma-separated list are no entries.
+    fn allow_list(&self) -> Result<AllowList, String> {
+        let entries: Vec<&str> = self
+            .metadata_allow
+            .iter()
+            .map(|e| e.trim())
+            .filter(|e| !e.is_empty())
+            .collect();
+        AllowList::parse(&entries).map_err(|e| format!("--metadata-allow {e}"))
     }
 
     pub fn conn_limits(&self) -> ConnLimits {
@@ -576,5 +565,21 @@ mod tests {
         }
         assert!(parse(&["--session-tags", "--prefetch", "false"]).is_ok());
         assert!(parse(&["--metadata-allow", "meta-data/placement/*,dynamic/*"]).is_ok());
+    }
+
+    /// The CLI's defaults are the library's defaults: a broker started without flags and
+    /// one built in code (tests, embedders) behave alike. Only what the CLI must set
+    /// differently is listed.
+    #[test]
+    fn cli_defaults_equal_the_library_defaults() {
+        let c = Config::try_parse_from(["meshiam-broker"]).unwrap();
+        assert_eq!(c.serve_config(), ServeConfig::default());
+        assert_eq!(c.cache_config(), CacheConfig::default());
+        assert_eq!(c.policy_config(), PolicyConfig::default());
+        assert_eq!(c.conn_limits(), ConnLimits::default());
+        assert_eq!(
+            c.metadata_allow,
+            crate::DEFAULT_METADATA_ALLOW.map(String::from)
+        );
     }
 }

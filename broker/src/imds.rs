@@ -19,13 +19,12 @@ use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use meshiam_imds::rules::{self, Admission, ImdsHeaders, Seen};
-use meshiam_imds::{PathClass, admit, check_session, classify, creds, headers, is_allowed};
+use meshiam_imds::{PathClass, admit, check_session, classify, creds, headers};
 use serde::Serialize;
 
 use crate::Broker;
 use crate::audit::{self, AuditEvent};
 use crate::cache::{Purpose, Served};
-use crate::config::NEVER_FORWARDED;
 use crate::error::BrokerError;
 use crate::identity;
 use crate::pods::{Pod, canonical};
@@ -344,10 +343,7 @@ async fn serve(
             return Err(BrokerError::InvalidPath);
         }
         PathClass::Extended => return Err(BrokerError::Extended),
-        PathClass::Other(rel)
-            if !is_allowed(rel, &broker.serve.metadata_allow)
-                || NEVER_FORWARDED.iter().any(|f| rel.starts_with(f)) =>
-        {
+        PathClass::Other(rel) if !broker.serve.metadata_allow.allows(rel) => {
             return Err(BrokerError::PathNotAllowed);
         }
         _ => {}

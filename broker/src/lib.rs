@@ -24,6 +24,9 @@ pub mod policy;
 pub mod server;
 pub mod session;
 pub mod sts;
+/// Test doubles (a fake STS), for the crate's own tests and, with the `testing` feature,
+/// its integration tests; not in the release binary.
+#[cfg(any(test, feature = "testing"))]
 #[doc(hidden)]
 pub mod testing;
 
@@ -39,15 +42,21 @@ pub const VERSION: &str = concat!(
     ")"
 );
 
+/// `--metadata-allow`'s default: what SDKs read to discover their region.
+pub const DEFAULT_METADATA_ALLOW: [&str; 2] = [
+    "meta-data/placement/region",
+    "meta-data/placement/availability-zone",
+];
+
 /// How the IMDS router serves.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ServeConfig {
     /// How long a request from an unknown address waits for the pod store.
     pub ip_wait: Duration,
     /// The token rule for every read (`--direct-mode`).
     pub direct_mode: imds::DirectMode,
     /// Non-credential metadata paths fetched from the node's IMDS.
-    pub metadata_allow: Vec<String>,
+    pub metadata_allow: meshiam_imds::AllowList,
     pub request_timeout: Duration,
     pub max_body_bytes: usize,
     pub max_concurrency: usize,
@@ -64,10 +73,8 @@ impl Default for ServeConfig {
         Self {
             ip_wait: Duration::from_secs(2),
             direct_mode: imds::DirectMode::Required,
-            metadata_allow: vec![
-                "meta-data/placement/region".into(),
-                "meta-data/placement/availability-zone".into(),
-            ],
+            metadata_allow: meshiam_imds::AllowList::parse(&DEFAULT_METADATA_ALLOW)
+                .unwrap_or_default(),
             request_timeout: Duration::from_secs(15),
             max_body_bytes: 4096,
             max_concurrency: 1024,

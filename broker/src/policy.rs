@@ -192,7 +192,7 @@ pub enum PolicyError {
 }
 
 /// What the operator configured.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PolicyConfig {
     pub base_arn: Option<BaseArn>,
     pub default_role: Option<String>,

@@ -43,11 +43,21 @@ const DRAIN: Duration = Duration::from_secs(10);
 
 /// The connection bounds (`--header-read-timeout`, `--max-connections`,
 /// `--max-connections-per-peer`).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ConnLimits {
     pub header_read_timeout: Duration,
     pub max_connections: usize,
     pub max_connections_per_peer: usize,
+}
+
+impl Default for ConnLimits {
+    fn default() -> Self {
+        Self {
+            header_read_timeout: Duration::from_secs(5),
+            max_connections: 2048,
+            max_connections_per_peer: 64,
+        }
+    }
 }
 
 /// What a refused connection is told before it is closed.

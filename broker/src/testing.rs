@@ -55,10 +55,6 @@ impl FakeSts {
     pub fn set_delay(&self, d: Duration) {
         *self.delay.lock().unwrap_or_else(|e| e.into_inner()) = d;
     }
-
-    pub fn set_caller_arn(&self, arn: Result<String, StsErrorKind>) {
-        *self.caller_arn.lock().unwrap_or_else(|e| e.into_inner()) = arn;
-    }
 }
 
 impl StsApi for FakeSts {

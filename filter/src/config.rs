@@ -5,12 +5,12 @@
 
 use alloc::format;
 use alloc::string::{String, ToString};
-use alloc::vec;
 use alloc::vec::Vec;
 use core::fmt;
 use core::net::IpAddr;
 
 use crate::json::{self, Value};
+use meshiam_imds::AllowList;
 
 pub const DEFAULT_BROKER_CLUSTER: &str = "meshiam_broker";
 pub const DEFAULT_BROKER_AUTHORITY: &str = "meshiam-broker";
@@ -48,7 +48,7 @@ pub struct Config {
     /// `address:port` as Envoy's `destination.address` renders it.
     pub metadata_addresses: Vec<String>,
     pub require_imdsv2: bool,
-    pub allow_paths: Vec<String>,
+    pub allow_paths: AllowList,
     pub cache_fresh_seconds: u64,
     pub stale_min_remaining_seconds: u64,
     pub identity: IdentitySource,
@@ -71,7 +71,7 @@ impl Default for Config {
                 .map(|s| s.to_string())
                 .collect(),
             require_imdsv2: false,
-            allow_paths: vec![],
+            allow_paths: AllowList::default(),
             cache_fresh_seconds: DEFAULT_CACHE_FRESH_SECONDS,
             stale_min_remaining_seconds: DEFAULT_STALE_MIN_REMAINING_SECONDS,
             identity: IdentitySource::NodeMetadata,
@@ -235,10 +235,13 @@ pub fn parse(bytes: &[u8]) -> Result<Config, ConfigError> {
     if metadata_hosts.is_empty() && metadata_addresses.is_empty() {
         return err("metadataHosts and metadataAddresses are both empty: nothing to serve");
     }
-    let allow_paths = raw_allow.unwrap_or(d.allow_paths);
-    for p in &allow_paths {
-        check_allow_path(p)?;
-    }
+    let allow_paths = match raw_allow {
+        None => d.allow_paths,
+        Some(entries) => match AllowList::parse(&entries) {
+            Ok(a) => a,
+            Err(e) => return err(format!("allowPaths {e}")),
+        },
+    };
     let cache_fresh_seconds = raw_fresh.unwrap_or(d.cache_fresh_seconds);
     let stale_min_remaining_seconds = raw_stale.unwrap_or(d.stale_min_remaining_seconds);
     let identity = match raw_identity {
@@ -298,35 +301,6 @@ pub fn parse(bytes: &[u8]) -> Result<Config, ConfigError> {
         identity,
         pod_ips,
     })
-}
-
-fn check_allow_path(p: &str) -> Result<(), ConfigError> {
-    let rel = p.strip_prefix('/').unwrap_or(p);
-    let star = rel.find('*');
-    let ok = !rel.is_empty()
-        && rel
-            .bytes()
-            .all(|c| c.is_ascii_graphic() && !b"%?\\#".contains(&c))
-        && !rel.contains("//")
-        && !rel.split('/').any(|s| s == ".." || s == ".")
-        && star.is_none_or(|i| i + 1 == rel.len());
-    if !ok {
-        return err(format!(
-            "allowPaths entry {p:?} must be a metadata path below the version, \
-             optionally ending in *"
-        ));
-    }
-    // Credential paths are always answered by the broker; an allow-list entry covering them
-    // would be a misunderstanding, so say so rather than silently ignoring it.
-    for reserved in ["meta-data/iam", "api/token"] {
-        let prefix = rel.trim_end_matches('*');
-        if prefix.starts_with(reserved) || (star.is_some() && reserved.starts_with(prefix)) {
-            return err(format!(
-                "allowPaths entry {p:?} covers {reserved}, which the filter handles itself"
-            ));
-        }
-    }
-    Ok(())
 }
 
 /// Header-safe, no whitespace.
@@ -436,6 +410,12 @@ mod tests {
             (r#"{"allowPaths":["meta-data/iam/*"]}"#, "meta-data/iam"),
             (r#"{"allowPaths":["meta-data/*"]}"#, "meta-data/iam"),
             (r#"{"allowPaths":["*"]}"#, "covers"),
+            // The broker refuses this entry too; the filter accepted it before they shared
+            // one rule (issue 12).
+            (
+                r#"{"allowPaths":["meta-data/identity-credentials/*"]}"#,
+                "covers meta-data/identity-credentials",
+            ),
             (r#"{"allowPaths":["meta-data/../iam"]}"#, "allowPaths"),
             (r#"{"allowPaths":["a*b"]}"#, "allowPaths"),
             (r#"{"allowPaths":[""]}"#, "allowPaths"),

@@ -18,7 +18,7 @@ use meshiam_imds::headers::{
 };
 use meshiam_imds::rules::{self, Admission, ImdsHeaders, Refusal, Seen};
 use meshiam_imds::token::NONCE_LEN;
-use meshiam_imds::{Credentials, PathClass, classify, is_allowed};
+use meshiam_imds::{Credentials, PathClass, classify};
 
 use crate::cache::{self, CacheKey, Entry};
 use crate::config::Config;
@@ -267,7 +267,7 @@ impl RequestFlow {
                 (Kind::Credentials, CacheKey::Credentials(role.to_string()))
             }
             PathClass::IamInfo => (Kind::IamInfo, CacheKey::IamInfo),
-            PathClass::Other(rel) if is_allowed(rel, &cfg.allow_paths) => {
+            PathClass::Other(rel) if cfg.allow_paths.allows(rel) => {
                 (Kind::Allowed, CacheKey::Other(rel.to_string()))
             }
             // `-extended` credential documents are not implemented: SDKs fall back on 404.

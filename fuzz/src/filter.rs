@@ -38,7 +38,7 @@ pub fn config(data: &[u8]) {
                     "host {h:?} has a port"
                 );
             }
-            for p in &cfg.allow_paths {
+            for p in cfg.allow_paths.entries() {
                 assert!(
                     !p.split('/').any(|seg| seg == ".." || seg == "."),
                     "allow path {p:?}"
@@ -52,7 +52,7 @@ pub fn config(data: &[u8]) {
                 "api/token",
             ] {
                 assert!(
-                    !meshiam_imds::is_allowed(rel, &cfg.allow_paths),
+                    !cfg.allow_paths.allows(rel),
                     "{rel} allowed by {:?}",
                     cfg.allow_paths
                 );

@@ -12,8 +12,6 @@ pub const TOKEN_TTL: &str = "x-aws-ec2-metadata-token-ttl-seconds";
 /// A token PUT carrying this header is refused, as real IMDS does.
 pub const FORWARDED_FOR: &str = "x-forwarded-for";
 
-/// Prefix of every header the filter and the broker exchange.
-pub const MESHIAM_PREFIX: &str = "x-meshiam-";
 /// The pod name the filter believes it serves (cross-check only).
 pub const POD_NAME: &str = "x-meshiam-pod-name";
 /// The pod namespace the filter believes it serves (cross-check only).
@@ -24,28 +22,7 @@ pub const FILTER: &str = "x-meshiam-filter";
 /// A short, secret-free reason code the broker attaches to refusals, for logs and metrics.
 pub const REASON: &str = "x-meshiam-reason";
 
-/// True for headers an application must never be able to pass to the broker.
-pub fn is_meshiam_header(name: &str) -> bool {
-    name.len() >= MESHIAM_PREFIX.len()
-        && name.as_bytes()[..MESHIAM_PREFIX.len()].eq_ignore_ascii_case(MESHIAM_PREFIX.as_bytes())
-}
-
 /// Content type of every IMDS answer that is not a JSON document.
 pub const TEXT_PLAIN: &str = "text/plain";
 /// Content type of the credential and info documents.
 pub const APPLICATION_JSON: &str = "application/json";
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn recognises_meshiam_headers_case_insensitively() {
-        assert!(is_meshiam_header("x-meshiam-pod-name"));
-        assert!(is_meshiam_header("X-Meshiam-Pod-Namespace"));
-        assert!(is_meshiam_header("x-meshiam-"));
-        assert!(!is_meshiam_header("x-meshia"));
-        assert!(!is_meshiam_header("x-aws-ec2-metadata-token"));
-        assert!(!is_meshiam_header(""));
-    }
-}

@@ -9,6 +9,7 @@
 //! - [`time`]: the second-precision `Z` timestamps the SDKs parse.
 //! - [`creds`]: rendering and parsing of the IMDS credential documents.
 //! - [`headers`]: IMDS header names and the headers between filter and broker.
+//! - [`allow`]: the allow-list of non-credential paths passed through to the node's IMDS.
 #![no_std]
 #![cfg_attr(
     not(test),
@@ -17,6 +18,7 @@
 
 extern crate alloc;
 
+pub mod allow;
 pub mod creds;
 pub mod headers;
 pub mod path;
@@ -24,7 +26,8 @@ pub mod rules;
 pub mod time;
 pub mod token;
 
+pub use allow::{AllowError, AllowList};
 pub use creds::{Credentials, JsonError};
-pub use path::{PathClass, classify, is_allowed};
+pub use path::{PathClass, classify};
 pub use rules::{Admission, ImdsHeaders, Refusal, Seen, admit, check_session};
 pub use token::{TokenError, TokenIssuer, TtlError, parse_ttl};

@@ -51,18 +51,6 @@ impl PathClass<'_> {
             PathClass::Invalid => "invalid",
         }
     }
-
-    /// True for the paths whose answer is, or names, the pod's credentials: these are only
-    /// ever answered by meshiam, never forwarded to the node's metadata service.
-    pub fn is_credential_path(&self) -> bool {
-        matches!(
-            self,
-            PathClass::RoleList
-                | PathClass::RoleCredentials(_)
-                | PathClass::IamInfo
-                | PathClass::Extended
-        )
-    }
 }
 
 /// The longest path we classify; real IMDS paths are far shorter.
@@ -141,22 +129,6 @@ fn is_clean(path: &str) -> bool {
         .all(|c| c.is_ascii_graphic() && c != b'%' && c != b'\\')
         && !path.contains("//")
         && !path.split('/').any(|seg| seg == ".." || seg == ".")
-}
-
-/// True when `rel` (as in [`PathClass::Other`]) is allowed by one of `allow` entries.
-///
-/// An entry matches exactly (`meta-data/placement/region`), or as a prefix when it ends in
-/// `*` (`meta-data/placement/*`). Entries are written without the version and without a
-/// leading slash; a leading slash is tolerated.
-pub fn is_allowed<S: AsRef<str>>(rel: &str, allow: &[S]) -> bool {
-    allow.iter().any(|entry| {
-        let entry = entry.as_ref();
-        let entry = entry.strip_prefix('/').unwrap_or(entry);
-        match entry.strip_suffix('*') {
-            Some(prefix) => rel.starts_with(prefix),
-            None => rel == entry.strip_suffix('/').unwrap_or(entry),
-        }
-    })
 }
 
 #[cfg(test)]
@@ -256,31 +228,8 @@ mod tests {
     }
 
     #[test]
-    fn credential_path_flag_and_labels() {
-        assert!(RoleList.is_credential_path());
-        assert!(RoleCredentials("r").is_credential_path());
-        assert!(IamInfo.is_credential_path());
-        assert!(Extended.is_credential_path());
-        assert!(!Token.is_credential_path());
-        assert!(!Other("meta-data/placement/region").is_credential_path());
+    fn labels() {
         assert_eq!(RoleCredentials("r").label(), "credentials");
         assert_eq!(Invalid.label(), "invalid");
-    }
-
-    #[test]
-    fn allow_list_matching() {
-        let allow = [
-            "meta-data/placement/region",
-            "/meta-data/placement/availability-zone",
-            "dynamic/*",
-        ];
-        assert!(is_allowed("meta-data/placement/region", &allow));
-        assert!(is_allowed("meta-data/placement/availability-zone", &allow));
-        assert!(is_allowed("dynamic/instance-identity/document", &allow));
-        assert!(!is_allowed("meta-data/placement", &allow));
-        assert!(!is_allowed("meta-data/placement/region/x", &allow));
-        assert!(!is_allowed("meta-data/local-ipv4", &allow));
-        let none: [&str; 0] = [];
-        assert!(!is_allowed("meta-data/placement/region", &none));
     }
 }
