@@ -533,13 +533,16 @@ fn on_read_answer<H: Host>(h: &H, cfg: &Config, p: &Pending, resp: CalloutRespon
                 503 | 504 => status,
                 _ => 502,
             };
+            // A 5xx without a reason code is Envoy's own answer for the call-out (the
+            // broker's connection refused or reset, no healthy host, an upstream timeout):
+            // the broker did not answer.
             let reason = relayed_reason(&resp);
             broker_failed(
                 h,
                 cfg,
                 p,
                 status,
-                reason.as_deref().unwrap_or(BROKER_BAD_ANSWER),
+                reason.as_deref().unwrap_or(BROKER_UNAVAILABLE),
             );
         }
         Some(other) => {
@@ -658,7 +661,16 @@ fn broker_failed<H: Host>(h: &H, cfg: &Config, p: &Pending, status: u16, reason:
         504 => b"Gateway Timeout",
         _ => b"Bad Gateway",
     };
-    answer_with_reason(h, p.label, status, TEXT_PLAIN, body, p.head, None, Some(reason));
+    answer_with_reason(
+        h,
+        p.label,
+        status,
+        TEXT_PLAIN,
+        body,
+        p.head,
+        None,
+        Some(reason),
+    );
 }
 
 /// A cached answer that may be served while the broker is down: credentials with more than
@@ -763,7 +775,8 @@ fn answer_with_reason<H: Host>(
 }
 
 /// Why the filter failed a request closed when the broker gave no usable answer: no answer
-/// at all (down, unreachable, timed out, the call-out could not start) …
+/// at all (down, unreachable, reset, timed out, the call-out could not start; also a `5xx`
+/// without a reason code, which is Envoy's own) …
 pub const BROKER_UNAVAILABLE: &str = "broker-unavailable";
 /// … or an answer it does not pass on (unreadable, unexpected status, a refused broker
 /// token).

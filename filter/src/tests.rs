@@ -545,10 +545,15 @@ mod decisions {
             (status(503, "sts-unavailable"), 503, "sts-unavailable"),
             (status(504, "sts-timeout"), 504, "sts-timeout"),
             (status(503, "x\nSECRET y"), 503, "xSECRETy"),
-            (status(503, ""), 503, "broker-bad-answer"),
+            // Envoy's own 503 for a reset call-out carries no reason.
+            (status(503, ""), 503, "broker-unavailable"),
             (CalloutResponse::default(), 503, "broker-unavailable"),
             (status(302, "moved"), 502, "broker-bad-answer"),
-            (ok("{not json", "application/json"), 502, "broker-bad-answer"),
+            (
+                ok("{not json", "application/json"),
+                502,
+                "broker-bad-answer",
+            ),
             (
                 ok(&creds_doc(NOW - 1), "application/json"),
                 502,
