@@ -443,6 +443,17 @@ mod tests {
                 .unwrap_err()
                 .contains("--request-wait")
         );
+        assert!(
+            parse(&["--watch-idle-timeout", "2s"])
+                .unwrap_err()
+                .contains("--watch-idle-timeout")
+        );
+        assert_eq!(
+            parse(&["--watch-idle-timeout", "3s"])
+                .unwrap()
+                .watch_idle_timeout,
+            Duration::from_secs(3)
+        );
     }
 
     #[test]
@@ -455,6 +466,7 @@ mod tests {
         assert!(c.prefetch);
         assert!(!c.session_tags);
         assert_eq!(c.max_staleness, Duration::from_secs(5));
+        assert_eq!(c.watch_idle_timeout, Duration::from_secs(60));
         assert!(
             !c.debug_endpoints,
             "debug endpoints are off unless asked for"
