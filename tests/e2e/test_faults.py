@@ -6,7 +6,8 @@ pod's or the node's credentials.
    role. The broker's read timeout (--watch-idle-timeout) drops the silent watch, marks the
    store down and re-lists, so it learns of the new pod within the bound instead of kube's
    ~5 min watch timeout; meanwhile the new pod's sidecar is refused (identity cross-check),
-   never served the old pod's role.
+   never served the old pod's role. With the API wedged entirely (lists hang too) the store
+   goes stale and the broker refuses (503 pod-store-stale, /readyz) until the API is back.
 2. STS throttling: a fault proxy answers AssumeRole as STS does when it throttles. Pods with
    cached credentials keep being served; a pod needing fresh ones gets a well-formed refusal;
    the broker's STS calls during the window are few (node-wide backoff), not one per
@@ -21,6 +22,7 @@ run in a pod fails the test if the node's credentials reach it (conftest.Stack.e
 """
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -127,6 +129,7 @@ def log_lines(name, since_marker, *words):
     path = stacklib.LOGS / f"{name}.log"
     text = path.read_text(errors="replace") if path.exists() else ""
     text = text[since_marker:] if since_marker else text
+    text = re.sub(r"\x1b\[[0-9;]*m", "", text)  # the broker's colours
     return [line for line in text.splitlines() if all(w in line for w in words)]
 
 
@@ -259,15 +262,45 @@ pods:
     assert answer[0] != 200 and "AccessKeyId" not in answer[3]
 
     # Still hung: new watches hang too, the broker keeps re-listing and stays ready.
-    ready = on_node(s, "curl", "-s", "-m", "5", "-w", " %{http_code}", "http://127.0.0.1:"
-                    + s.status["BROKER_ADMIN_URL"].rsplit(":", 1)[1] + "/readyz").stdout
+    ready = readyz(s)
     print(f"broker /readyz while the watches hang: {ready}")
+    assert ready.endswith(" 200")
+
+    # Wedged entirely (lists hang too): the re-lists fail on the same read timeout, and
+    # once the store has been down for --max-staleness (5 s) the broker refuses.
+    code, _ = double(s, "POST", "/_double/slow?delayMs=60000")
+    assert code == 200
+    t1 = time.monotonic()
+    while not (ready := readyz(s)).endswith(" 503"):
+        assert time.monotonic() - t1 < IDLE + 5 + 8, f"the broker stayed ready with a wedged API: {ready}"
+        time.sleep(0.5)
+    print(f"broker /readyz {time.monotonic() - t1:.1f} s after the API wedged: {ready}")
+    assert "pod-store-stale" in ready
+    answer = ask(s, PLAIN, ROLE_LIST)
+    show(PLAIN, ROLE_LIST, answer)
+    assert answer[:2] == (503, "pod-store-stale"), answer
+    # A pod with cached credentials keeps them (its sidecar serves them while the broker
+    # refuses), and they are its own.
+    answer = ask(s, NEWCOMER, ROLE_LIST + "newcomer-role")
+    show(NEWCOMER, ROLE_LIST + "newcomer-role", answer)
+    assert answer[0] == 200 and answer[2] in ("cache", "stale"), answer
+
     code, _ = double(s, "POST", "/_double/recover")
     assert code == 200
+    t2 = time.monotonic()
+    while not (ready := readyz(s)).endswith(" 200"):
+        assert time.monotonic() - t2 < 20, f"the broker did not recover: {ready}"
+        time.sleep(0.5)
+    print(f"broker ready again {time.monotonic() - t2:.1f} s after the API recovered")
     expected = dict(EXPECTED, **{NEWCOMER: "newcomer-role"})
     del expected[MYAPP]
-    check_roles(s, expected, "after the watches were released")
+    check_roles(s, expected, "after the API recovered")
     _, stats = double(s, "GET", "/_double/stats")
+
+
+def readyz(s):
+    return on_node(s, "curl", "-s", "-m", "5", "-w", " %{http_code}", "http://127.0.0.1:"
+                   + s.status["BROKER_ADMIN_URL"].rsplit(":", 1)[1] + "/readyz").stdout
 
 
 # ---------------------------------------------------------------------------- 2. STS throttling
