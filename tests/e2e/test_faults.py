@@ -209,6 +209,8 @@ def sts_fault(fs):
 
 def test_a_hung_watch_is_dropped_and_an_address_reused_meanwhile_never_gets_the_old_role(fs):
     s = fs
+    if not s.netns:
+        pytest.skip("needs the netns stack: on loopback a new pod gets a new address")
     check_roles(s, EXPECTED, "before")
     myapp_ip = s.pods[MYAPP]["IP"]
     mark = log_size("broker")
