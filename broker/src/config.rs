@@ -98,6 +98,13 @@ pub struct Config {
     #[arg(long, env = "MESHIAM_MAX_STALENESS", default_value = "5s", value_parser = parse_duration)]
     pub max_staleness: Duration,
 
+    /// Longest silence on a Kubernetes API connection (no event, no bookmark, no byte)
+    /// before it counts as dead: the watch is dropped, the store marked down and re-listed.
+    /// Watches ask the API server to end them 2 s sooner, so a healthy one never stays this
+    /// silent. At least 3s.
+    #[arg(long, env = "MESHIAM_WATCH_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub watch_idle_timeout: Duration,
+
     /// Prefix for role names, e.g. `arn:aws:iam::123456789012:role/`. When absent it is
     /// discovered from the node's own role (STS GetCallerIdentity).
     #[arg(long, env = "MESHIAM_BASE_ROLE_ARN")]
@@ -335,6 +342,9 @@ impl Config {
         if self.request_wait.is_zero() {
             return Err("--request-wait must be positive".into());
         }
+        if self.watch_idle_timeout < Duration::from_secs(3) {
+            return Err("--watch-idle-timeout must be at least 3s".into());
+        }
         if self.request_timeout <= self.ip_wait {
             return Err("--request-timeout must be longer than --ip-wait".into());
         }
@@ -489,6 +499,17 @@ mod tests {
                 .unwrap_err()
                 .contains("--request-wait")
         );
+        assert!(
+            parse(&["--watch-idle-timeout", "2s"])
+                .unwrap_err()
+                .contains("--watch-idle-timeout")
+        );
+        assert_eq!(
+            parse(&["--watch-idle-timeout", "3s"])
+                .unwrap()
+                .watch_idle_timeout,
+            Duration::from_secs(3)
+        );
     }
 
     #[test]
@@ -501,6 +522,7 @@ mod tests {
         assert!(c.prefetch);
         assert!(!c.session_tags);
         assert_eq!(c.max_staleness, Duration::from_secs(5));
+        assert_eq!(c.watch_idle_timeout, Duration::from_secs(60));
         assert!(
             !c.debug_endpoints,
             "debug endpoints are off unless asked for"

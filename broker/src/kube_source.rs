@@ -13,8 +13,14 @@
 //! failed watch silently, and a silent watch says nothing about whether it is back, so after
 //! an error the watcher is dropped and, after a backoff, a new one starts from a full list;
 //! its `InitDone` marks the side current again. A connected watch that delivers nothing is
-//! current (nothing changed); kube's watcher ends a watch that stays silent past its timeout
-//! (290 s, plus 5 s) and reconnects, so a dead connection surfaces as an error within that.
+//! current (nothing changed) — for at most the idle timeout ([`KubeSourceConfig::idle_timeout`]):
+//! the client's connections carry a read timeout of that length, and each watch asks the API
+//! server to end it 2 s sooner ([`watch_timeout_secs`]). A healthy server sends a bookmark
+//! about every minute and one just before it ends a watch, so a healthy watch is never that
+//! silent; a watch that is connected but says nothing (a stuck proxy, a wedged server) fails
+//! with a read error, which marks the store down and re-lists like any other failure. (kube's
+//! own idle check, 5 s past the watch's timeout, would resume such a watch silently; the read
+//! timeout comes first.)
 
 use std::net::IpAddr;
 use std::time::Duration;
@@ -34,6 +40,25 @@ pub struct KubeSourceConfig {
     /// Watch namespaces too (needed for namespace role restrictions). When false the store's
     /// namespace side is marked synced at once.
     pub watch_namespaces: bool,
+    /// Longest silence on an API connection before the watch counts as dead (`--watch-idle-timeout`).
+    pub idle_timeout: Duration,
+}
+
+/// A client for the in-cluster (or kubeconfig) API server whose connections fail a read that
+/// waits longer than `idle_timeout`: a silent watch ends with an error instead of looking
+/// current forever.
+pub async fn client(idle_timeout: Duration) -> anyhow::Result<kube::Client> {
+    let mut config = kube::Config::infer().await?;
+    config.read_timeout = Some(idle_timeout);
+    Ok(kube::Client::try_from(config)?)
+}
+
+/// The `timeoutSeconds` a watch asks for: 2 s under the idle timeout, so a healthy server
+/// ends (or bookmarks) a quiet watch before the client's read timeout would call it dead,
+/// and the read timeout fires before kube's own idle check (the watch's timeout + 5 s).
+pub fn watch_timeout_secs(idle_timeout: Duration) -> u32 {
+    let secs = idle_timeout.as_secs().saturating_sub(2).max(1);
+    u32::try_from(secs).unwrap_or(u32::MAX)
 }
 
 /// Runs for as long as the broker does. Marks the store synced after the first full lists,
@@ -47,8 +72,16 @@ pub async fn run(
     store: PodStore,
 ) -> anyhow::Result<()> {
     let pods_api = Api::<k8s::Pod>::all(client.clone());
-    let pods_cfg = watcher::Config::default().fields(&format!("spec.nodeName={}", cfg.node_name));
-    tracing::info!(node = %cfg.node_name, namespaces = cfg.watch_namespaces, "watching pods");
+    let timeout = watch_timeout_secs(cfg.idle_timeout);
+    let pods_cfg = watcher::Config::default()
+        .fields(&format!("spec.nodeName={}", cfg.node_name))
+        .timeout(timeout);
+    tracing::info!(
+        node = %cfg.node_name,
+        namespaces = cfg.watch_namespaces,
+        idle_timeout = ?cfg.idle_timeout,
+        "watching pods"
+    );
     let pods = follow(
         move || watcher(pods_api.clone(), pods_cfg.clone()),
         PodMirror(store.clone()),
@@ -56,7 +89,7 @@ pub async fn run(
     if cfg.watch_namespaces {
         let ns_api = Api::<k8s::Namespace>::all(client);
         let namespaces = follow(
-            move || watcher(ns_api.clone(), watcher::Config::default()),
+            move || watcher(ns_api.clone(), watcher::Config::default().timeout(timeout)),
             NamespaceMirror(store),
         );
         tokio::join!(pods, namespaces);
@@ -380,6 +413,20 @@ mod tests {
         assert_eq!(odd.phase, PodPhase::Unknown);
         assert_eq!(odd.ips, vec!["198.18.0.3".parse::<IpAddr>().unwrap()]);
         assert!(pod_from_k8s(&k8s_pod(json!({"metadata": {}}))).is_none());
+    }
+
+    #[test]
+    fn a_watch_ends_before_the_read_timeout_would_call_it_dead() {
+        assert_eq!(watch_timeout_secs(Duration::from_secs(60)), 58);
+        assert_eq!(watch_timeout_secs(Duration::from_secs(5)), 3);
+        assert_eq!(watch_timeout_secs(Duration::from_secs(3)), 1);
+        assert_eq!(watch_timeout_secs(Duration::from_millis(3500)), 1);
+        // kube's own idle check (timeout + 5 s) comes after the read timeout.
+        for secs in 3..200 {
+            let idle = Duration::from_secs(secs);
+            assert!(u64::from(watch_timeout_secs(idle)) + 5 > secs);
+            assert!(u64::from(watch_timeout_secs(idle)) < secs);
+        }
     }
 
     #[test]

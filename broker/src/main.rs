@@ -105,13 +105,14 @@ async fn main() {
             ));
         }
         PodSource::Kube => {
-            let client = match kube::Client::try_default().await {
+            let client = match kube_source::client(cfg.watch_idle_timeout).await {
                 Ok(c) => c,
                 Err(e) => fail(format!("Kubernetes client: {e}")),
             };
             let kcfg = KubeSourceConfig {
                 node_name: cfg.node_name.clone().unwrap_or_default(),
                 watch_namespaces: cfg.namespace_restriction != policy::Restriction::Off,
+                idle_timeout: cfg.watch_idle_timeout,
             };
             let store = store.clone();
             tokio::spawn(async move {

@@ -11,6 +11,8 @@ use meshiam_kube_double::{KubeDouble, Options, PodsFile};
 use serde_json::json;
 
 const NODE: &str = "node-1";
+/// The tests' `--watch-idle-timeout`.
+const IDLE: Duration = Duration::from_secs(1);
 
 /// The double, the store, and the running source (stopped on drop).
 struct Harness {
@@ -40,11 +42,17 @@ async fn double() -> KubeDouble {
 /// connector, which panics in this crate unless a process-wide crypto provider is installed:
 /// the AWS SDK enables rustls's aws-lc-rs provider next to kube's ring one. The broker's
 /// `main` installs one; the double needs no TLS at all.)
+/// Its connections fail a read that waits longer than [`IDLE`], as the broker's do
+/// (`kube_source::client` sets kube's `read_timeout`, which is this connector).
 fn client(double: &KubeDouble) -> kube::Client {
     use kube::client::ConfigExt;
     let config = kube::Config::new(double.url().parse().unwrap());
+    let mut connector = hyper_timeout::TimeoutConnector::new(
+        hyper_util::client::legacy::connect::HttpConnector::new(),
+    );
+    connector.set_read_timeout(Some(IDLE));
     let http = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http();
+        .build(connector);
     let service = tower::ServiceBuilder::new()
         .layer(config.base_uri_layer())
         .map_err(tower::BoxError::from)
@@ -58,6 +66,7 @@ fn start_source(double: KubeDouble, watch_namespaces: bool) -> Harness {
     let cfg = KubeSourceConfig {
         node_name: NODE.into(),
         watch_namespaces,
+        idle_timeout: IDLE,
     };
     let source = tokio::spawn(kube_source::run(client, cfg, store.clone()));
     Harness {
@@ -383,6 +392,52 @@ async fn a_failed_watch_leaves_the_store_stale_until_it_has_relisted() {
     .await;
 }
 
+/// A watch that stays connected but goes silent (no events, no bookmarks, no end): the
+/// connection's read timeout drops it within the idle timeout, the store is marked down and
+/// re-listed, so a pod deleted meanwhile and its address taken by another pod are seen from
+/// the list — not after kube's 290 s watch timeout. While watches stay hung, every new
+/// watch hangs too and the source keeps re-listing; released, it simply watches again.
+#[tokio::test]
+async fn a_silent_watch_is_dropped_and_relisted_within_the_idle_timeout() {
+    let h = start_source(double().await, true);
+    h.double
+        .create_pod(&pod("a", NODE, Some("198.18.0.1"), "Running"))
+        .unwrap();
+    eventually("sync", || h.store.is_ready() && h.store.len() == 1).await;
+    // Bookmarks and watch ends keep a quiet watch alive past the idle timeout.
+    tokio::time::sleep(IDLE * 3).await;
+    assert_eq!(h.double.stats().lists, 2, "{:?}", h.double.stats());
+    assert_eq!(h.store.down_for(), None);
+
+    h.double.hang_watches(None);
+    let lists = h.double.stats().lists;
+    let hung = tokio::time::Instant::now();
+    h.double.delete_pod("default", "a").unwrap();
+    h.double
+        .create_pod(&pod("b", NODE, Some("198.18.0.1"), "Running"))
+        .unwrap();
+    eventually_within(5, "b at a's old address", || {
+        holder(&h.store, "198.18.0.1").as_deref() == Some("b")
+    })
+    .await;
+    let took = hung.elapsed();
+    println!("a silent watch was replaced by a re-list after {took:?}");
+    assert!(took >= IDLE, "{took:?}");
+    assert!(h.double.stats().lists > lists, "{:?}", h.double.stats());
+    assert_eq!(names(&h.store), ["b"]);
+
+    // Released, it watches again (no more re-lists needed).
+    h.double.recover();
+    eventually_within(10, "the store current", || h.store.down_for().is_none()).await;
+    h.double
+        .create_pod(&pod("c", NODE, Some("198.18.0.3"), "Running"))
+        .unwrap();
+    eventually("c", || {
+        holder(&h.store, "198.18.0.3").as_deref() == Some("c")
+    })
+    .await;
+}
+
 /// The API server restarts and comes back with other pods (the double forgets everything; a
 /// real cluster's pods may have changed while the broker could not watch). The broker's
 /// watcher resumes at its old resourceVersion, gets 410 Gone, re-lists and converges to what
@@ -401,6 +456,7 @@ async fn relists_and_converges_after_the_api_server_restarts() {
     let cfg = KubeSourceConfig {
         node_name: NODE.into(),
         watch_namespaces: false,
+        idle_timeout: IDLE,
     };
     let source = tokio::spawn(kube_source::run(client(&first), cfg, store.clone()));
     eventually("a and b", || names(&store) == ["a", "b"]).await;

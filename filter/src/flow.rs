@@ -344,7 +344,7 @@ impl RequestFlow {
             Level::Warn,
             "meshiam: could not dispatch to the broker cluster (is it configured?)",
         );
-        broker_failed(h, &self.shared.config, &f.p, 503);
+        broker_failed(h, &self.shared.config, &f.p, 503, BROKER_UNAVAILABLE);
     }
 
     /// The broker answered, or the call-out failed (`resp.status == None`).
@@ -363,7 +363,7 @@ impl RequestFlow {
                         Level::Warn,
                         "meshiam: broker refused a fresh broker token for the read",
                     );
-                    return broker_failed(h, &self.shared.config, &f.p, 502);
+                    return broker_failed(h, &self.shared.config, &f.p, 502, BROKER_BAD_ANSWER);
                 }
                 h.log(
                     Level::Info,
@@ -398,7 +398,7 @@ impl RequestFlow {
                         Level::Warn,
                         &alloc::format!("meshiam: broker token answer refused: {why}"),
                     );
-                    broker_failed(h, cfg, &p, 502);
+                    broker_failed(h, cfg, &p, 502, BROKER_BAD_ANSWER);
                 }
             },
             // The broker does not know this pod (or it is not who we say): the read
@@ -412,7 +412,7 @@ impl RequestFlow {
                         printable(resp.reason.as_deref().unwrap_or("-"))
                     ),
                 );
-                broker_failed(h, cfg, &p, 502);
+                broker_failed(h, cfg, &p, 502, BROKER_BAD_ANSWER);
             }
             _ => on_read_answer(h, cfg, &p, resp),
         }
@@ -479,7 +479,7 @@ fn on_read_answer<H: Host>(h: &H, cfg: &Config, p: &Pending, resp: CalloutRespon
                     Level::Warn,
                     &alloc::format!("meshiam: broker answer refused: {why}"),
                 );
-                broker_failed(h, cfg, p, 502);
+                broker_failed(h, cfg, p, 502, BROKER_BAD_ANSWER);
             }
         },
         Some(status @ 400..=499) => {
@@ -508,7 +508,17 @@ fn on_read_answer<H: Host>(h: &H, cfg: &Config, p: &Pending, resp: CalloutRespon
             } else {
                 b"Refused".as_slice()
             };
-            answer(h, p.label, status, TEXT_PLAIN, body, p.head, Some("broker"));
+            let reason = relayed_reason(&resp);
+            answer_with_reason(
+                h,
+                p.label,
+                status,
+                TEXT_PLAIN,
+                body,
+                p.head,
+                Some("broker"),
+                reason.as_deref(),
+            );
         }
         Some(status @ 500..=599) => {
             h.log(
@@ -523,21 +533,31 @@ fn on_read_answer<H: Host>(h: &H, cfg: &Config, p: &Pending, resp: CalloutRespon
                 503 | 504 => status,
                 _ => 502,
             };
-            broker_failed(h, cfg, p, status);
+            // A 5xx without a reason code is Envoy's own answer for the call-out (the
+            // broker's connection refused or reset, no healthy host, an upstream timeout):
+            // the broker did not answer.
+            let reason = relayed_reason(&resp);
+            broker_failed(
+                h,
+                cfg,
+                p,
+                status,
+                reason.as_deref().unwrap_or(BROKER_UNAVAILABLE),
+            );
         }
         Some(other) => {
             h.log(
                 Level::Warn,
                 &alloc::format!("meshiam: broker answered unexpected status {other}"),
             );
-            broker_failed(h, cfg, p, 502);
+            broker_failed(h, cfg, p, 502, BROKER_BAD_ANSWER);
         }
         None => {
             h.log(
                 Level::Warn,
                 "meshiam: broker call-out failed without an answer",
             );
-            broker_failed(h, cfg, p, 503);
+            broker_failed(h, cfg, p, 503, BROKER_UNAVAILABLE);
         }
     }
 }
@@ -619,7 +639,10 @@ fn forget_other_role<H: Host>(h: &H, role: &[u8]) {
 }
 
 /// The broker could not answer: serve still-valid cached credentials, else fail closed.
-fn broker_failed<H: Host>(h: &H, cfg: &Config, p: &Pending, status: u16) {
+/// Fails the request closed (unless a still-valid cached answer may be served). `reason` is
+/// the `x-meshiam-reason` the application gets: the broker's own code when it gave one,
+/// else why the filter gave up on the call-out.
+fn broker_failed<H: Host>(h: &H, cfg: &Config, p: &Pending, status: u16, reason: &str) {
     h.count(metrics::CALLOUT_FAILURES);
     if let Some(e) = stale_entry(h, cfg, p) {
         h.count(metrics::STALE_SERVES);
@@ -638,7 +661,16 @@ fn broker_failed<H: Host>(h: &H, cfg: &Config, p: &Pending, status: u16) {
         504 => b"Gateway Timeout",
         _ => b"Bad Gateway",
     };
-    answer(h, p.label, status, TEXT_PLAIN, body, p.head, None);
+    answer_with_reason(
+        h,
+        p.label,
+        status,
+        TEXT_PLAIN,
+        body,
+        p.head,
+        None,
+        Some(reason),
+    );
 }
 
 /// A cached answer that may be served while the broker is down: credentials with more than
@@ -716,11 +748,28 @@ fn answer<H: Host>(
     head: bool,
     source: Option<&str>,
 ) {
+    answer_with_reason(h, label, status, content_type, body, head, source, None);
+}
+
+#[allow(clippy::too_many_arguments)]
+fn answer_with_reason<H: Host>(
+    h: &H,
+    label: &str,
+    status: u16,
+    content_type: &str,
+    body: &[u8],
+    head: bool,
+    source: Option<&str>,
+    reason: Option<&str>,
+) {
     h.count(&metrics::request(label, status));
-    let mut hs: Vec<(&str, &str)> = Vec::with_capacity(2);
+    let mut hs: Vec<(&str, &str)> = Vec::with_capacity(3);
     hs.push(("content-type", content_type));
     if let Some(s) = source {
         hs.push((SOURCE_HEADER, s));
+    }
+    if let Some(r) = reason {
+        hs.push((headers::REASON, r));
     }
     h.reply(status, &hs, if head { None } else { Some(body) });
 }
@@ -760,6 +809,21 @@ pub fn unconfigured<H: Host>(h: &H) -> Action {
 
 /// The reason code of [`unconfigured`]'s refusal.
 pub const NOT_CONFIGURED_REASON: &str = "filter-not-configured";
+
+/// Why the filter failed a request closed when the broker gave no usable answer: no answer
+/// at all (down, unreachable, reset, timed out, the call-out could not start; also a `5xx`
+/// without a reason code, which is Envoy's own) …
+pub const BROKER_UNAVAILABLE: &str = "broker-unavailable";
+/// … or an answer it does not pass on (unreadable, unexpected status, a refused broker
+/// token).
+pub const BROKER_BAD_ANSWER: &str = "broker-bad-answer";
+
+/// The broker's reason code as the application gets it (safe characters, short); `None` when
+/// it sent none.
+fn relayed_reason(resp: &CalloutResponse) -> Option<String> {
+    let r = printable(resp.reason.as_deref()?);
+    (!r.is_empty()).then_some(r)
+}
 
 /// A broker-supplied reason code, shortened and stripped to safe characters for a log line.
 fn printable(s: &str) -> String {

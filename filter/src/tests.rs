@@ -536,28 +536,50 @@ mod decisions {
     #[test]
     fn broker_failures_are_502_503_504_without_cached_credentials() {
         let (h, s) = pod();
-        for (resp, want) in [
-            (status(500, "internal"), 502),
-            (status(502, "sts-failed"), 502),
-            (status(503, "sts-unavailable"), 503),
-            (status(504, "sts-timeout"), 504),
-            (CalloutResponse::default(), 503),
-            (status(302, "moved"), 502),
-            (ok("{not json", "application/json"), 502),
-            (ok(&creds_doc(NOW - 1), "application/json"), 502),
+        // Each says why: the broker's reason code when it gave one (reduced to safe
+        // characters), else the filter's own.
+        for (resp, want, reason) in [
+            (status(500, "internal"), 502, "internal"),
+            (status(502, "sts-failed"), 502, "sts-failed"),
+            (status(503, "sts-throttled"), 503, "sts-throttled"),
+            (status(503, "sts-unavailable"), 503, "sts-unavailable"),
+            (status(504, "sts-timeout"), 504, "sts-timeout"),
+            (status(503, "x\nSECRET y"), 503, "xSECRETy"),
+            // Envoy's own 503 for a reset call-out carries no reason.
+            (status(503, ""), 503, "broker-unavailable"),
+            (CalloutResponse::default(), 503, "broker-unavailable"),
+            (status(302, "moved"), 502, "broker-bad-answer"),
+            (
+                ok("{not json", "application/json"),
+                502,
+                "broker-bad-answer",
+            ),
+            (
+                ok(&creds_doc(NOW - 1), "application/json"),
+                502,
+                "broker-bad-answer",
+            ),
         ] {
             let r = via_broker(&h, &s, CREDS, resp);
             assert_eq!(r.status, want);
             assert_eq!(r.header("content-type"), Some("text/plain"));
+            assert_eq!(r.header("x-meshiam-reason"), Some(reason));
             assert!(!r.text().contains("Secret") && !r.text().contains("Access"));
         }
         let r = via_broker(&h, &s, ROLE_LIST, ok("two/roles", "text/plain"));
         assert_eq!(r.status, 502);
-        assert_eq!(h.metric(metrics::CALLOUT_FAILURES), 9);
+        assert_eq!(h.metric(metrics::CALLOUT_FAILURES), 12);
+        // A relayed refusal carries the broker's reason too.
+        let r = via_broker(&h, &s, CREDS, status(403, "identity-mismatch"));
+        assert_eq!(
+            (r.status, r.header("x-meshiam-reason")),
+            (403, Some("identity-mismatch"))
+        );
         // The proxy refuses to start the call-out (no such cluster): 503 at once.
         h.dispatch_fails.set(true);
         let r = local(&h, &s, "GET", CREDS, &[]);
         assert_eq!(r.status, 503);
+        assert_eq!(r.header("x-meshiam-reason"), Some("broker-unavailable"));
     }
 
     #[test]

@@ -21,6 +21,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/_double/stats", get(stats))
         .route("/_double/compact", post(compact))
         .route("/_double/close-watches", post(close_watches))
+        .route("/_double/hang-watches", post(hang_watches))
         .route("/_double/fail", post(fail))
         .route("/_double/slow", post(slow))
         .route("/_double/recover", post(recover))
@@ -55,6 +56,19 @@ async fn close_watches(State(s): State<Arc<Shared>>) -> Json<Value> {
     s.close_watches();
     tracing::info!("all watches closed");
     Json(json!({"closed": true}))
+}
+
+/// `POST /_double/hang-watches?ms=30000`: open and new watches go silent without closing.
+async fn hang_watches(
+    State(s): State<Arc<Shared>>,
+    Query(q): Params,
+) -> Result<Json<Value>, ApiError> {
+    let d = duration(&q)?;
+    s.hang_watches(d);
+    tracing::info!(ms = d.map(|d| d.as_millis() as u64), "watches hang");
+    Ok(Json(
+        json!({"hang": true, "ms": d.map(|d| d.as_millis() as u64)}),
+    ))
 }
 
 /// `POST /_double/fail?status=503&ms=2000`

@@ -95,6 +95,11 @@ pub(crate) struct Shared {
     rv_tx: tokio_watch::Sender<u64>,
     /// Bumped to end every open watch.
     epoch: tokio_watch::Sender<u64>,
+    /// True while watches hang: connected, sending nothing (no events, no bookmarks, no
+    /// close), as behind a stuck proxy or a wedged API server.
+    hang: tokio_watch::Sender<bool>,
+    /// Which hang a timed release belongs to (a newer hang is not cut short by it).
+    hang_gen: AtomicU64,
     faults: Mutex<Faults>,
     stats: Counters,
     bookmark_interval: Duration,
@@ -112,10 +117,13 @@ impl Shared {
         let db = Db::starting_at(store::clock_base());
         let (rv_tx, _) = tokio_watch::channel(db.rv());
         let (epoch, _) = tokio_watch::channel(0);
+        let (hang, _) = tokio_watch::channel(false);
         Self {
             db: Mutex::new(db),
             rv_tx,
             epoch,
+            hang,
+            hang_gen: AtomicU64::new(0),
             faults: Mutex::default(),
             stats: Counters::default(),
             bookmark_interval: options.bookmark_interval.max(Duration::from_millis(10)),
@@ -145,6 +153,25 @@ impl Shared {
         self.epoch.send_modify(|e| *e += 1);
     }
 
+    /// Makes every open watch, and every watch opened from now on, go silent without
+    /// closing, for `duration` (`None`: until [`Self::recover`]).
+    pub(crate) fn hang_watches(self: &Arc<Self>, duration: Option<Duration>) {
+        let generation = self.hang_gen.fetch_add(1, Ordering::SeqCst) + 1;
+        self.hang.send_replace(true);
+        if let Some(d) = duration {
+            let shared = Arc::downgrade(self);
+            tokio::spawn(async move {
+                tokio::time::sleep(d).await;
+                if let Some(s) = shared.upgrade()
+                    && s.hang_gen.load(Ordering::SeqCst) == generation
+                {
+                    s.hang.send_replace(false);
+                    tracing::info!("watches released");
+                }
+            });
+        }
+    }
+
     pub(crate) fn compact(&self) -> u64 {
         let rv = self.db().compact();
         tracing::info!(resource_version = rv, "history compacted");
@@ -161,6 +188,8 @@ impl Shared {
 
     pub(crate) fn recover(&self) {
         *lock(&self.faults) = Faults::default();
+        self.hang_gen.fetch_add(1, Ordering::SeqCst);
+        self.hang.send_replace(false);
     }
 
     /// The faults in force now (expired ones are cleared).
@@ -444,7 +473,15 @@ impl KubeDouble {
         self.shared.set_delay(delay, duration);
     }
 
-    /// Clears injected failures and slowness.
+    /// Makes every open watch, and every watch opened meanwhile, go silent without closing
+    /// the connection (no events, no bookmarks, no end at its timeout) for `duration`
+    /// (`None`: until [`Self::recover`]). Lists keep working. Released watches go on from
+    /// where they stopped.
+    pub fn hang_watches(&self, duration: Option<Duration>) {
+        self.shared.hang_watches(duration);
+    }
+
+    /// Clears injected failures and slowness, and releases hung watches.
     pub fn recover(&self) {
         self.shared.recover();
     }

@@ -74,6 +74,22 @@ fn translate<'a>(req: &WatchRequest, change: &'a Change) -> Option<(&'static str
     Some((event.as_str(), &change.obj))
 }
 
+/// Waits while watches hang; false when every watch is to end meanwhile.
+async fn released(
+    hang: &mut tokio::sync::watch::Receiver<bool>,
+    epoch: &mut tokio::sync::watch::Receiver<u64>,
+) -> bool {
+    loop {
+        if !*hang.borrow_and_update() {
+            return true;
+        }
+        tokio::select! {
+            changed = hang.changed() => if changed.is_err() { return true },
+            _ = epoch.changed() => return false,
+        }
+    }
+}
+
 pub fn stream(
     shared: Arc<Shared>,
     req: WatchRequest,
@@ -82,10 +98,14 @@ pub fn stream(
         let mut rv_rx = shared.rv_tx.subscribe();
         let mut epoch_rx = shared.epoch.subscribe();
         epoch_rx.borrow_and_update();
+        let mut hang_rx = shared.hang.subscribe();
         let deadline = tokio::time::Instant::now() + req.timeout;
         let mut cursor = match req.start {
             Start::After(rv) => rv,
             Start::Initial { end_bookmark } => {
+                if !released(&mut hang_rx, &mut epoch_rx).await {
+                    return;
+                }
                 let (objects, rv) = {
                     let db = shared.db();
                     let objects = db.snapshot(req.kind, req.namespace.as_deref(), None);
@@ -104,6 +124,10 @@ pub fn stream(
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         ticker.tick().await;
         loop {
+            // A hung watch sends nothing, not even its end at the timeout.
+            if !released(&mut hang_rx, &mut epoch_rx).await {
+                break;
+            }
             rv_rx.borrow_and_update();
             let changes = {
                 let db = shared.db();
@@ -128,7 +152,8 @@ pub fn stream(
             tokio::select! {
                 changed = rv_rx.changed() => if changed.is_err() { break },
                 _ = epoch_rx.changed() => break,
-                _ = tokio::time::sleep_until(deadline) => break,
+                _ = tokio::time::sleep_until(deadline) => if !*hang_rx.borrow() { break },
+                _ = hang_rx.changed() => {}
                 _ = ticker.tick(), if req.bookmarks => {
                     shared.stats.bookmarks.fetch_add(1, Ordering::Relaxed);
                     yield line("BOOKMARK", &bookmark(req.kind, cursor, false));

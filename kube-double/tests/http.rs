@@ -542,6 +542,53 @@ async fn watches_end_on_timeout_and_on_request() {
 }
 
 #[tokio::test]
+async fn hung_watches_send_nothing_and_do_not_end_until_released() {
+    let (double, http) = start().await;
+    let (_, list) = http.get("/api/v1/pods").await;
+    let mut open = http
+        .watch(&format!(
+            "/api/v1/pods?watch=true&allowWatchBookmarks=true&timeoutSeconds=1&resourceVersion={}",
+            rv(&list)
+        ))
+        .await;
+    assert_eq!(open.next().await["type"], "BOOKMARK");
+    let (code, body) = http.send("POST", "/_double/hang-watches", json!({})).await;
+    assert_eq!((code, &body["hang"]), (200, &json!(true)));
+    // A change, bookmarks due every 100 ms, a 1 s timeout: nothing comes, nothing ends.
+    http.send("POST", "/api/v1/namespaces/default/pods", pod("a", "n"))
+        .await;
+    let mut new = http
+        .watch("/api/v1/pods?watch=true&allowWatchBookmarks=true")
+        .await;
+    let bookmarks = double.stats().bookmarks;
+    assert!(
+        open.next_within(Duration::from_millis(1500))
+            .await
+            .is_none()
+    );
+    assert!(new.next_within(Duration::from_millis(100)).await.is_none());
+    assert_eq!(double.stats().bookmarks, bookmarks);
+    // Lists still answer.
+    let (code, list) = http.get("/api/v1/pods").await;
+    assert_eq!((code, names(&list)), (200, vec!["a".to_string()]));
+
+    // Released: the new watch goes on from where it stood, the open one is past its timeout.
+    let (code, _) = http.send("POST", "/_double/recover", json!({})).await;
+    assert_eq!(code, 200);
+    assert_eq!(new.next_non_bookmark().await["type"], "ADDED");
+    assert!(open.ends_within(Duration::from_secs(2)).await);
+
+    // A timed hang releases itself.
+    double.hang_watches(Some(Duration::from_millis(300)));
+    let mut w = http.watch("/api/v1/pods?watch=true").await;
+    assert!(w.next_within(Duration::from_millis(100)).await.is_none());
+    assert_eq!(
+        w.next_within(Duration::from_secs(2)).await.unwrap()["type"],
+        "ADDED"
+    );
+}
+
+#[tokio::test]
 async fn admin_endpoints_inject_faults_and_load_pods_files() {
     let (double, http) = start().await;
     let yaml = r#"

@@ -523,7 +523,8 @@ def start_component(state, name):
                                              f"http://127.0.0.1:{port(state, 'nodeimds')}/latest/api/token"],
                                  check=False).returncode == 0)
     elif name == "kube":
-        spawn(state, "kube", [KUBE_DOUBLE_BIN, "--listen", f"{host_any}:{port(state, 'kube')}"], netns=ns)
+        spawn(state, "kube", [KUBE_DOUBLE_BIN, "--listen", f"{host_any}:{port(state, 'kube')}",
+                              *state.get("kube_args", [])], netns=ns)
         wait_until("the Kubernetes API double", lambda: http_ok(state, ns, f"http://127.0.0.1:{port(state, 'kube')}/version"))
         # The double keeps nothing across a restart: give it the stack's namespaces and
         # registered pods again, as a real API server would still have them.
@@ -637,7 +638,8 @@ def cmd_up(args):
     shutil.rmtree(STATE_DIR, ignore_errors=True)
     STATE_DIR.mkdir(parents=True)
     state = {"mode": mode, "procs": {}, "pods": {}, "next_index": 0,
-             "broker_args": args.broker_arg or [], "filter_options": args.filter_option or [],
+             "broker_args": args.broker_arg or [], "kube_args": args.kube_arg or [],
+             "filter_options": args.filter_option or [],
              "namespaces": namespaces, "started": time.time()}
     save_state(state)
     try:
@@ -813,6 +815,8 @@ def main(argv=None):
     up.add_argument("--loopback", action="store_true", help="run on loopback even as root")
     up.add_argument("--broker-arg", action="append", metavar="ARG",
                     help="extra broker argument, e.g. --broker-arg=--session-duration=900 (repeatable)")
+    up.add_argument("--kube-arg", action="append", metavar="ARG",
+                    help="extra API double argument, e.g. --kube-arg=--bookmark-interval-ms=1000 (repeatable)")
     up.add_argument("--filter-option", action="append", metavar="KEY=JSON",
                     help="override a filter plugin option, e.g. --filter-option requireImdsv2=true")
     down = sub.add_parser("down", help="stop everything and remove every namespace (safe to run twice)")
