@@ -101,18 +101,9 @@ impl Shared {
     }
 }
 
-/// What the pending call-out was for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    RoleList,
-    Credentials,
-    IamInfo,
-    Allowed,
-}
-
+/// A read's call-out on its way. `key` says what it is for, and where its answer is cached.
 #[derive(Debug)]
 struct Pending {
-    kind: Kind,
     key: CacheKey,
     label: &'static str,
     head: bool,
@@ -261,14 +252,12 @@ impl RequestFlow {
                 return refuse(h, label, r, head);
             }
         }
-        let (kind, key) = match class {
-            PathClass::RoleList => (Kind::RoleList, CacheKey::RoleList),
-            PathClass::RoleCredentials(role) => {
-                (Kind::Credentials, CacheKey::Credentials(role.to_string()))
-            }
-            PathClass::IamInfo => (Kind::IamInfo, CacheKey::IamInfo),
+        let key = match class {
+            PathClass::RoleList => CacheKey::RoleList,
+            PathClass::RoleCredentials(role) => CacheKey::Credentials(role.to_string()),
+            PathClass::IamInfo => CacheKey::IamInfo,
             PathClass::Other(rel) if cfg.allow_paths.allows(rel) => {
-                (Kind::Allowed, CacheKey::Other(rel.to_string()))
+                CacheKey::Other(rel.to_string())
             }
             // `-extended` credential documents are not implemented: SDKs fall back on 404.
             PathClass::Extended => return refuse(h, label, EXTENDED_NOT_SERVED, head),
@@ -285,16 +274,7 @@ impl RequestFlow {
             h.count(metrics::CACHE_HITS);
             return answer(h, label, 200, &e.content_type, &e.body, head, Some("cache"));
         }
-        self.call_broker(
-            h,
-            path,
-            Pending {
-                kind,
-                key,
-                label,
-                head,
-            },
-        );
+        self.call_broker(h, path, Pending { key, label, head });
     }
 
     /// Asks the broker, with the sidecar's broker token; gets one first when there is none
@@ -460,7 +440,7 @@ fn on_read_answer<H: Host>(h: &H, cfg: &Config, p: &Pending, resp: CalloutRespon
     match resp.status {
         Some(200) => match accept(p, &resp, h.now()) {
             Ok(entry) => {
-                if p.kind == Kind::RoleList {
+                if p.key == CacheKey::RoleList {
                     forget_other_role(h, &entry.body);
                 }
                 cache::put(h, &p.key, &entry);
@@ -565,8 +545,8 @@ fn on_read_answer<H: Host>(h: &H, cfg: &Config, p: &Pending, resp: CalloutRespon
 /// Checks a `200` from the broker and turns it into what the application gets.
 fn accept(p: &Pending, resp: &CalloutResponse, now: u64) -> Result<Entry, &'static str> {
     let text = core::str::from_utf8(&resp.body).map_err(|_| "body is not UTF-8")?;
-    let (content_type, body, expiration) = match p.kind {
-        Kind::RoleList => {
+    let (content_type, body, expiration) = match &p.key {
+        CacheKey::RoleList => {
             // Bare role name: botocore pastes the body into the next URL as is.
             let role = text.trim_end();
             if role.is_empty() || !role.bytes().all(|c| c.is_ascii_graphic()) || role.contains('/')
@@ -575,7 +555,7 @@ fn accept(p: &Pending, resp: &CalloutResponse, now: u64) -> Result<Entry, &'stat
             }
             (TEXT_PLAIN, role.as_bytes().to_vec(), 0)
         }
-        Kind::Credentials => {
+        CacheKey::Credentials(_) => {
             let c = Credentials::from_imds_json(text).map_err(|_| "unreadable credentials")?;
             if c.remaining(now) == 0 {
                 return Err("credentials already expired");
@@ -587,11 +567,11 @@ fn accept(p: &Pending, resp: &CalloutResponse, now: u64) -> Result<Entry, &'stat
                 c.expiration,
             )
         }
-        Kind::IamInfo => {
+        CacheKey::IamInfo => {
             meshiam_imds::creds::parse_flat_object(text).map_err(|_| "unreadable iam/info")?;
             (APPLICATION_JSON, resp.body.clone(), 0)
         }
-        Kind::Allowed => {
+        CacheKey::Other(_) => {
             let ct = match resp.content_type.as_deref() {
                 Some(ct) if ct.starts_with(APPLICATION_JSON) => APPLICATION_JSON,
                 _ => TEXT_PLAIN,
@@ -683,15 +663,15 @@ fn stale_entry<H: Host>(h: &H, cfg: &Config, p: &Pending) -> Option<Entry> {
         cache::get(h, &CacheKey::Credentials(role.to_string()))
             .filter(|e| e.expiration != 0 && e.has_left(now, min))
     };
-    match (&p.kind, &p.key) {
-        (Kind::Credentials, CacheKey::Credentials(role)) => {
+    match &p.key {
+        CacheKey::Credentials(role) => {
             // Never the credentials of a role the cached role list no longer names.
             match cache::get(h, &CacheKey::RoleList) {
                 Some(list) if list.body != role.as_bytes() => None,
                 _ => valid_creds(role),
             }
         }
-        (Kind::RoleList, _) => {
+        CacheKey::RoleList => {
             let list = cache::get(h, &CacheKey::RoleList)?;
             let role = core::str::from_utf8(&list.body).ok()?;
             valid_creds(role).map(|_| list)
