@@ -9,8 +9,8 @@ use alloc::vec::Vec;
 use core::fmt;
 use core::net::IpAddr;
 
-use crate::json::{self, Value};
 use meshiam_imds::AllowList;
+use meshiam_imds::json::{self, Value};
 
 pub const DEFAULT_BROKER_CLUSTER: &str = "meshiam_broker";
 pub const DEFAULT_BROKER_AUTHORITY: &str = "meshiam-broker";

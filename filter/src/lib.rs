@@ -18,7 +18,6 @@ pub mod flow;
 pub mod glue;
 pub mod host;
 pub mod identity;
-pub mod json;
 pub mod metrics;
 pub mod secret;
 

@@ -4,10 +4,11 @@
 //! (field order as IMDS writes it, timestamps via [`crate::time`]); parsing accepts any flat
 //! object, so the filter can read the broker's answer without a JSON dependency in the wasm.
 
-use alloc::string::String;
+use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 use core::fmt;
 
+use crate::json::{self, Value};
 use crate::time::{format_rfc3339, parse_rfc3339};
 
 /// Temporary AWS credentials as IMDS hands them out. `Debug` never shows the secret or the
@@ -155,118 +156,28 @@ pub fn push_json_string(out: &mut String, s: &str) {
     out.push('"');
 }
 
-/// Parses a flat JSON object whose values are strings (numbers, booleans and null are kept as
-/// their text). Nested objects or arrays are a syntax error: no IMDS document has them.
+/// Parses a flat JSON object whose values are strings (whole numbers, booleans and null are
+/// kept as their text). Nested objects or arrays, fractional numbers, and anything that is
+/// not JSON are a syntax error: no IMDS document has them. The error never carries content.
 pub fn parse_flat_object(doc: &str) -> Result<Vec<(String, String)>, JsonError> {
-    let mut p = Parser {
-        s: doc.as_bytes(),
-        i: 0,
-    };
-    let mut out = Vec::new();
-    p.ws();
-    p.eat(b'{')?;
-    p.ws();
-    if p.peek() == Some(b'}') {
-        p.i += 1;
-    } else {
-        loop {
-            p.ws();
-            let key = p.string()?;
-            p.ws();
-            p.eat(b':')?;
-            p.ws();
-            let value = match p.peek() {
-                Some(b'"') => p.string()?,
-                Some(c) if c == b'-' || c.is_ascii_alphanumeric() => p.bare()?,
-                _ => return Err(JsonError::Syntax),
-            };
-            out.push((key, value));
-            p.ws();
-            match p.next() {
-                Some(b',') => continue,
-                Some(b'}') => break,
-                _ => return Err(JsonError::Syntax),
-            }
-        }
-    }
-    p.ws();
-    if p.i != p.s.len() {
+    let Ok(Value::Object(fields)) = json::parse(doc.as_bytes()) else {
         return Err(JsonError::Syntax);
-    }
-    Ok(out)
-}
-
-struct Parser<'a> {
-    s: &'a [u8],
-    i: usize,
-}
-
-impl Parser<'_> {
-    fn peek(&self) -> Option<u8> {
-        self.s.get(self.i).copied()
-    }
-    fn next(&mut self) -> Option<u8> {
-        let c = self.peek()?;
-        self.i += 1;
-        Some(c)
-    }
-    fn ws(&mut self) {
-        while matches!(self.peek(), Some(b' ' | b'\n' | b'\r' | b'\t')) {
-            self.i += 1;
-        }
-    }
-    fn eat(&mut self, c: u8) -> Result<(), JsonError> {
-        if self.next() == Some(c) {
-            Ok(())
-        } else {
-            Err(JsonError::Syntax)
-        }
-    }
-    fn bare(&mut self) -> Result<String, JsonError> {
-        let start = self.i;
-        while matches!(self.peek(), Some(c) if c.is_ascii_alphanumeric() || matches!(c, b'-' | b'+' | b'.'))
-        {
-            self.i += 1;
-        }
-        let text = core::str::from_utf8(&self.s[start..self.i]).map_err(|_| JsonError::Syntax)?;
-        Ok(String::from(text))
-    }
-    fn string(&mut self) -> Result<String, JsonError> {
-        self.eat(b'"')?;
-        let mut out = Vec::new();
-        loop {
-            match self.next().ok_or(JsonError::Syntax)? {
-                b'"' => break,
-                b'\\' => match self.next().ok_or(JsonError::Syntax)? {
-                    b'"' => out.push(b'"'),
-                    b'\\' => out.push(b'\\'),
-                    b'/' => out.push(b'/'),
-                    b'b' => out.push(8),
-                    b'f' => out.push(12),
-                    b'n' => out.push(b'\n'),
-                    b'r' => out.push(b'\r'),
-                    b't' => out.push(b'\t'),
-                    b'u' => {
-                        let mut code = 0u32;
-                        for _ in 0..4 {
-                            let d = (self.next().ok_or(JsonError::Syntax)? as char)
-                                .to_digit(16)
-                                .ok_or(JsonError::Syntax)?;
-                            code = code * 16 + d;
-                        }
-                        // Surrogate pairs never occur in IMDS documents; refuse them.
-                        let c = char::from_u32(code).ok_or(JsonError::Syntax)?;
-                        let mut buf = [0u8; 4];
-                        out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
-                    }
-                    _ => return Err(JsonError::Syntax),
-                },
-                c if c < 0x20 => return Err(JsonError::Syntax),
-                c => out.push(c),
-            }
-        }
-        String::from_utf8(out).map_err(|_| JsonError::Syntax)
-    }
+    };
+    fields
+        .into_iter()
+        .map(|(k, v)| {
+            let text = match v {
+                Value::String(s) => s,
+                Value::Number(Some(n)) => n.to_string(),
+                Value::Bool(b) => String::from(if b { "true" } else { "false" }),
+                Value::Null => String::from("null"),
+                Value::Number(None) | Value::Array(_) | Value::Object(_) => {
+                    return Err(JsonError::Syntax);
+                }
+            };
+            Ok((k, text))
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@
 //! - [`time`]: the second-precision `Z` timestamps the SDKs parse.
 //! - [`creds`]: rendering and parsing of the IMDS credential documents.
 //! - [`headers`]: IMDS header names and the headers between filter and broker.
+//! - [`json`]: the small JSON reader both documents and configuration go through.
 //! - [`allow`]: the allow-list of non-credential paths passed through to the node's IMDS.
 #![no_std]
 #![cfg_attr(
@@ -21,6 +22,7 @@ extern crate alloc;
 pub mod allow;
 pub mod creds;
 pub mod headers;
+pub mod json;
 pub mod path;
 pub mod rules;
 pub mod time;

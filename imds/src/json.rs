@@ -1,9 +1,12 @@
-//! A small JSON reader for the plugin configuration.
+//! The one JSON reader of the filter's wasm: the plugin configuration and the documents the
+//! broker answers with ([`crate::creds`]) both go through it.
 //!
-//! serde_json with its float formatting cost about 50 KB of the filter's wasm; the
-//! configuration needs objects, arrays, strings, whole numbers and booleans, nothing more.
-//! Errors name the byte offset and what was expected, for the one log line `on_configure`
-//! writes.
+//! Why not serde: a serde build of the filter (`serde` derive and `serde_json` with `alloc`
+//! for the configuration and the credential document) measured 319,707 bytes against
+//! 230,348 (2026-11-30, release `wasm32-wasip1`), +89 KB; this reader is a few KB. What
+//! these documents need is objects, arrays, strings, whole numbers and booleans, nothing
+//! more. Errors name the byte offset and what was expected (for the one log line
+//! `on_configure` writes); callers reading secrets map them to errors without content.
 
 use alloc::format;
 use alloc::string::String;
