@@ -47,11 +47,8 @@ pub enum BrokerError {
     Sts(#[from] StsError),
     #[error("node metadata service: {0}")]
     NodeImds(String),
-    #[error("IMDS rule refused the request ({reason})")]
-    Imds {
-        refusal: Refusal,
-        reason: &'static str,
-    },
+    #[error("IMDS rule refused the request ({})", .0.reason)]
+    Imds(Refusal),
 }
 
 impl BrokerError {
@@ -75,9 +72,7 @@ impl BrokerError {
                 StsErrorKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
             },
             NodeImds(_) => StatusCode::BAD_GATEWAY,
-            Imds { refusal, .. } => {
-                StatusCode::from_u16(refusal.status).unwrap_or(StatusCode::FORBIDDEN)
-            }
+            Imds(refusal) => StatusCode::from_u16(refusal.status).unwrap_or(StatusCode::FORBIDDEN),
         }
     }
 
@@ -106,7 +101,7 @@ impl BrokerError {
                 StsErrorKind::Timeout => "sts-timeout",
             },
             NodeImds(_) => "node-imds-unavailable",
-            Imds { reason, .. } => reason,
+            Imds(refusal) => refusal.reason,
         }
     }
 }

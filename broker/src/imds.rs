@@ -18,7 +18,7 @@ use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use meshiam_imds::rules::{self, Admission, ImdsHeaders, Seen};
+use meshiam_imds::rules::{Admission, ImdsHeaders, Seen};
 use meshiam_imds::{PathClass, admit, check_session, classify, creds, headers};
 use serde::Serialize;
 
@@ -283,13 +283,6 @@ fn json(body: String) -> Response {
         .into_response()
 }
 
-fn imds_refusal(r: rules::Refusal) -> BrokerError {
-    BrokerError::Imds {
-        refusal: r,
-        reason: r.reason,
-    }
-}
-
 /// Every value of one header: a header sent twice is refused, never read as its first copy.
 fn seen<'a>(req_headers: &'a HeaderMap, name: &str) -> Seen<'a> {
     Seen::of(
@@ -315,7 +308,7 @@ async fn serve(
         token: seen(req_headers, headers::TOKEN),
         forwarded_for: req_headers.contains_key(headers::FORWARDED_FOR),
     };
-    let admission = admit(method.as_str(), class, &imds_headers).map_err(imds_refusal)?;
+    let admission = admit(method.as_str(), class, &imds_headers).map_err(BrokerError::Imds)?;
     // Every answer below, the token PUT included, rests on the caller's address: not while
     // the pod store may be missing the pod that holds it now.
     fresh(broker)?;
@@ -359,16 +352,8 @@ async fn serve(
     // so a token issued to a pod that is gone is refused for the pod that took its address.
     let token = header(headers::TOKEN);
     let required = token_required(broker.serve.direct_mode, &pod);
-    check_session(token, &broker.issuer, now, &token_binding(&pod), required).map_err(|r| {
-        BrokerError::Imds {
-            refusal: r,
-            reason: if token.is_some() {
-                "token-invalid"
-            } else {
-                "token-required"
-            },
-        }
-    })?;
+    check_session(token, &broker.issuer, now, &token_binding(&pod), required)
+        .map_err(BrokerError::Imds)?;
 
     // From here on the request does work (node IMDS, STS): take a shared slot. The
     // semaphore is never closed, so acquiring fails only if it were.
