@@ -37,12 +37,8 @@ pub enum BrokerError {
     Policy(#[from] PolicyError),
     #[error("asked for role {asked:?} but the pod's role is {own:?}")]
     NotPodRole { asked: String, own: String },
-    #[error("metadata path not on the allow-list")]
-    PathNotAllowed,
-    #[error("not a metadata path")]
-    InvalidPath,
-    #[error("security-credentials-extended is not served (SDKs fall back on 404)")]
-    Extended,
+    #[error("the node's metadata service has no such path")]
+    NodeNotFound,
     #[error("{0}")]
     Sts(#[from] StsError),
     #[error("node metadata service: {0}")]
@@ -63,7 +59,7 @@ impl BrokerError {
             Policy(PolicyError::InvalidAnnotation { .. }) => StatusCode::FORBIDDEN,
             Policy(PolicyError::NotPermitted { .. }) => StatusCode::FORBIDDEN,
             Policy(PolicyError::BaseArnUnknown(_)) => StatusCode::SERVICE_UNAVAILABLE,
-            NotPodRole { .. } | PathNotAllowed | InvalidPath | Extended => StatusCode::NOT_FOUND,
+            NotPodRole { .. } | NodeNotFound => StatusCode::NOT_FOUND,
             Sts(e) => match e.kind {
                 StsErrorKind::Denied => StatusCode::BAD_GATEWAY,
                 StsErrorKind::Throttled | StsErrorKind::Unavailable => {
@@ -91,9 +87,7 @@ impl BrokerError {
             Policy(PolicyError::NotPermitted { .. }) => "role-not-permitted",
             Policy(PolicyError::BaseArnUnknown(_)) => "base-arn-unknown",
             NotPodRole { .. } => "not-pod-role",
-            PathNotAllowed => "path-not-allowed",
-            InvalidPath => "invalid-path",
-            Extended => "extended-not-served",
+            NodeNotFound => "path-not-allowed",
             Sts(e) => match e.kind {
                 StsErrorKind::Denied => "sts-denied",
                 StsErrorKind::Throttled => "sts-throttled",

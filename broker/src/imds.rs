@@ -18,8 +18,8 @@ use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use meshiam_imds::rules::{Admission, ImdsHeaders, Seen};
-use meshiam_imds::{PathClass, admit, check_session, classify, creds, headers};
+use meshiam_imds::rules::{self, Admission, ImdsHeaders, Seen};
+use meshiam_imds::{PathClass, Resource, admit, check_session, classify, creds, headers};
 use serde::Serialize;
 
 use crate::Broker;
@@ -330,17 +330,9 @@ async fn serve(
         return Ok(r);
     }
 
-    // Paths never answered: refuse before looking anyone up.
-    match class {
-        PathClass::Invalid | PathClass::Token | PathClass::VersionedToken => {
-            return Err(BrokerError::InvalidPath);
-        }
-        PathClass::Extended => return Err(BrokerError::Extended),
-        PathClass::Other(rel) if !broker.serve.metadata_allow.allows(rel) => {
-            return Err(BrokerError::PathNotAllowed);
-        }
-        _ => {}
-    }
+    // What the read is for, by the contract's rule; paths never answered are refused
+    // before looking anyone up.
+    let resource = Resource::of(class, &broker.serve.metadata_allow).map_err(BrokerError::Imds)?;
 
     let pod = identity::identify(&broker.store, &ctx.waiters, caller, broker.serve.ip_wait).await?;
     // The wait for an unknown address may have outlasted the bound.
@@ -363,14 +355,14 @@ async fn serve(
         .await
         .map_err(|_| BrokerError::NodeImds("shutting down".into()))?;
 
-    if let PathClass::Other(rel) = class {
+    if let Resource::Allowed(rel) = &resource {
         let (status, body) = broker
             .node_imds
             .get(rel)
             .await
             .map_err(BrokerError::NodeImds)?;
         if status == 404 {
-            return Err(BrokerError::PathNotAllowed);
+            return Err(BrokerError::NodeNotFound);
         }
         return Ok(text(StatusCode::OK, body));
     }
@@ -387,9 +379,9 @@ async fn serve(
         .into());
     }
 
-    match class {
-        PathClass::RoleList => Ok(text(StatusCode::OK, decision.role_name().to_string())),
-        PathClass::IamInfo => {
+    match resource {
+        Resource::RoleList => Ok(text(StatusCode::OK, decision.role_name().to_string())),
+        Resource::IamInfo => {
             let arn = decision
                 .role_arn
                 .replacen(":role/", ":instance-profile/", 1);
@@ -399,10 +391,10 @@ async fn serve(
                 &instance_profile_id(&decision.role_arn),
             )))
         }
-        PathClass::RoleCredentials(asked) => {
-            if *asked != decision.role_name() {
+        Resource::Credentials(asked) => {
+            if asked != decision.role_name() {
                 return Err(BrokerError::NotPodRole {
-                    asked: (*asked).to_string(),
+                    asked,
                     own: decision.role_name().to_string(),
                 });
             }
@@ -414,7 +406,8 @@ async fn serve(
             trail.served = Some(served);
             Ok(json(c.to_imds_json()))
         }
-        _ => Err(BrokerError::InvalidPath),
+        // Answered from the node's IMDS above.
+        Resource::Allowed(_) => Err(BrokerError::Imds(rules::NOT_FOUND)),
     }
 }
 

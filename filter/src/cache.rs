@@ -12,28 +12,21 @@ use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
 
+use meshiam_imds::Resource;
+
 use crate::host::Host;
 
 const PREFIX: &str = "meshiam/cache/v1/";
 
-/// What a cached answer is.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CacheKey {
-    RoleList,
-    Credentials(String),
-    IamInfo,
-    /// An allow-listed path, relative to the version.
-    Other(String),
-}
-
-impl CacheKey {
-    fn shared_key(&self) -> String {
-        match self {
-            CacheKey::RoleList => format!("{PREFIX}role-list"),
-            CacheKey::Credentials(role) => format!("{PREFIX}credentials/{role}"),
-            CacheKey::IamInfo => format!("{PREFIX}iam-info"),
-            CacheKey::Other(rel) => format!("{PREFIX}other/{rel}"),
-        }
+/// Where a resource's answer is kept in shared data. The key is the resource
+/// ([`Resource`], the contract's), so the cache, the call-out and the broker agree on what
+/// an answer is.
+fn shared_key(r: &Resource) -> String {
+    match r {
+        Resource::RoleList => format!("{PREFIX}role-list"),
+        Resource::Credentials(role) => format!("{PREFIX}credentials/{role}"),
+        Resource::IamInfo => format!("{PREFIX}iam-info"),
+        Resource::Allowed(rel) => format!("{PREFIX}other/{rel}"),
     }
 }
 
@@ -98,22 +91,22 @@ impl Entry {
     }
 }
 
-pub fn get<H: Host>(h: &H, key: &CacheKey) -> Option<Entry> {
-    let (value, _) = h.shared_get(&key.shared_key());
+pub fn get<H: Host>(h: &H, key: &Resource) -> Option<Entry> {
+    let (value, _) = h.shared_get(&shared_key(key));
     Entry::decode(&value?)
 }
 
 /// Stores an answer. Last write wins: every writer holds an answer the broker just gave.
-pub fn put<H: Host>(h: &H, key: &CacheKey, entry: &Entry) -> bool {
-    h.shared_set(&key.shared_key(), &entry.encode(), None)
+pub fn put<H: Host>(h: &H, key: &Resource, entry: &Entry) -> bool {
+    h.shared_set(&shared_key(key), &entry.encode(), None)
         .is_ok()
 }
 
 /// Drops an answer the broker just said is no longer the pod's, so that neither a fresh hit
 /// nor a later broker outage (stale serving) can hand it out again. proxy-wasm shared data
 /// cannot delete a key: an empty value is a miss for [`get`].
-pub fn forget<H: Host>(h: &H, key: &CacheKey) -> bool {
-    h.shared_set(&key.shared_key(), b"", None).is_ok()
+pub fn forget<H: Host>(h: &H, key: &Resource) -> bool {
+    h.shared_set(&shared_key(key), b"", None).is_ok()
 }
 
 #[cfg(test)]
@@ -133,11 +126,11 @@ mod tests {
     #[test]
     fn round_trips_through_shared_data_across_vms() {
         let a = MockHost::new();
-        let key = CacheKey::Credentials("r".into());
+        let key = Resource::Credentials("r".into());
         assert!(put(&a, &key, &entry()));
         assert_eq!(get(&a.other_vm(), &key), Some(entry()));
-        assert_eq!(get(&a, &CacheKey::Credentials("s".into())), None);
-        assert_eq!(get(&a, &CacheKey::RoleList), None);
+        assert_eq!(get(&a, &Resource::Credentials("s".into())), None);
+        assert_eq!(get(&a, &Resource::RoleList), None);
     }
 
     #[test]
@@ -167,7 +160,7 @@ mod tests {
     #[test]
     fn forgotten_is_a_miss_on_every_vm() {
         let a = MockHost::new();
-        let key = CacheKey::Credentials("r".into());
+        let key = Resource::Credentials("r".into());
         assert!(put(&a, &key, &entry()));
         assert!(forget(&a.other_vm(), &key));
         assert_eq!(get(&a, &key), None);
@@ -180,6 +173,6 @@ mod tests {
             a.shared_set("meshiam/cache/v1/role-list", b"x\ny", None)
                 .is_ok()
         );
-        assert_eq!(get(&a, &CacheKey::RoleList), None);
+        assert_eq!(get(&a, &Resource::RoleList), None);
     }
 }

@@ -18,9 +18,9 @@ use meshiam_imds::headers::{
 };
 use meshiam_imds::rules::{self, Admission, ImdsHeaders, Refusal, Seen};
 use meshiam_imds::token::NONCE_LEN;
-use meshiam_imds::{Credentials, PathClass, classify};
+use meshiam_imds::{Credentials, PathClass, Resource, classify};
 
-use crate::cache::{self, CacheKey, Entry};
+use crate::cache::{self, Entry};
 use crate::config::Config;
 use crate::host::{Callout, CalloutResponse, Host, Level};
 use crate::identity::{self, Identity, SourceRefusal};
@@ -38,8 +38,6 @@ const TOKEN_PATH: &str = "/latest/api/token";
 pub const MAX_BROKER_BODY: usize = 64 * 1024;
 
 /// `404`s the filter answers itself, with the broker's reason codes for the same refusals.
-const PATH_NOT_ALLOWED: Refusal = Refusal::new(404, "Not Found", "path-not-allowed");
-const EXTENDED_NOT_SERVED: Refusal = Refusal::new(404, "Not Found", "extended-not-served");
 
 /// What the proxy should do with the request's headers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,7 +102,7 @@ impl Shared {
 /// A read's call-out on its way. `key` says what it is for, and where its answer is cached.
 #[derive(Debug)]
 struct Pending {
-    key: CacheKey,
+    key: Resource,
     label: &'static str,
     head: bool,
 }
@@ -252,16 +250,11 @@ impl RequestFlow {
                 return refuse(h, label, r, head);
             }
         }
-        let key = match class {
-            PathClass::RoleList => CacheKey::RoleList,
-            PathClass::RoleCredentials(role) => CacheKey::Credentials(role.to_string()),
-            PathClass::IamInfo => CacheKey::IamInfo,
-            PathClass::Other(rel) if cfg.allow_paths.allows(rel) => {
-                CacheKey::Other(rel.to_string())
-            }
-            // `-extended` credential documents are not implemented: SDKs fall back on 404.
-            PathClass::Extended => return refuse(h, label, EXTENDED_NOT_SERVED, head),
-            _ => return refuse(h, label, PATH_NOT_ALLOWED, head),
+        // What the read is for, by the contract's rule (`-extended` credential documents are
+        // not implemented: SDKs fall back on 404).
+        let key = match Resource::of(&class, &cfg.allow_paths) {
+            Ok(k) => k,
+            Err(r) => return refuse(h, label, r, head),
         };
         let now = h.now();
         if let Some(e) = cache::get(h, &key)
@@ -440,7 +433,7 @@ fn on_read_answer<H: Host>(h: &H, cfg: &Config, p: &Pending, resp: CalloutRespon
     match resp.status {
         Some(200) => match accept(p, &resp, h.now()) {
             Ok(entry) => {
-                if p.key == CacheKey::RoleList {
+                if p.key == Resource::RoleList {
                     forget_other_role(h, &entry.body);
                 }
                 cache::put(h, &p.key, &entry);
@@ -546,7 +539,7 @@ fn on_read_answer<H: Host>(h: &H, cfg: &Config, p: &Pending, resp: CalloutRespon
 fn accept(p: &Pending, resp: &CalloutResponse, now: u64) -> Result<Entry, &'static str> {
     let text = core::str::from_utf8(&resp.body).map_err(|_| "body is not UTF-8")?;
     let (content_type, body, expiration) = match &p.key {
-        CacheKey::RoleList => {
+        Resource::RoleList => {
             // Bare role name: botocore pastes the body into the next URL as is.
             let role = text.trim_end();
             if role.is_empty() || !role.bytes().all(|c| c.is_ascii_graphic()) || role.contains('/')
@@ -555,7 +548,7 @@ fn accept(p: &Pending, resp: &CalloutResponse, now: u64) -> Result<Entry, &'stat
             }
             (TEXT_PLAIN, role.as_bytes().to_vec(), 0)
         }
-        CacheKey::Credentials(_) => {
+        Resource::Credentials(_) => {
             let c = Credentials::from_imds_json(text).map_err(|_| "unreadable credentials")?;
             if c.remaining(now) == 0 {
                 return Err("credentials already expired");
@@ -567,11 +560,11 @@ fn accept(p: &Pending, resp: &CalloutResponse, now: u64) -> Result<Entry, &'stat
                 c.expiration,
             )
         }
-        CacheKey::IamInfo => {
+        Resource::IamInfo => {
             meshiam_imds::creds::parse_flat_object(text).map_err(|_| "unreadable iam/info")?;
             (APPLICATION_JSON, resp.body.clone(), 0)
         }
-        CacheKey::Other(_) => {
+        Resource::Allowed(_) => {
             let ct = match resp.content_type.as_deref() {
                 Some(ct) if ct.starts_with(APPLICATION_JSON) => APPLICATION_JSON,
                 _ => TEXT_PLAIN,
@@ -592,11 +585,11 @@ fn accept(p: &Pending, resp: &CalloutResponse, now: u64) -> Result<Entry, &'stat
 /// `iam/info`, so no later outage serves them stale.
 fn forget_refused<H: Host>(h: &H, p: &Pending) {
     let names_refused_role = |role: &str| {
-        cache::get(h, &CacheKey::RoleList).is_some_and(|list| list.body == role.as_bytes())
+        cache::get(h, &Resource::RoleList).is_some_and(|list| list.body == role.as_bytes())
     };
     match &p.key {
-        CacheKey::RoleList => forget_other_role(h, b""),
-        CacheKey::Credentials(role) if names_refused_role(role) => forget_other_role(h, b""),
+        Resource::RoleList => forget_other_role(h, b""),
+        Resource::Credentials(role) if names_refused_role(role) => forget_other_role(h, b""),
         _ => {}
     }
     cache::forget(h, &p.key);
@@ -605,17 +598,17 @@ fn forget_refused<H: Host>(h: &H, p: &Pending) {
 /// The pod's role is now `role` (empty: none). Drops what the cache holds for the role the
 /// cached role list named, if that was another one.
 fn forget_other_role<H: Host>(h: &H, role: &[u8]) {
-    let Some(old) = cache::get(h, &CacheKey::RoleList) else {
+    let Some(old) = cache::get(h, &Resource::RoleList) else {
         return;
     };
     if old.body == role {
         return;
     }
     if let Ok(old_role) = core::str::from_utf8(&old.body) {
-        cache::forget(h, &CacheKey::Credentials(old_role.to_string()));
+        cache::forget(h, &Resource::Credentials(old_role.to_string()));
     }
-    cache::forget(h, &CacheKey::IamInfo);
-    cache::forget(h, &CacheKey::RoleList);
+    cache::forget(h, &Resource::IamInfo);
+    cache::forget(h, &Resource::RoleList);
 }
 
 /// The broker could not answer: serve still-valid cached credentials, else fail closed.
@@ -660,19 +653,19 @@ fn stale_entry<H: Host>(h: &H, cfg: &Config, p: &Pending) -> Option<Entry> {
     let now = h.now();
     let min = cfg.stale_min_remaining_seconds;
     let valid_creds = |role: &str| {
-        cache::get(h, &CacheKey::Credentials(role.to_string()))
+        cache::get(h, &Resource::Credentials(role.to_string()))
             .filter(|e| e.expiration != 0 && e.has_left(now, min))
     };
     match &p.key {
-        CacheKey::Credentials(role) => {
+        Resource::Credentials(role) => {
             // Never the credentials of a role the cached role list no longer names.
-            match cache::get(h, &CacheKey::RoleList) {
+            match cache::get(h, &Resource::RoleList) {
                 Some(list) if list.body != role.as_bytes() => None,
                 _ => valid_creds(role),
             }
         }
-        CacheKey::RoleList => {
-            let list = cache::get(h, &CacheKey::RoleList)?;
+        Resource::RoleList => {
+            let list = cache::get(h, &Resource::RoleList)?;
             let role = core::str::from_utf8(&list.body).ok()?;
             valid_creds(role).map(|_| list)
         }

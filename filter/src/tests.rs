@@ -1204,7 +1204,7 @@ mod decisions {
         };
         assert!(crate::cache::put(
             &h,
-            &crate::cache::CacheKey::RoleList,
+            &meshiam_imds::Resource::RoleList,
             &list
         ));
         let r = via_broker(&h, &s, CREDS, CalloutResponse::default());

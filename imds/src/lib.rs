@@ -10,6 +10,7 @@
 //! - [`creds`]: rendering and parsing of the IMDS credential documents.
 //! - [`headers`]: IMDS header names and the headers between filter and broker.
 //! - [`json`]: the small JSON reader both documents and configuration go through.
+//! - [`resource`]: what a served read asks for, the key both sides use.
 //! - [`allow`]: the allow-list of non-credential paths passed through to the node's IMDS.
 #![no_std]
 #![cfg_attr(
@@ -24,6 +25,7 @@ pub mod creds;
 pub mod headers;
 pub mod json;
 pub mod path;
+pub mod resource;
 pub mod rules;
 pub mod time;
 pub mod token;
@@ -31,5 +33,6 @@ pub mod token;
 pub use allow::{AllowError, AllowList};
 pub use creds::{Credentials, JsonError};
 pub use path::{PathClass, classify};
+pub use resource::Resource;
 pub use rules::{Admission, ImdsHeaders, Refusal, Seen, admit, check_session};
 pub use token::{TokenError, TokenIssuer, TtlError, parse_ttl};

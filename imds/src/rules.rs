@@ -31,6 +31,8 @@ impl Refusal {
 }
 
 pub const NOT_FOUND: Refusal = Refusal::new(404, "Not Found", "invalid-path");
+pub const PATH_NOT_ALLOWED: Refusal = Refusal::new(404, "Not Found", "path-not-allowed");
+pub const EXTENDED_NOT_SERVED: Refusal = Refusal::new(404, "Not Found", "extended-not-served");
 pub const UNAUTHORIZED: Refusal = Refusal::new(401, "Unauthorized", "token-invalid");
 pub const TOKEN_REQUIRED: Refusal = Refusal::new(401, "Unauthorized", "token-required");
 pub const FORBIDDEN: Refusal = Refusal::new(403, "Forbidden", "forwarded-token-request");
