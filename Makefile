@@ -7,13 +7,14 @@ PY := $(VENV)/bin/python
 WASM := target/wasm32-wasip1/release/meshiam_filter.wasm
 BROKER := target/release/meshiam-broker
 
-.PHONY: help setup build wasm broker demo test lint unit integration clean fuzz fuzz-smoke
+.PHONY: help setup build wasm broker demo test lint unit integration clean fuzz fuzz-smoke manifests
 
 help:
 	@echo "make demo   - set up, build, run the local demo"
 	@echo "make test   - set up, build, run every test (what CI runs)"
 	@echo "make lint   - rustfmt and clippy (host and wasm)"
 	@echo "make build  - release filter (.wasm) and broker"
+	@echo "make manifests - regenerate the plain-Envoy sidecar config (after editing envoy/sidecar.yaml)"
 	@echo "make fuzz   - run every fuzz target for FUZZ_SECONDS (default 30) each"
 
 setup:
@@ -27,6 +28,15 @@ broker:
 	cargo build --release -p meshiam-broker -p meshiam-kube-double --bins --example sdk_client --example bench_floor
 
 build: wasm broker
+
+# The plain-Envoy component's envoy.yaml is envoy/sidecar.yaml rendered for a cluster; it is
+# committed (kustomize renders from a clone) and tests/deploy checks it against a fresh render.
+SIDECAR_SETS := BROKER_ADDRESS=169.254.170.52 BROKER_PORT=8787 WASM_PATH=/meshiam/filter/plugin.wasm \
+	POD_NAME=@POD_NAME@ POD_NAMESPACE=@POD_NAMESPACE@ NODE_ID=sidecar~@POD_NAME@.@POD_NAMESPACE@ \
+	POD_IPS=@POD_IPS@
+manifests:
+	python3 envoy/render.py $(addprefix --set ,$(SIDECAR_SETS)) \
+	  -o manifests/overlays/plain-envoy/sidecar/envoy.yaml
 
 lint:
 	cargo fmt --all -- --check
