@@ -1,8 +1,11 @@
 """Every kustomization renders, and every rendered object validates offline: Kubernetes
 objects strictly against the Kubernetes OpenAPI schemas (kubernetes-validate), Istio
-objects against the fields of Istio's API (istio_schema.py)."""
+objects against Istio's own CRD schemas for every supported minor, closed to unknown fields
+(istio_schema.py)."""
 
 import copy
+import json
+import os
 import shutil
 import subprocess
 import sys
@@ -14,12 +17,14 @@ import yaml
 
 from conftest import (KUBECTL, KUBE_VERSIONS, MANIFESTS, REPO, SIDECAR_RENDER_SETS, is_component,
                       kustomization_dirs, render)
-from istio_schema import SCHEMAS
+import istio_schema
+from istio_schema import ISTIO_VERSIONS
 
 DIRS = [d for d in kustomization_dirs() if not is_component(d)]
 IDS = [d.relative_to(MANIFESTS).as_posix() for d in DIRS]
 
 RENDER_PY = REPO / "envoy" / "render.py"
+ENABLE = MANIFESTS / "examples" / "istio-enable-myapp"
 SIDECAR_DIR = MANIFESTS / "overlays" / "plain-envoy" / "sidecar"
 # The command that regenerates the committed envoy.yaml (`make manifests` runs it).
 RENDER_CMD = [sys.executable, str(RENDER_PY), str(REPO / "envoy" / "sidecar.yaml")] + [
@@ -87,20 +92,21 @@ def test_every_kustomization_renders_from_a_fresh_clone(tmp_path):
         out = subprocess.run([KUBECTL, "kustomize", str(d)], capture_output=True, text=True, timeout=60)
         print(f"kubectl kustomize {d.relative_to(clone)} -> rc {out.returncode}")
         assert out.returncode == 0, f"{d.relative_to(clone)} does not render from a clone:\n{out.stderr}"
-        assert [o for o in yaml.safe_load_all(out.stdout) if o], f"{d.relative_to(clone)} rendered nothing"
+        if not is_component(d):
+            assert [o for o in yaml.safe_load_all(out.stdout) if o], f"{d.relative_to(clone)} rendered nothing"
 
 
 def validate_object(obj, version):
-    key = (obj.get("apiVersion"), obj.get("kind"))
-    if key in SCHEMAS:
-        jsonschema.validate(obj, SCHEMAS[key])
+    if istio_schema.is_istio(obj):
+        for minor in ISTIO_VERSIONS:
+            istio_schema.validate(obj, minor)
     else:
         kubernetes_validate.validate(obj, version, strict=True)
 
 
 def test_expected_kustomizations_exist():
     for rel in ["base", "overlays/istio", "overlays/plain-envoy", "examples/myapp",
-                "examples/myapp-plain-envoy"]:
+                "examples/myapp-plain-envoy", "examples/istio-enable-myapp"]:
         assert rel in IDS, f"manifests/{rel} has no kustomization.yaml"
 
 
@@ -123,22 +129,48 @@ def test_validators_reject_unknown_fields():
     ds["spec"]["template"]["spec"]["containers"][0]["readOnlyRootFilesytem"] = True
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(ds, KUBE_VERSIONS[0], strict=True)
-    for kind, field in [("WasmPlugin", "failStrategey"), ("ServiceEntry", "resolutoin")]:
+    objs = {o["kind"]: o for o in render(ENABLE)}
+    for kind, field in [("WasmPlugin", "failStrategey"), ("ServiceEntry", "resolutoin"),
+                        ("DestinationRule", "trafficPolicyy")]:
         bad = copy.deepcopy(objs[kind])
         bad["spec"][field] = "X"
-        with pytest.raises(jsonschema.ValidationError):
-            validate_object(bad, KUBE_VERSIONS[0])
+        for minor in ISTIO_VERSIONS:
+            with pytest.raises(jsonschema.ValidationError):
+                istio_schema.validate(bad, minor)
+    bad = copy.deepcopy(objs["DestinationRule"])
+    bad["spec"]["trafficPolicy"]["tls"]["mod"] = "DISABLE"  # nested typo
+    with pytest.raises(jsonschema.ValidationError):
+        istio_schema.validate(bad, ISTIO_VERSIONS[0])
     bad = copy.deepcopy(objs["WasmPlugin"])
     bad["spec"]["match"] = [{"mode": "SIDECAR_OUTBOUND"}]  # the Istio API spells it CLIENT
     with pytest.raises(jsonschema.ValidationError):
-        validate_object(bad, KUBE_VERSIONS[0])
+        istio_schema.validate(bad, ISTIO_VERSIONS[0])
 
 
-def test_istio_overlay_wires_filter_to_broker():
-    objs = render(MANIFESTS / "overlays" / "istio")
+@pytest.mark.parametrize("minor", ISTIO_VERSIONS)
+def test_fail_reload_only_where_istio_knows_it(minor, tmp_path):
+    """The FAIL_RELOAD component validates against Istio >= 1.27's schema and is refused by
+    the older ones (which is why it is a separate, opt-in component)."""
+    k = tmp_path / "k"
+    k.mkdir()
+    (k / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization", "namespace": "team-a",
+        "components": [os.path.relpath(MANIFESTS / "overlays" / "istio" / c, k)
+                       for c in ("namespace", "fail-reload")]}))
+    (plugin,) = [o for o in render(k) if o["kind"] == "WasmPlugin"]
+    assert plugin["spec"]["failStrategy"] == "FAIL_RELOAD"
+    if tuple(map(int, minor.split("."))) >= (1, 27):
+        istio_schema.validate(plugin, minor)
+    else:
+        with pytest.raises(jsonschema.ValidationError):
+            istio_schema.validate(plugin, minor)
+
+
+def test_istio_wires_filter_to_broker():
+    objs = render(ENABLE)
+    (ds,) = [o for o in render(MANIFESTS / "overlays" / "istio") if o["kind"] == "DaemonSet"]
     entries = {o["metadata"]["name"]: o for o in objs if o["kind"] == "ServiceEntry"}
     (plugin,) = [o for o in objs if o["kind"] == "WasmPlugin"]
-    (ds,) = [o for o in objs if o["kind"] == "DaemonSet"]
 
     imds = entries["meshiam-imds"]["spec"]
     assert imds["addresses"] == ["169.254.169.254/32"]
@@ -150,7 +182,6 @@ def test_istio_overlay_wires_filter_to_broker():
     broker = entries["meshiam-broker"]["spec"]
     assert broker["resolution"] == "STATIC" and broker["location"] == "MESH_EXTERNAL"
     (port,) = broker["ports"]
-    assert port["protocol"] == "HTTP"
     (host,) = broker["hosts"]
     cluster = f"outbound|{port['number']}||{host}"
     assert plugin["spec"]["pluginConfig"]["brokerCluster"] == cluster
@@ -161,10 +192,60 @@ def test_istio_overlay_wires_filter_to_broker():
     assert imds["endpoints"][0]["ports"]["http-imds"] == port["number"]
 
     spec = plugin["spec"]
-    assert plugin["metadata"]["namespace"] == "istio-system"  # root namespace: mesh-wide
     assert spec["url"].startswith("oci://") and spec["url"].rsplit(":", 1)[1]
-    assert spec["failStrategy"] == "FAIL_CLOSE"
+    assert spec["failStrategy"] == "FAIL_CLOSE"  # the one every supported Istio knows
     assert spec["match"] == [{"mode": "CLIENT", "ports": [{"number": 80}]}]
+
+
+def test_istio_objects_touch_one_namespace_only():
+    """Gradual: nothing mesh-wide. The cluster-wide overlay holds no Istio object at all; every
+    Istio object of the per-namespace component lives in the namespace its kustomization
+    names and is exported to it alone, so other namespaces keep kube2iam."""
+    assert not [o for o in render(MANIFESTS / "overlays" / "istio") if istio_schema.is_istio(o)]
+    objs = [o for o in render(ENABLE) if istio_schema.is_istio(o)]
+    assert sorted((o["kind"], o["metadata"]["name"]) for o in objs) == [
+        ("DestinationRule", "meshiam-broker"), ("DestinationRule", "meshiam-imds"),
+        ("ServiceEntry", "meshiam-broker"), ("ServiceEntry", "meshiam-imds"), ("WasmPlugin", "meshiam")]
+    for o in objs:
+        print(f"{o['kind']}/{o['metadata']['name']}: namespace {o['metadata']['namespace']}, "
+              f"exportTo {o['spec'].get('exportTo')}, selector {o['spec'].get('selector')}")
+        assert o["metadata"]["namespace"] == "myapp"
+        assert o["metadata"]["labels"]["app.kubernetes.io/part-of"] == "meshiam"  # rollback by label
+        if o["kind"] != "WasmPlugin":
+            assert o["spec"]["exportTo"] == ["."]
+    # A second namespace gets its own copies, named the same, in its own namespace.
+    other = [o for o in render(ENABLE) if o["metadata"].get("namespace") == "istio-system"]
+    assert not other, "nothing goes to Istio's root namespace (that would be mesh-wide)"
+
+
+def test_no_collateral_listeners():
+    """Nothing meshiam ships changes how other traffic is routed: no wildcard listener on
+    the broker's port (protocol TCP on one /32 address: Istio builds a listener for that
+    address alone), HTTP only for the metadata address on port 80, no ServiceEntry without
+    addresses (which would match every destination on its port)."""
+    for o in render(ENABLE):
+        if o["kind"] != "ServiceEntry":
+            continue
+        spec = o["spec"]
+        assert spec["addresses"] and all(a.endswith("/32") for a in spec["addresses"]), o["metadata"]["name"]
+        for p in spec["ports"]:
+            if p["protocol"] != "TCP":
+                assert (p["protocol"], p["number"], spec["addresses"]) == ("HTTP", 80, ["169.254.169.254/32"]), \
+                    f"{o['metadata']['name']}: {p}"
+    broker = {o["metadata"]["name"]: o for o in render(ENABLE) if o["kind"] == "ServiceEntry"}["meshiam-broker"]
+    assert broker["spec"]["ports"] == [{"number": 8787, "name": "tcp-broker", "protocol": "TCP"}]
+
+
+def test_call_outs_stay_plain_http():
+    """A DestinationRule with tls.mode DISABLE for every host meshiam's ServiceEntries define,
+    in the same namespace, so a mesh-wide ISTIO_MUTUAL rule never wraps the call-outs."""
+    objs = render(ENABLE)
+    hosts = {h for o in objs if o["kind"] == "ServiceEntry" for h in o["spec"]["hosts"]}
+    rules = {o["spec"]["host"]: o for o in objs if o["kind"] == "DestinationRule"}
+    assert set(rules) == hosts
+    for host, rule in rules.items():
+        assert rule["spec"]["trafficPolicy"] == {"tls": {"mode": "DISABLE"}}, host
+        assert rule["metadata"]["namespace"] == "myapp"
 
 
 def test_example_is_the_origin_documents():
@@ -173,3 +254,5 @@ def test_example_is_the_origin_documents():
     assert dep["metadata"]["name"] == "myapp"
     annotations = dep["spec"]["template"]["metadata"]["annotations"]
     assert annotations["iam.amazonaws.com/role"] == "myapp-iam-role"
+    # Istio: the app starts after the sidecar, so start-up credential calls are answered.
+    assert json.loads(annotations["proxy.istio.io/config"]) == {"holdApplicationUntilProxyStarts": True}
