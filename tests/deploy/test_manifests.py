@@ -6,6 +6,7 @@ objects against Istio's own CRD schemas for every supported minor, closed to unk
 import copy
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -256,3 +257,22 @@ def test_example_is_the_origin_documents():
     assert annotations["iam.amazonaws.com/role"] == "myapp-iam-role"
     # Istio: the app starts after the sidecar, so start-up credential calls are answered.
     assert json.loads(annotations["proxy.istio.io/config"]) == {"holdApplicationUntilProxyStarts": True}
+
+
+def test_documented_digest_pin_renders_and_validates(tmp_path):
+    """docs/install.md's pinning patch, applied after the component as documented: the url
+    carries the digest, sha256 repeats it, and Istio's schemas of every minor accept it."""
+    text = (REPO / "docs" / "install.md").read_text()
+    (block,) = [b for b in re.findall(r"```yaml\n(.*?)```", text, re.S) if "/spec/sha256" in b]
+    k = tmp_path / "k"
+    k.mkdir()
+    doc = {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization", "namespace": "team-a",
+           "components": [os.path.relpath(MANIFESTS / "overlays" / "istio" / "namespace", k)],
+           **yaml.safe_load(block)}
+    (k / "kustomization.yaml").write_text(yaml.safe_dump(doc))
+    (plugin,) = [o for o in render(k) if o["kind"] == "WasmPlugin"]
+    print(f"pinned: url {plugin['spec']['url']} sha256 {plugin['spec']['sha256']}")
+    assert plugin["spec"]["url"].endswith("@sha256:" + plugin["spec"]["sha256"])
+    assert re.fullmatch(r"[0-9a-f]{64}", plugin["spec"]["sha256"])
+    for minor in ISTIO_VERSIONS:
+        istio_schema.validate(plugin, minor)
