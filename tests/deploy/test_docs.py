@@ -11,9 +11,11 @@ BROKER = {f"meshiam_broker_{n}" for n in [
     "cache_hits_total", "cache_misses_total", "cache_refreshes_total",
     "cache_stale_served_total", "cache_entries", "pods_tracked", "identity_mismatches_total",
     "pod_store_stale_seconds"]}
-FILTER = {f"envoy_wasmcustom_meshiam_{n}" for n in [
+# As Envoy 1.39.3's /stats/prometheus names the filter's wasmcustom.meshiam.* counters
+# (tests/e2e/test_observability.py checks these names against a real scrape).
+FILTER = {f"meshiam_{n}" for n in [
     "callouts", "callout_failures", "cache_hits", "stale_serves", "tokens_issued"]}
-PROMQL_WORDS = {"sum", "by", "rate", "increase", "histogram_quantile", "le", "node",
+PROMQL_WORDS = {"sum", "by", "rate", "increase", "histogram_quantile", "le", "instance",
                 "namespace", "outcome", "path", "result", "purpose", "label_values"}
 
 
