@@ -1,24 +1,28 @@
-"""The fields of the Istio objects meshiam ships, as JSON Schemas that reject anything else.
+"""Istio's own schemas for the Istio objects meshiam ships, per supported Istio minor.
 
-Written from Istio's published API for the versions the Istio overlay names (1.24-1.27):
-the CustomResourceDefinitions generated from istio/api
-(https://github.com/istio/api/blob/master/kubernetes/customresourcedefinitions.gen.yaml,
-`wasmplugins.extensions.istio.io` v1alpha1 and `serviceentries.networking.istio.io` v1) and
-the reference pages https://istio.io/docs/reference/config/proxy_extensions/wasm-plugin/ and
-https://istio.io/docs/reference/config/networking/service-entry/.
-
-Only fields we could place in every named version are listed: failStrategy FAIL_RELOAD
-is left out (absent from the 1.23 API, present in 1.27; we did not pin down where it
-appeared), and so are targetRef/targetRefs, which meshiam does not use. Unlike Istio's CRDs, which
-preserve unknown fields only inside pluginConfig, every object here is closed: an unknown
-or misspelt field fails the test instead of being silently dropped by the API server.
+istio_crds/<minor>.json holds the openAPIV3Schema of each kind as Istio's CRDs define it
+(istio/api kubernetes/customresourcedefinitions.gen.yaml at the newest patch tag of the
+minor; istio_crds/vendor.py regenerates them). The API server prunes unknown fields
+silently (Istio's CRDs preserve unknown fields only inside pluginConfig), so a typo would be
+dropped, not refused: here every object schema is closed (additionalProperties: false unless
+the CRD says x-kubernetes-preserve-unknown-fields), so an unknown or misspelt field fails.
+Enums (failStrategy, tls.mode, resolution ...) are the version's own: FAIL_RELOAD, for one,
+validates from 1.27 on only. CEL rules (x-kubernetes-validations) are not evaluated.
 """
 
-ISTIO_VERSIONS = ("1.24", "1.25", "1.26", "1.27")
+import copy
+import json
+from functools import lru_cache
+from pathlib import Path
 
-_STRING_LIST = {"type": "array", "items": {"type": "string"}}
-_LABELS = {"type": "object", "additionalProperties": {"type": "string", "maxLength": 63}}
-_PORT_NUMBER = {"type": "integer", "minimum": 1, "maximum": 65535}
+import jsonschema
+
+CRDS = Path(__file__).resolve().parent / "istio_crds"
+# The Istio minors meshiam supports (docs/install.md, "Requirements").
+ISTIO_VERSIONS = ("1.24", "1.25", "1.26", "1.27", "1.28", "1.29", "1.30")
+# Fields that exist in every supported minor (the objects meshiam ships use only these).
+KINDS = {("extensions.istio.io/v1alpha1", "WasmPlugin"), ("networking.istio.io/v1", "ServiceEntry"),
+         ("networking.istio.io/v1", "DestinationRule")}
 
 _METADATA = {
     "type": "object",
@@ -26,144 +30,45 @@ _METADATA = {
     "properties": {
         "name": {"type": "string"},
         "namespace": {"type": "string"},
-        "labels": _LABELS,
+        "labels": {"type": "object", "additionalProperties": {"type": "string", "maxLength": 63}},
         "annotations": {"type": "object", "additionalProperties": {"type": "string"}},
     },
     "additionalProperties": False,
 }
 
-WASM_PLUGIN_SPEC = {
-    "type": "object",
-    "required": ["url"],
-    "additionalProperties": False,
-    "properties": {
-        "selector": {
-            "type": "object",
-            "properties": {"matchLabels": _LABELS},
-            "additionalProperties": False,
-        },
-        "url": {"type": "string", "minLength": 1, "pattern": "^(oci|https?|file)://"},
-        "sha256": {"type": "string", "pattern": "(^$|^[a-f0-9]{64}$)"},
-        "imagePullPolicy": {"enum": ["UNSPECIFIED_POLICY", "IfNotPresent", "Always"]},
-        "imagePullSecret": {"type": "string", "minLength": 1, "maxLength": 253},
-        "pluginConfig": {"type": "object"},
-        "pluginName": {"type": "string", "minLength": 1, "maxLength": 256},
-        "phase": {"enum": ["UNSPECIFIED_PHASE", "AUTHN", "AUTHZ", "STATS"]},
-        "priority": {"type": "integer"},
-        "failStrategy": {"enum": ["FAIL_CLOSE", "FAIL_OPEN"]},
-        "verificationKey": {"type": "string"},
-        "type": {"enum": ["UNSPECIFIED_PLUGIN_TYPE", "HTTP", "NETWORK"]},
-        "match": {
-            "type": "array",
-            "items": {
-                "type": "object",
-                "additionalProperties": False,
-                "properties": {
-                    "mode": {"enum": ["UNDEFINED", "CLIENT", "SERVER", "CLIENT_AND_SERVER"]},
-                    "ports": {
-                        "type": "array",
-                        "items": {
-                            "type": "object",
-                            "required": ["number"],
-                            "additionalProperties": False,
-                            "properties": {"number": _PORT_NUMBER},
-                        },
-                    },
-                },
-            },
-        },
-        "vmConfig": {
-            "type": "object",
-            "additionalProperties": False,
-            "properties": {
-                "env": {
-                    "type": "array",
-                    "items": {
-                        "type": "object",
-                        "required": ["name"],
-                        "additionalProperties": False,
-                        "properties": {
-                            "name": {"type": "string", "minLength": 1, "maxLength": 256},
-                            "value": {"type": "string", "maxLength": 2048},
-                            "valueFrom": {"enum": ["INLINE", "HOST"]},
-                        },
-                    },
-                }
-            },
-        },
-    },
-}
 
-SERVICE_ENTRY_SPEC = {
-    "type": "object",
-    "required": ["hosts"],
-    "additionalProperties": False,
-    "properties": {
-        "hosts": {"type": "array", "minItems": 1, "items": {"type": "string"}},
-        "addresses": _STRING_LIST,
-        "ports": {
-            "type": "array",
-            "items": {
-                "type": "object",
-                "required": ["number", "name"],
-                "additionalProperties": False,
-                "properties": {
-                    "number": _PORT_NUMBER,
-                    "protocol": {"type": "string"},
-                    "name": {"type": "string"},
-                    "targetPort": _PORT_NUMBER,
-                },
-            },
-        },
-        "location": {"enum": ["MESH_EXTERNAL", "MESH_INTERNAL"]},
-        "resolution": {"enum": ["NONE", "STATIC", "DNS", "DNS_ROUND_ROBIN"]},
-        "endpoints": {
-            "type": "array",
-            "items": {
-                "type": "object",
-                "additionalProperties": False,
-                "properties": {
-                    "address": {"type": "string"},
-                    "ports": {"type": "object", "additionalProperties": _PORT_NUMBER},
-                    "labels": _LABELS,
-                    "network": {"type": "string"},
-                    "locality": {"type": "string"},
-                    "weight": {"type": "integer", "minimum": 0},
-                    "serviceAccount": {"type": "string"},
-                },
-            },
-        },
-        "workloadSelector": {
-            "type": "object",
-            "additionalProperties": False,
-            "properties": {"labels": _LABELS},
-        },
-        "exportTo": _STRING_LIST,
-        "subjectAltNames": _STRING_LIST,
-    },
-}
+def _closed(schema):
+    """Returns the schema with every object that lists its properties closed."""
+    if isinstance(schema, dict):
+        out = {k: _closed(v) for k, v in schema.items()}
+        if ("properties" in out and "additionalProperties" not in out
+                and not out.get("x-kubernetes-preserve-unknown-fields")):
+            out["additionalProperties"] = False
+        return out
+    if isinstance(schema, list):
+        return [_closed(v) for v in schema]
+    return schema
 
 
-def _object(api_version: str, kind: str, spec: dict) -> dict:
-    return {
-        "type": "object",
-        "required": ["apiVersion", "kind", "metadata", "spec"],
-        "additionalProperties": False,
-        "properties": {
-            "apiVersion": {"const": api_version},
-            "kind": {"const": kind},
-            "metadata": _METADATA,
-            "spec": spec,
-        },
-    }
+@lru_cache(maxsize=None)
+def schema(api_version, kind, minor, *, namespaced=True):
+    data = json.loads((CRDS / f"{minor}.json").read_text())
+    crd = copy.deepcopy(data[f"{api_version} {kind}"])
+    crd = _closed(crd)
+    props = crd["properties"]
+    props.pop("status", None)
+    props["apiVersion"] = {"const": api_version}
+    props["kind"] = {"const": kind}
+    props["metadata"] = _METADATA if namespaced else {**_METADATA, "required": ["name"]}
+    crd["required"] = sorted(set(crd.get("required", [])) | {"apiVersion", "kind", "metadata", "spec"})
+    crd["additionalProperties"] = False
+    return crd
 
 
-# (apiVersion, kind) -> schema
-SCHEMAS = {
-    ("extensions.istio.io/v1alpha1", "WasmPlugin"): _object(
-        "extensions.istio.io/v1alpha1", "WasmPlugin", WASM_PLUGIN_SPEC
-    ),
-    ("networking.istio.io/v1", "ServiceEntry"): _object(
-        "networking.istio.io/v1", "ServiceEntry", SERVICE_ENTRY_SPEC
-    ),
-}
+def is_istio(obj):
+    return (obj.get("apiVersion"), obj.get("kind")) in KINDS
+
+
+def validate(obj, minor, *, namespaced=True):
+    """Raises jsonschema.ValidationError unless obj is valid for Istio `minor`."""
+    jsonschema.validate(obj, schema(obj["apiVersion"], obj["kind"], minor, namespaced=namespaced))

@@ -110,3 +110,19 @@ def test_rbac_is_read_only_pods_and_namespaces():
     assert binding["subjects"] == [
         {"kind": "ServiceAccount", "name": "meshiam-broker", "namespace": "meshiam-system"}
     ]
+
+
+def test_node_affinity(pod):
+    """Only nodes the image runs on and a DaemonSet can use: Linux, the architectures the
+    image is built for (amd64), not Fargate. A Pending or crash-looping broker pod holds
+    the rollout's maxUnavailable: 1 and stalls every update."""
+    terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    assert len(terms) == 1, "one term: all its expressions must hold (terms are ORed)"
+    exprs = {e["key"]: (e["operator"], e["values"]) for e in terms[0]["matchExpressions"]}
+    print(f"node affinity: {exprs}")
+    assert exprs == {
+        "kubernetes.io/os": ("In", ["linux"]),
+        "kubernetes.io/arch": ("In", ["amd64"]),
+        "eks.amazonaws.com/compute-type": ("NotIn", ["fargate"]),
+    }
+    assert not pod.get("nodeSelector")

@@ -11,9 +11,11 @@ BROKER = {f"meshiam_broker_{n}" for n in [
     "cache_hits_total", "cache_misses_total", "cache_refreshes_total",
     "cache_stale_served_total", "cache_entries", "pods_tracked", "identity_mismatches_total",
     "pod_store_stale_seconds"]}
-FILTER = {f"envoy_wasmcustom_meshiam_{n}" for n in [
+# As Envoy 1.39.3's /stats/prometheus names the filter's wasmcustom.meshiam.* counters
+# (tests/e2e/test_observability.py checks these names against a real scrape).
+FILTER = {f"meshiam_{n}" for n in [
     "callouts", "callout_failures", "cache_hits", "stale_serves", "tokens_issued"]}
-PROMQL_WORDS = {"sum", "by", "rate", "increase", "histogram_quantile", "le", "node",
+PROMQL_WORDS = {"sum", "by", "rate", "increase", "histogram_quantile", "le", "instance",
                 "namespace", "outcome", "path", "result", "purpose", "label_values"}
 
 
@@ -40,3 +42,24 @@ def test_docs_exist():
     ops = (REPO / "docs" / "operations.md").read_text()
     for metric in BROKER - {"meshiam_broker_sts_call_duration_seconds_bucket"}:
         assert metric in ops, f"operations.md does not describe {metric}"
+
+
+def test_docs_name_only_manifests_that_exist():
+    """Every manifests/ path the install and migration guides tell an operator to use exists."""
+    for name in ["install.md", "migrating.md", "operations.md"]:
+        text = (REPO / "docs" / name).read_text()
+        for path in sorted(set(re.findall(r"manifests/[A-Za-z0-9_./-]*[A-Za-z0-9_-]", text))):
+            print(f"{name}: {path}")
+            assert (REPO / path).exists(), f"docs/{name} names {path}, which does not exist"
+
+
+def test_migration_guide_covers_the_gaps():
+    """docs/migrating.md walks the per-namespace migration with its rollback and answers each
+    gap an operator meets (issue 13, point 7)."""
+    text = (REPO / "docs" / "migrating.md").read_text()
+    for needle in ["kubectl apply -k manifests/overlays/istio", "kubectl delete -k",
+                   "traffic.sidecar.istio.io/excludeOutboundIPRanges", "Pods without a sidecar",
+                   "Init containers", "holdApplicationUntilProxyStarts", "HttpPutResponseHopLimit=1",
+                   "dynamic/instance-identity/document", "Roll back", "1.24–1.30", "discoverySelectors",
+                   "includeIPRanges", "Ambient"]:
+        assert needle in text, f"docs/migrating.md does not address {needle!r}"

@@ -1,11 +1,13 @@
-"""The images build offline with buildah (vfs) from stand-in artefacts, and are what they
-claim: the filter image is plugin.wasm alone in one layer (the form Istio's WasmPlugin
-pulls), the broker image the binary alone, run as UID 65532 through its entrypoint; both
-carry version and commit labels. Real artefacts are not needed: the point is the image
-shape, so this runs without a Rust build."""
+"""The images build offline with buildah (vfs) and are what they claim: the filter image is
+plugin.wasm alone in one layer (the form Istio's WasmPlugin pulls), the broker image the
+binary alone, run as UID 65532 through its entrypoint; both carry version and commit labels.
+The broker image holds the real static musl binary when `make broker-static` has built it
+(then the image's architecture and the binary's ELF machine must agree, and the binary must
+be static: no interpreter), a stand-in otherwise (the image's shape is checked either way)."""
 
 import json
 import shutil
+import struct
 import subprocess
 import tarfile
 
@@ -16,6 +18,9 @@ from conftest import REPO, needs_root
 BUILD = REPO / "images" / "build.sh"
 WASM = b"\0asm\x01\0\0\0meshiam-test"  # a valid Wasm header, enough for an image test
 PREFIX = "localhost/meshiam-test"
+STATIC = {"amd64": REPO / "target" / "x86_64-unknown-linux-musl" / "release" / "meshiam-broker",
+          "arm64": REPO / "target" / "aarch64-unknown-linux-musl" / "release" / "meshiam-broker"}
+ELF_MACHINE = {"amd64": 0x3E, "arm64": 0xB7}
 
 pytestmark = [
     needs_root,
@@ -32,8 +37,13 @@ def built(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("images")
     wasm, broker = tmp / "filter.wasm", tmp / "broker"
     wasm.write_bytes(WASM)
-    broker.write_bytes(b"\x7fELF stand-in for the static broker")
-    broker.chmod(0o755)
+    if STATIC["amd64"].exists():
+        broker = STATIC["amd64"]
+        print(f"broker image from the real static binary {broker}")
+    else:
+        broker.write_bytes(b"\x7fELF stand-in for the static broker")
+        broker.chmod(0o755)
+        print("no static broker (make broker-static): the broker image holds a stand-in")
     env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
            "BUILDAH_ROOT": str(tmp / "root"), "BUILDAH_RUNROOT": str(tmp / "run"),
            "HOME": str(tmp)}
@@ -114,3 +124,52 @@ def test_broker_image_runs_the_binary_as_nonroot(built):
     assert labels["org.opencontainers.image.revision"].startswith(commit or "unknown")
     layers = _layer_members(bh, tmp, ref, "broker")
     assert len(layers) == 1 and list(layers[0]) == ["meshiam-broker"]
+
+
+def elf_info(data):
+    """(e_machine, has an interpreter) of a 64-bit little-endian ELF executable."""
+    assert data[:4] == b"\x7fELF" and data[4] == 2 and data[5] == 1, "not a 64-bit LE ELF"
+    machine = struct.unpack_from("<H", data, 18)[0]
+    phoff, = struct.unpack_from("<Q", data, 32)
+    phentsize, phnum = struct.unpack_from("<HH", data, 54)
+    types = [struct.unpack_from("<I", data, phoff + i * phentsize)[0] for i in range(phnum)]
+    return machine, 3 in types  # PT_INTERP
+
+
+def test_broker_images_hold_static_binaries_per_arch(tmp_path):
+    """With both static brokers built, build.sh makes one image per architecture and a
+    manifest list: each image's architecture matches its binary's ELF machine, and each
+    binary is static (no interpreter: runs on scratch)."""
+    missing = [str(p) for p in STATIC.values() if not p.exists()]
+    if missing:
+        pytest.skip(f"static brokers not built (make broker-static): {missing}")
+    wasm = tmp_path / "filter.wasm"
+    wasm.write_bytes(WASM)
+    env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+           "BUILDAH_ROOT": str(tmp_path / "root"), "BUILDAH_RUNROOT": str(tmp_path / "run"),
+           "HOME": str(tmp_path)}
+    bh = ["buildah", "--storage-driver", "vfs", "--root", env["BUILDAH_ROOT"], "--runroot", env["BUILDAH_RUNROOT"]]
+    try:
+        out = subprocess.run([str(BUILD), "--only", "broker", "--broker-bin", str(STATIC["amd64"]),
+                              "--broker-bin-arm64", str(STATIC["arm64"]), "--tag-prefix", PREFIX],
+                             capture_output=True, text=True, env=env, timeout=300)
+        print(out.stdout)
+        assert out.returncode == 0, out.stderr
+        names = dict(line.split() for line in out.stdout.splitlines())
+        assert set(names) == {"meshiam-broker-amd64", "meshiam-broker-arm64", "meshiam-broker"}
+        version, _ = _version_and_commit()
+        listed = json.loads(subprocess.run(bh + ["manifest", "inspect", f"{PREFIX}/meshiam-broker:{version}"],
+                                           capture_output=True, text=True, check=True).stdout)
+        assert sorted(m["platform"]["architecture"] for m in listed["manifests"]) == ["amd64", "arm64"]
+        for arch in ("amd64", "arm64"):
+            ref = f"{PREFIX}/meshiam-broker:{version}-{arch}"
+            info = _inspect(bh, ref)
+            assert info["OCIv1"]["architecture"] == arch and info["OCIv1"]["os"] == "linux"
+            (layer,) = _layer_members(bh, tmp_path, ref, f"broker-{arch}")
+            binary = layer["meshiam-broker"]
+            assert binary == STATIC[arch].read_bytes()
+            machine, interp = elf_info(binary)
+            print(f"{arch}: ELF machine {machine:#x}, interpreter: {interp}, {len(binary)} bytes")
+            assert machine == ELF_MACHINE[arch] and not interp
+    finally:
+        subprocess.run(bh + ["rmi", "--all", "--force"], capture_output=True)
