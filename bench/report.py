@@ -48,6 +48,20 @@ def targets(results):
     if sc:
         add(7, "node STS calls in any 1 s ≤ burst + rate", max(s["node_peak_1s"]["restart"] for s in sc),
             "≤ 15", all(s["limiter_holds"] for s in sc), "calls")
+    x = b.get("8_slowloris")
+    if x:
+        r, n = x["rss_kib"], x["connections"]
+        add(8, f"broker RSS, peak during {n:,} slowloris connections", r["peak_during"] * 1024 / MB, "≤ 64 MB",
+            r["peak_during"] * 1024 <= 64 * MB, "MB")
+        grew = (r["after"] - r["start"]) * 1024 / MB
+        add(8, f"broker RSS {r['after_s']} s after the attack, minus before", grew, "≤ 10 MB", grew <= 10, "MB")
+        v = x["p99_ratio"]
+        add(8, "another pod's call-out p99, attacked / unattacked", v, "≤ 3×", v is not None and v <= 3, "×")
+    x = b.get("9_unknown_address_flood")
+    if x:
+        v = x["p99_ratio"]
+        add(9, "a known pod's call-out p99, attacked / unattacked", v, "≤ 3×", v is not None and v <= 3, "×")
+        add(9, "5xx to the known pod during the attack", x["victim_5xx"], "= 0", x["victim_5xx"] == 0, "")
     return t
 
 
@@ -138,7 +152,39 @@ def rows(results):
                         f"{s['meshiam_restart_limited']['peak_calls_in_a_second']:,}",
                         f"{s['meshiam_restart_unlimited']['peak_calls_in_a_second']:,} (no limiter)",
                         f"node max {s['node_peak_1s']['restart']} / budget {s['node_peak_1s']['budget']:.0f} per 1 s"))
+    x = b.get("8_slowloris")
+    if x:
+        r, n = x["rss_kib"], x["connections"]
+        out.append((f"8 slowloris, {n:,} connections", "broker RSS: peak during / after the attack",
+                    f"{r['peak_during'] * 1024 / MB:.1f} / {r['after'] * 1024 / MB:.1f} MB ({r['after_s']} s after)",
+                    f"{r['start'] * 1024 / MB:.1f} MB (before)",
+                    f"{r['peak_during'] / r['start']:.2f}× peak, {(r['after'] - r['start']) * 1024 / MB:+.1f} MB after"))
+        out.append(_probe_row(x))
+        a = x["attacker"]
+        out.append(("", "attacker's connections: held at once (longest) / refused or closed by the broker",
+                    f"{a['peak_held']:,} ({a['longest_held_s']} s) / {a['refused']:,}", f"{a['opened']:,} opened",
+                    _outcomes(a["outcomes"])))
+    x = b.get("9_unknown_address_flood")
+    if x:
+        out.append(_probe_row(x, f"9 unknown address, {x['concurrency']:,} in flight"))
+        u = x["probe"]["unattacked"]
+        out.append(("", "known pod's 5xx (not 200) during the attack",
+                    f"{x['victim_5xx']:,} ({x['victim_not_200']:,}) of {x['probe']['attacked']['requests']:,}",
+                    f"{u['5xx']:,} ({u['failed']:,}) of {u['requests']:,}", ""))
+        a = x["attacker"]
+        out.append(("", "attacker's answers", f"{a['answered']:,} ({a['answers_per_s']:,}/s)", "",
+                    _outcomes(a["answers"])))
     return out
+
+
+def _probe_row(x, first=""):
+    a, u = x["probe"]["attacked"]["latency_us"], x["probe"]["unattacked"]["latency_us"]
+    return (first, "another pod's call-out p50 / p99 ms, attacked", f"{a['50'] / 1000:.2f} / {a['99'] / 1000:.2f}",
+            f"{u['50'] / 1000:.2f} / {u['99'] / 1000:.2f} (unattacked)", f"{x['p99_ratio']:.2f}× p99")
+
+
+def _outcomes(d):
+    return ", ".join(f"{k}: {v:,}" for k, v in sorted(d.items(), key=lambda kv: -kv[1])) or "none"
 
 
 def table(results):
@@ -359,4 +405,25 @@ def misses(results):
             "the filter, SHA-256 and the IMDS contract, which take about 125 KB today (docs/filter.md, Size).")
     if 7 in nums:
         out.append("- **7, STS limiter** — a node exceeded burst + rate in a 1-second window in the model.")
+    if 8 in nums:
+        x = b["8_slowloris"]
+        r, a = x["rss_kib"], x["attacker"]
+        held = (f"the broker held every connection it was offered (at most {a['peak_held']:,} at once, the longest "
+                f"{a['longest_held_s']} s, {a['refused']:,} refused or closed)" if a["refused"] == 0 else
+                f"the broker held at most {a['peak_held']:,} of them at once (the longest {a['longest_held_s']} s) "
+                f"and refused or closed {a['refused']:,} ({_outcomes(a['outcomes'])})")
+        out.append(
+            f"- **8, slowloris** — {x['connections']:,} connections: broker RSS {r['start'] * 1024 / MB:.1f} MB "
+            f"before, {r['peak_during'] * 1024 / MB:.1f} MB at the peak (target ≤ 64 MB), "
+            f"{r['after'] * 1024 / MB:.1f} MB {r['after_s']} s after (target within 10 MB of before); the other "
+            f"pod's call-out p99 {x['p99_ratio']:.2f}× unattacked (target ≤ 3×). During the attack {held}.")
+    if 9 in nums:
+        x = b["9_unknown_address_flood"]
+        a = x["attacker"]
+        out.append(
+            f"- **9, unknown address** — {x['concurrency']:,} requests in flight from an address no pod has: the "
+            f"known pod's call-out p99 was {x['p99_ratio']:.2f}× unattacked (target ≤ 3×) and it got "
+            f"{x['victim_5xx']:,} 5xx (target 0; a call-out not answered within the filter's "
+            f"{x['probe_timeout_ms']:,} ms counts as the sidecar's 504). The attacker's answers: "
+            f"{_outcomes(a['answers'])}.")
     return "\n".join(out)
