@@ -11,6 +11,7 @@ use crate::ServeConfig;
 use crate::cache::CacheConfig;
 use crate::imds::DirectMode;
 use crate::policy::{BaseArn, PolicyConfig, Restriction, RolePolicy};
+use crate::server::ConnLimits;
 
 /// Where pods come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -256,9 +257,35 @@ pub struct Config {
     #[arg(long, env = "MESHIAM_MAX_BODY_BYTES", default_value_t = 4096)]
     pub max_body_bytes: usize,
 
-    /// Requests served at once; more wait.
+    /// Requests served at once, counted once the caller is identified (a request waiting
+    /// for an unknown address does not hold one); more wait.
     #[arg(long, env = "MESHIAM_MAX_CONCURRENCY", default_value_t = 1024)]
     pub max_concurrency: usize,
+
+    /// Longest time a connection may take to send a whole request head, counted from when
+    /// the broker starts waiting for it: on a new connection and between keep-alive
+    /// requests, so it is also the idle keep-alive limit. Closes slowloris connections.
+    #[arg(long, env = "MESHIAM_HEADER_READ_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub header_read_timeout: Duration,
+
+    /// Open connections to the IMDS listener, in all; past it a connection is answered
+    /// 503 connection-limit and closed.
+    #[arg(long, env = "MESHIAM_MAX_CONNECTIONS", default_value_t = 2048)]
+    pub max_connections: usize,
+
+    /// Open connections to the IMDS listener from one address (one pod); past it a
+    /// connection is answered 503 connection-limit and closed.
+    #[arg(long, env = "MESHIAM_MAX_CONNECTIONS_PER_PEER", default_value_t = 64)]
+    pub max_connections_per_peer: usize,
+
+    /// Requests waiting (up to --ip-wait) for an address the pod store does not know yet,
+    /// in all; past it such a request is answered 503 pod-wait-limit at once.
+    #[arg(long, env = "MESHIAM_MAX_POD_WAITERS", default_value_t = 128)]
+    pub max_pod_waiters: usize,
+
+    /// Requests waiting for one unknown address; past it 503 pod-wait-limit at once.
+    #[arg(long, env = "MESHIAM_MAX_POD_WAITERS_PER_PEER", default_value_t = 8)]
+    pub max_pod_waiters_per_peer: usize,
 
     /// Log format: `text` or `json`.
     #[arg(long, env = "MESHIAM_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
@@ -340,6 +367,36 @@ impl Config {
         if self.max_concurrency == 0 {
             return Err("--max-concurrency must be at least 1".into());
         }
+        if self.header_read_timeout < Duration::from_secs(1) {
+            return Err("--header-read-timeout must be at least 1s (the sidecar keeps idle broker connections up to 3s; see docs/broker.md)".into());
+        }
+        for (name, per_peer, per_peer_flag, total, total_flag) in [
+            (
+                "connections",
+                self.max_connections_per_peer,
+                "--max-connections-per-peer",
+                self.max_connections,
+                "--max-connections",
+            ),
+            (
+                "pod waiters",
+                self.max_pod_waiters_per_peer,
+                "--max-pod-waiters-per-peer",
+                self.max_pod_waiters,
+                "--max-pod-waiters",
+            ),
+        ] {
+            if per_peer == 0 || total == 0 {
+                return Err(format!(
+                    "{per_peer_flag} and {total_flag} must be at least 1 ({name})"
+                ));
+            }
+            if per_peer > total {
+                return Err(format!(
+                    "{per_peer_flag} ({per_peer}) must not exceed {total_flag} ({total})"
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -388,6 +445,16 @@ impl Config {
             max_body_bytes: self.max_body_bytes,
             max_concurrency: self.max_concurrency,
             max_staleness: self.max_staleness,
+            max_pod_waiters: self.max_pod_waiters,
+            max_pod_waiters_per_peer: self.max_pod_waiters_per_peer,
+        }
+    }
+
+    pub fn conn_limits(&self) -> ConnLimits {
+        ConnLimits {
+            header_read_timeout: self.header_read_timeout,
+            max_connections: self.max_connections,
+            max_connections_per_peer: self.max_connections_per_peer,
         }
     }
 }

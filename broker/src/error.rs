@@ -11,6 +11,7 @@ use meshiam_imds::headers;
 use meshiam_imds::rules::Refusal;
 use thiserror::Error;
 
+use crate::limits::LimitHit;
 use crate::pods::Stale;
 use crate::policy::PolicyError;
 use crate::sts::{StsError, StsErrorKind};
@@ -21,6 +22,11 @@ pub enum BrokerError {
     PodStoreStale(Stale),
     #[error("no pod holds address {0} (after waiting for the pod store)")]
     UnknownPod(IpAddr),
+    #[error(
+        "too many requests are waiting for unknown address {ip} to appear in the pod store ({} limit)",
+        limit.as_str()
+    )]
+    PodWaitLimit { ip: IpAddr, limit: LimitHit },
     #[error("address {0} belongs to host-network pods (the node itself)")]
     HostNetwork(IpAddr),
     #[error("address {ip} is claimed by several live pods: {pods}")]
@@ -52,7 +58,7 @@ impl BrokerError {
     pub fn status(&self) -> StatusCode {
         use BrokerError::*;
         match self {
-            PodStoreStale(_) => StatusCode::SERVICE_UNAVAILABLE,
+            PodStoreStale(_) | PodWaitLimit { .. } => StatusCode::SERVICE_UNAVAILABLE,
             UnknownPod(_) | HostNetwork(_) | AmbiguousIp { .. } | IdentityMismatch { .. } => {
                 StatusCode::FORBIDDEN
             }
@@ -80,6 +86,7 @@ impl BrokerError {
         use BrokerError::*;
         match self {
             PodStoreStale(_) => "pod-store-stale",
+            PodWaitLimit { .. } => "pod-wait-limit",
             UnknownPod(_) => "unknown-pod",
             HostNetwork(_) => "host-network",
             AmbiguousIp { .. } => "ambiguous-ip",

@@ -9,17 +9,73 @@ use axum::http::HeaderMap;
 use meshiam_imds::headers;
 
 use crate::error::BrokerError;
+use crate::limits::{PeerLimiter, Permit};
+use crate::metrics::Metrics;
 use crate::pods::{IpLookup, Pod, PodStore, canonical};
 
+/// The slots for requests that wait for an unknown address (`--max-pod-waiters`,
+/// `--max-pod-waiters-per-peer`). Waiting costs a task and a timer, nothing shared: a known
+/// pod's request never queues behind these. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Waiters {
+    slots: PeerLimiter,
+    metrics: Metrics,
+}
+
+/// One waiting request; dropping it frees the slot.
+struct WaitSlot {
+    permit: Option<Permit>,
+    waiters: Waiters,
+}
+
+impl Drop for WaitSlot {
+    fn drop(&mut self) {
+        drop(self.permit.take());
+        self.waiters
+            .metrics
+            .set_pod_waiters(self.waiters.slots.in_use());
+    }
+}
+
+impl Waiters {
+    pub fn new(per_peer: usize, total: usize, metrics: Metrics) -> Self {
+        Self {
+            slots: PeerLimiter::new(per_peer, total),
+            metrics,
+        }
+    }
+
+    fn enter(&self, ip: IpAddr) -> Result<WaitSlot, BrokerError> {
+        let permit = self
+            .slots
+            .try_acquire(ip)
+            .map_err(|limit| BrokerError::PodWaitLimit { ip, limit })?;
+        self.metrics.set_pod_waiters(self.slots.in_use());
+        Ok(WaitSlot {
+            permit: Some(permit),
+            waiters: self.clone(),
+        })
+    }
+}
+
 /// The pod at `ip`, waiting up to `wait` for a pod the store has not seen yet (a pod that
-/// asks the moment it starts: kube2iam#136, kiam#293).
+/// asks the moment it starts: kube2iam#136, kiam#293). A known address answers at once; an
+/// unknown one waits only if a waiting slot is free, and is refused at once otherwise.
 pub async fn identify(
     store: &PodStore,
+    waiters: &Waiters,
     ip: IpAddr,
     wait: Duration,
 ) -> Result<Arc<Pod>, BrokerError> {
     let ip = canonical(ip);
-    match store.wait_for_ip(ip, wait).await {
+    let found = match store.lookup_ip(ip) {
+        IpLookup::Unknown if !wait.is_zero() => {
+            let _slot = waiters.enter(ip)?;
+            store.wait_for_ip(ip, wait).await
+        }
+        found => found,
+    };
+    match found {
         IpLookup::Pod(pod) => Ok(pod),
         IpLookup::Unknown => Err(BrokerError::UnknownPod(ip)),
         IpLookup::HostNetwork => Err(BrokerError::HostNetwork(ip)),

@@ -101,15 +101,32 @@ pub fn token_binding(pod: &Pod) -> Vec<u8> {
     b
 }
 
-/// The IMDS service, with request timeout, body and concurrency limits.
+/// What a request is served with: the broker, the slots of requests waiting for an unknown
+/// address, and the slots of identified requests doing work (`--max-concurrency`).
+#[derive(Clone)]
+struct Ctx {
+    broker: Arc<Broker>,
+    waiters: identity::Waiters,
+    work: Arc<tokio::sync::Semaphore>,
+}
+
+/// The IMDS service, with request timeout, body and concurrency limits. Concurrency is
+/// counted once the caller is known: a request waiting for an unknown address holds no
+/// shared slot (its own cap is `--max-pod-waiters`), so known pods never queue behind it.
 pub fn router(broker: Arc<Broker>) -> Router {
     let limits = broker.serve.clone();
+    let ctx = Ctx {
+        waiters: identity::Waiters::new(
+            limits.max_pod_waiters_per_peer,
+            limits.max_pod_waiters,
+            broker.metrics.clone(),
+        ),
+        work: Arc::new(tokio::sync::Semaphore::new(limits.max_concurrency)),
+        broker,
+    };
     Router::new()
         .fallback(handle)
-        .with_state(broker)
-        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
-            limits.max_concurrency,
-        ))
+        .with_state(ctx)
         .layer(tower_http::limit::RequestBodyLimitLayer::new(
             limits.max_body_bytes,
         ))
@@ -129,7 +146,7 @@ struct Trail {
 }
 
 async fn handle(
-    State(broker): State<Arc<Broker>>,
+    State(ctx): State<Ctx>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     req: Request,
 ) -> Response {
@@ -145,8 +162,9 @@ async fn handle(
     // Informational only (audit): any caller can send the marker.
     let claimed_filter = filter_claim(&parts.headers);
     let mut trail = Trail::default();
+    let broker = &ctx.broker;
     let result = serve(
-        &broker,
+        &ctx,
         &mut trail,
         &parts.method,
         &class,
@@ -284,13 +302,14 @@ fn seen<'a>(req_headers: &'a HeaderMap, name: &str) -> Seen<'a> {
 }
 
 async fn serve(
-    broker: &Broker,
+    ctx: &Ctx,
     trail: &mut Trail,
     method: &Method,
     class: &PathClass<'_>,
     req_headers: &HeaderMap,
     caller: std::net::IpAddr,
 ) -> Result<Response, BrokerError> {
+    let broker = &*ctx.broker;
     let header = |name: &str| req_headers.get(name).and_then(|v| v.to_str().ok());
     let imds_headers = ImdsHeaders {
         ttl: seen(req_headers, headers::TOKEN_TTL),
@@ -305,7 +324,8 @@ async fn serve(
 
     if let Admission::IssueToken { ttl } = admission {
         // A token is for one pod: the one at the caller's address now, by its UID.
-        let pod = identity::identify(&broker.store, caller, broker.serve.ip_wait).await?;
+        let pod =
+            identity::identify(&broker.store, &ctx.waiters, caller, broker.serve.ip_wait).await?;
         fresh(broker)?;
         trail.pod = Some(pod.clone());
         identity::cross_check(&pod, req_headers)?;
@@ -333,7 +353,7 @@ async fn serve(
         _ => {}
     }
 
-    let pod = identity::identify(&broker.store, caller, broker.serve.ip_wait).await?;
+    let pod = identity::identify(&broker.store, &ctx.waiters, caller, broker.serve.ip_wait).await?;
     // The wait for an unknown address may have outlasted the bound.
     fresh(broker)?;
     trail.pod = Some(pod.clone());
@@ -353,6 +373,14 @@ async fn serve(
             },
         }
     })?;
+
+    // From here on the request does work (node IMDS, STS): take a shared slot. The
+    // semaphore is never closed, so acquiring fails only if it were.
+    let _work = ctx
+        .work
+        .acquire()
+        .await
+        .map_err(|_| BrokerError::NodeImds("shutting down".into()))?;
 
     if let PathClass::Other(rel) = class {
         let (status, body) = broker

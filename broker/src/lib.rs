@@ -16,10 +16,12 @@ pub mod file_source;
 pub mod identity;
 pub mod imds;
 pub mod kube_source;
+pub mod limits;
 pub mod metrics;
 pub mod node_imds;
 pub mod pods;
 pub mod policy;
+pub mod server;
 pub mod session;
 pub mod sts;
 #[doc(hidden)]
@@ -52,6 +54,9 @@ pub struct ServeConfig {
     /// Longest time the pod store may be out of date (its watch down) before requests,
     /// whose identity rests on the caller's address, are refused.
     pub max_staleness: Duration,
+    /// Requests waiting for unknown addresses, in all and per address.
+    pub max_pod_waiters: usize,
+    pub max_pod_waiters_per_peer: usize,
 }
 
 impl Default for ServeConfig {
@@ -67,6 +72,8 @@ impl Default for ServeConfig {
             max_body_bytes: 4096,
             max_concurrency: 1024,
             max_staleness: Duration::from_secs(5),
+            max_pod_waiters: 128,
+            max_pod_waiters_per_peer: 8,
         }
     }
 }

@@ -152,6 +152,9 @@ async fn main() {
         direct_mode = cfg.direct_mode.as_str(),
         debug_endpoints = cfg.debug_endpoints,
         max_staleness = ?cfg.max_staleness,
+        header_read_timeout = ?cfg.header_read_timeout,
+        max_connections = cfg.max_connections,
+        max_connections_per_peer = cfg.max_connections_per_peer,
         "serving"
     );
 
@@ -159,11 +162,13 @@ async fn main() {
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let imds = axum::serve(
+    let imds = meshiam_broker::server::serve(
         imds_listener,
-        meshiam_broker::router(broker.clone()).into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(stopped(stop_rx.clone()));
+        meshiam_broker::router(broker.clone()),
+        cfg.conn_limits(),
+        broker.metrics.clone(),
+        stopped(stop_rx.clone()),
+    );
     let admin = axum::serve(
         admin_listener,
         admin::router_with(
@@ -179,8 +184,8 @@ async fn main() {
         shutdown_signal().await;
         let _ = stop_tx.send(true);
     });
-    let (a, b) = tokio::join!(imds, admin);
-    if let Err(e) = a.and(b) {
+    let ((), admin) = tokio::join!(imds, admin);
+    if let Err(e) = admin {
         tracing::error!(error = %e, "server error");
         std::process::exit(1);
     }

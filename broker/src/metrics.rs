@@ -30,6 +30,12 @@ pub struct PurposeLabels {
     pub purpose: String,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabels {
+    /// `per-peer` or `total`.
+    pub limit: String,
+}
+
 struct Inner {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
@@ -43,6 +49,9 @@ struct Inner {
     pods_tracked: Gauge,
     pod_store_stale: Gauge<f64, AtomicU64>,
     identity_mismatches: Counter,
+    connections: Gauge,
+    connections_refused: Family<LimitLabels, Counter>,
+    pod_waiters: Gauge,
 }
 
 /// Every metric the broker keeps. Cheap to clone.
@@ -132,6 +141,24 @@ impl Metrics {
             "Call-outs whose claimed pod identity differed from the caller's address",
             identity_mismatches.clone(),
         );
+        let connections = Gauge::default();
+        registry.register(
+            "connections",
+            "Open connections on the IMDS listener",
+            connections.clone(),
+        );
+        let connections_refused = Family::<LimitLabels, Counter>::default();
+        registry.register(
+            "connections_refused",
+            "Connections to the IMDS listener refused at once, by the cap they hit (per-peer: --max-connections-per-peer, total: --max-connections)",
+            connections_refused.clone(),
+        );
+        let pod_waiters = Gauge::default();
+        registry.register(
+            "pod_waiters",
+            "Requests waiting (up to --ip-wait) for their caller's address to appear in the pod store",
+            pod_waiters.clone(),
+        );
         Self {
             inner: Arc::new(Inner {
                 registry,
@@ -146,6 +173,9 @@ impl Metrics {
                 pods_tracked,
                 pod_store_stale,
                 identity_mismatches,
+                connections,
+                connections_refused,
+                pod_waiters,
             }),
         }
     }
@@ -214,6 +244,23 @@ impl Metrics {
 
     pub fn identity_mismatches(&self) -> u64 {
         self.inner.identity_mismatches.get()
+    }
+
+    pub fn set_connections(&self, n: usize) {
+        self.inner.connections.set(n as i64);
+    }
+
+    pub fn connection_refused(&self, limit: &str) {
+        self.inner
+            .connections_refused
+            .get_or_create(&LimitLabels {
+                limit: limit.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn set_pod_waiters(&self, n: usize) {
+        self.inner.pod_waiters.set(n as i64);
     }
 
     /// The text exposition format.

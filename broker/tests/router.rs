@@ -56,6 +56,10 @@ struct Opts {
     node_imds: String,
     session_tags: bool,
     max_staleness: Duration,
+    ip_wait: Duration,
+    max_concurrency: usize,
+    max_pod_waiters: usize,
+    max_pod_waiters_per_peer: usize,
 }
 
 impl Default for Opts {
@@ -67,6 +71,10 @@ impl Default for Opts {
             node_imds: "http://127.0.0.1:9".into(),
             session_tags: false,
             max_staleness: ServeConfig::default().max_staleness,
+            ip_wait: Duration::from_millis(100),
+            max_concurrency: ServeConfig::default().max_concurrency,
+            max_pod_waiters: ServeConfig::default().max_pod_waiters,
+            max_pod_waiters_per_peer: ServeConfig::default().max_pod_waiters_per_peer,
         }
     }
 }
@@ -153,9 +161,12 @@ fn harness(o: Opts) -> Harness {
         metrics,
         clock: clock.clone(),
         serve: ServeConfig {
-            ip_wait: Duration::from_millis(100),
+            ip_wait: o.ip_wait,
             direct_mode: o.direct_mode,
             max_staleness: o.max_staleness,
+            max_concurrency: o.max_concurrency,
+            max_pod_waiters: o.max_pod_waiters,
+            max_pod_waiters_per_peer: o.max_pod_waiters_per_peer,
             ..ServeConfig::default()
         },
     });
@@ -1534,5 +1545,107 @@ async fn a_repeated_ttl_or_token_header_is_400() {
     assert_eq!(
         (one.status, one.body.as_str()),
         (StatusCode::OK, "myapp-iam-role")
+    );
+}
+
+/// A request from an unknown address waits for the pod store in a slot of its own: known
+/// pods are served at once even with every shared slot's worth of waiters, and waiters past
+/// their caps are refused at once with the reason (issue 10: 3,000 unknown requests made a
+/// known pod's call-outs time out).
+#[tokio::test]
+async fn unknown_callers_wait_in_capped_slots_of_their_own() {
+    let h = harness(Opts {
+        ip_wait: Duration::from_secs(3),
+        max_concurrency: 1,
+        max_pod_waiters: 3,
+        max_pod_waiters_per_peer: 2,
+        ..Opts::default()
+    });
+    // One router, as the broker serves: the slots are the router's.
+    let app = meshiam_broker::router(h.broker.clone());
+    let put = |peer: &'static str| {
+        let app = app.clone();
+        async move {
+            call_on(
+                app,
+                peer,
+                Method::PUT,
+                "/latest/api/token",
+                &[(headers::TOKEN_TTL, "60")],
+            )
+            .await
+        }
+    };
+    let waiting: Vec<_> = ["198.18.9.9", "198.18.9.9", "198.18.9.8"]
+        .into_iter()
+        .map(|peer| tokio::spawn(put(peer)))
+        .collect();
+    until("three waiters", || {
+        h.broker
+            .metrics
+            .encode()
+            .contains("meshiam_broker_pod_waiters 3")
+    })
+    .await;
+
+    // Past the per-address cap, and past the total: refused at once, saying why.
+    for peer in ["198.18.9.9", "198.18.9.7"] {
+        let start = std::time::Instant::now();
+        let refused = put(peer).await;
+        println!(
+            "{peer} past the cap: {} {}",
+            refused.status,
+            refused.reason()
+        );
+        assert_eq!(
+            (refused.status, refused.reason()),
+            (StatusCode::SERVICE_UNAVAILABLE, "pod-wait-limit")
+        );
+        assert!(start.elapsed() < Duration::from_secs(1), "answered at once");
+    }
+
+    // A known pod is served now, though --max-concurrency is 1 and three requests wait.
+    let start = std::time::Instant::now();
+    let token = call_on(
+        app.clone(),
+        "198.18.1.10",
+        Method::PUT,
+        "/latest/api/token",
+        &[(headers::TOKEN_TTL, "60")],
+    )
+    .await;
+    assert_eq!(token.status, StatusCode::OK);
+    let creds = call_on(
+        app.clone(),
+        "198.18.1.10",
+        Method::GET,
+        &format!("{CREDS}myapp-iam-role"),
+        &[(headers::TOKEN, token.body.as_str())],
+    )
+    .await;
+    assert_eq!(creds.status, StatusCode::OK, "{}", creds.reason());
+    let took = start.elapsed();
+    println!("known pod served in {took:?} while three requests wait");
+    assert!(took < Duration::from_secs(1));
+
+    // The waiters end as before (nobody appeared), and free their slots.
+    for w in waiting {
+        let a = w.await.unwrap();
+        assert_eq!(
+            (a.status, a.reason()),
+            (StatusCode::FORBIDDEN, "unknown-pod")
+        );
+    }
+    assert!(
+        h.broker
+            .metrics
+            .encode()
+            .contains("meshiam_broker_pod_waiters 0")
+    );
+    assert!(
+        h.broker
+            .metrics
+            .encode()
+            .contains("outcome=\"pod-wait-limit\"")
     );
 }

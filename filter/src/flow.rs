@@ -725,6 +725,42 @@ fn answer<H: Host>(
     h.reply(status, &hs, if head { None } else { Some(body) });
 }
 
+/// A stream on a VM that has no valid configuration (its `on_configure` failed, or Envoy
+/// created the stream before one came). Such a filter cannot identify the pod or reach the
+/// broker, and letting a metadata request through would send it wherever the capture
+/// leads, so a request for a default metadata host or address is refused `503
+/// filter-not-configured`; other traffic passes, as it would through a configured filter.
+pub fn unconfigured<H: Host>(h: &H) -> Action {
+    if !identity::is_metadata_request(h, &Config::default()) {
+        return Action::Continue;
+    }
+    let path = h.request_header(":path").unwrap_or_default();
+    let label = classify(&path).label();
+    let head = h.request_header(":method").as_deref() == Some("HEAD");
+    h.log(
+        Level::Error,
+        "meshiam: metadata request refused: this filter has no valid configuration (see the \
+         configuration error logged when it started)",
+    );
+    h.count(&metrics::request(label, 503));
+    h.reply(
+        503,
+        &[
+            ("content-type", TEXT_PLAIN),
+            (headers::REASON, NOT_CONFIGURED_REASON),
+        ],
+        if head {
+            None
+        } else {
+            Some(b"Service Unavailable".as_slice())
+        },
+    );
+    Action::Pause
+}
+
+/// The reason code of [`unconfigured`]'s refusal.
+pub const NOT_CONFIGURED_REASON: &str = "filter-not-configured";
+
 /// A broker-supplied reason code, shortened and stripped to safe characters for a log line.
 fn printable(s: &str) -> String {
     s.chars()

@@ -188,7 +188,8 @@ impl RootContext for Root {
 /// One per HTTP stream.
 #[derive(Debug)]
 pub struct Http {
-    /// `None` only if Envoy created a stream for a VM whose configuration failed.
+    /// `None` only if Envoy created a stream for a VM whose configuration failed; such a
+    /// stream's metadata requests are refused ([`flow::unconfigured`]).
     flow: Option<RequestFlow>,
 }
 
@@ -240,7 +241,11 @@ impl HttpContext for Http {
                 flow::Action::Continue => Action::Continue,
                 flow::Action::Pause => Action::Pause,
             },
-            None => Action::Continue,
+            // Fail closed for metadata, never a pass-through.
+            None => match flow::unconfigured(&ProxyHost) {
+                flow::Action::Continue => Action::Continue,
+                flow::Action::Pause => Action::Pause,
+            },
         }
     }
 }

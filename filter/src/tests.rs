@@ -1278,3 +1278,43 @@ mod decisions {
         assert_eq!(h.header_map_reads(), 2);
     }
 }
+
+/// A VM without a valid configuration refuses metadata requests instead of letting them
+/// through (issue 12: `Http { flow: None }` answered `Continue`).
+#[cfg(test)]
+mod unconfigured {
+    use crate::flow::{self, Action, NOT_CONFIGURED_REASON};
+    use crate::mock::MockHost;
+
+    #[test]
+    fn metadata_is_refused_and_other_traffic_passes() {
+        let h = MockHost::new();
+        for host in ["169.254.169.254", "[fd00:ec2::254]", "169.254.169.254:80"] {
+            h.set_request(&[
+                (":method", "GET"),
+                (":path", "/latest/meta-data/iam/security-credentials/"),
+                (":authority", host),
+            ]);
+            assert_eq!(flow::unconfigured(&h), Action::Pause, "{host}");
+            let r = h.last_reply().expect("a refusal");
+            assert_eq!(r.status, 503);
+            assert_eq!(r.header("x-meshiam-reason"), Some(NOT_CONFIGURED_REASON));
+        }
+        assert!(
+            h.dispatched.borrow().is_empty(),
+            "no call-out without config"
+        );
+        let replies = h.replies.borrow().len();
+        h.set_request(&[
+            (":method", "GET"),
+            (":path", "/"),
+            (":authority", "example.com"),
+        ]);
+        assert_eq!(flow::unconfigured(&h), Action::Continue);
+        assert_eq!(
+            h.replies.borrow().len(),
+            replies,
+            "ordinary traffic untouched"
+        );
+    }
+}
