@@ -18,7 +18,8 @@ opened again at its next tick, as slowloris tools do. `flood` keeps N requests f
 credential path in flight at once (each answered one followed at once by the next).
 
 Progress goes to stdout as `TICK {json}` lines (once a second) and `READY` once every
-connection was tried once; the figures as one `RESULT {json}` line at the end (SIGTERM
+connection was tried once (the probe: once it has its broker token and warmed the broker's
+cache; with `--wait-go` it then starts on a line on stdin); the figures as one `RESULT {json}` line at the end (SIGTERM
 ends a run early). Answers are read only for their status line and `x-meshiam-reason`: no
 credential is printed.
 """
@@ -164,6 +165,9 @@ async def probe(args):
     # One warming call: the credentials are in the broker's cache before the clock starts.
     await call_once(args, "GET", path, headers)
     emit("READY")
+    if args.wait_go:
+        # The broker session is set up before the attack starts, as a running sidecar has it.
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
     stop = stop_event()
     samples, statuses, tasks = [], {}, set()
     interval = 1.0 / args.rate
@@ -386,6 +390,7 @@ def main():
     ap.add_argument("--connect-timeout", type=float, default=0.25,
                     help="probe: connect (the sidecar's broker cluster connect_timeout)")
     ap.add_argument("--rate", type=float, default=50.0, help="probe: call-outs per second")
+    ap.add_argument("--wait-go", action="store_true", help="probe: after READY, start when a line comes on stdin")
     ap.add_argument("--role", default="")
     ap.add_argument("--namespace", default="")
     ap.add_argument("--pod", default="")

@@ -308,6 +308,8 @@ def write_markdown(results, path, chart_rel):
             .replace("{{TARGETS}}", markdown_targets(results))
             .replace("{{CHART}}", chart_rel)
             .replace("{{MISSES}}", misses(results))
+            .replace("{{SOAK}}", soak_section(os.path.join(here, "soak.json")))
+            .replace("{{HOSTILE_BEFORE}}", hostile_before_after(results, os.path.join(here, "hostile_before.json")))
             .replace("{{PARTIAL}}\n", partial_runs(results) + "\n" if partial_runs(results) else ""))
     with open(path, "w") as f:
         f.write(text)
@@ -426,4 +428,98 @@ def misses(results):
             f"{x['victim_5xx']:,} 5xx (target 0; a call-out not answered within the filter's "
             f"{x['probe_timeout_ms']:,} ms counts as the sidecar's 504). The attacker's answers: "
             f"{_outcomes(a['answers'])}.")
+    return "\n".join(out)
+
+
+def soak_section(path):
+    """The Soak section of BENCHMARKS.md from the run `bench/soak.py --record` wrote."""
+    import json
+    try:
+        with open(path) as f:
+            s = json.load(f)
+    except OSError:
+        return "Not recorded yet: `make soak` runs it; `.venv/bin/python bench/soak.py --record` records it here."
+    rss = s["rss"]
+    stable = {k: r for k, r in rss.items() if k.startswith("envoy") and r["flat"] is not None}
+    churned = [r for k, r in rss.items() if k.startswith("envoy") and r["flat"] is None]
+    b = rss["broker"]
+
+    def mb(kib):
+        return f"{kib * 1024 / MB:.1f}"
+
+    lines = [
+        f"- **Run**: {s['date']} (commit `{s['git']}`), `{s['command']}`, {s['seconds']:.0f} s on the "
+        f"{s['stack_mode']} stack, load average at the end {', '.join(f'{x:.2f}' for x in s['load'])}.",
+        f"- **Load**: {s['stable_pods']} pods for the whole run and {s['churn_slots']} churning slots, one pod "
+        f"replaced every {s['churn_every_s']:g} s ({s['churns']} replacements: deleted, then a new pod with a new "
+        f"name and a new role added at the same address); {s['pods_run']} pods in all, each looping at "
+        f"{s['rate_per_pod']:g}/s.",
+        f"- **Requests**: {s['iterations']:,} iterations, each a fresh credential resolution through "
+        f"botocore's provider chain (IMDSv2 token `PUT`, role list, credential `GET` through the pod's sidecar: "
+        f"{s['imds_requests']:,} IMDS requests) and an STS `GetCallerIdentity` checked to be the pod's own role "
+        f"and session. **Errors: {s['errors']}**"
+        + (" (" + "; ".join(f"{m} ×{n}" for m, n in s["error_samples"].items()) + ")" if s["errors"] else "") + ".",
+        "",
+        f"| process | RSS at {s['warmup_s']:.0f} s (MB) | max (MB) | end (MB) | end − start | flat (≤ {s['flat_bound_mb']} MB) |",
+        "|---|---|---|---|---|---|",
+        f"| broker | {mb(b['start_kib'])} | {mb(b['max_kib'])} | {mb(b['end_kib'])} | "
+        f"{(b['end_kib'] - b['start_kib']):+,} KiB | {'yes' if b['flat'] else '**no**'} |",
+    ]
+    for k, r in stable.items():
+        lines.append(f"| {k} | {mb(r['start_kib'])} | {mb(r['max_kib'])} | {mb(r['end_kib'])} | "
+                     f"{(r['end_kib'] - r['start_kib']):+,} KiB | {'yes' if r['flat'] else '**no**'} |")
+    if churned:
+        lines.append(f"| {len(churned)} churned sidecars (lived {min(r['lived_s'] for r in churned):.0f}–"
+                     f"{max(r['lived_s'] for r in churned):.0f} s; not judged) | "
+                     f"{mb(min(r['start_kib'] for r in churned))}–{mb(max(r['start_kib'] for r in churned))} | "
+                     f"{mb(max(r['max_kib'] for r in churned))} | | | |")
+    return "\n".join(lines)
+
+
+def _hostile_figures(b):
+    """Benchmarks 8 and 9 as (measure, value, goal) rows for the before/after table."""
+    out = []
+    x = b.get("8_slowloris")
+    if x:
+        r, a, n = x["rss_kib"], x["attacker"], x["connections"]
+        out += [
+            (f"8 broker RSS, peak during {n:,} slowloris connections", f"{r['peak_during'] * 1024 / MB:.1f} MB",
+             "≤ 64 MB"),
+            (f"8 broker RSS {r['after_s']} s after, minus before", f"{(r['after'] - r['start']) * 1024 / MB:+.1f} MB",
+             "≤ 10 MB"),
+            ("8 another pod's call-out p99, attacked / unattacked",
+             f"{x['p99_ratio']:.2f}× ({x['probe']['attacked']['latency_us']['99'] / 1000:,.1f} ms)", "≤ 3×"),
+            ("8 attacker's connections held at once (longest) / refused or closed",
+             f"{a['peak_held']:,} ({a['longest_held_s']} s) / {a['refused']:,}", ""),
+        ]
+    x = b.get("9_unknown_address_flood")
+    if x:
+        out += [
+            (f"9 known pod's call-out p99, attacked / unattacked ({x['concurrency']:,} in flight)",
+             f"{x['p99_ratio']:.2f}× ({x['probe']['attacked']['latency_us']['99'] / 1000:,.1f} ms)", "≤ 3×"),
+            ("9 known pod's 5xx during the attack",
+             f"{x['victim_5xx']:,} of {x['probe']['attacked']['requests']:,}", "0"),
+        ]
+    return out
+
+
+def hostile_before_after(results, before_path):
+    """Benchmarks 8 and 9 of this run next to the same benchmarks against the broker before
+    its connection and pod-wait limits (bench/hostile_before.json)."""
+    import json
+    try:
+        with open(before_path) as f:
+            before = json.load(f)
+    except OSError:
+        return ""
+    now = {m: v for m, v, _ in _hostile_figures(results["benchmarks"])}
+    rows = _hostile_figures(before["benchmarks"])
+    if not rows:
+        return ""
+    out = [f"Against the broker before its connection and pod-wait limits (commit `{before['git']}`, "
+           f"measured {before['date']} with the same harness, `bench/hostile_before.json`) and in this run:", "",
+           f"| measure | before the limits (`{before['git']}`) | with the limits (this run) | goal |",
+           "|---|---|---|---|"]
+    for m, v, goal in rows:
+        out.append(f"| {m} | {v} | {now.get(m, 'not run')} | {goal} |")
     return "\n".join(out)

@@ -190,7 +190,7 @@ class Soak:
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "git": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                                   text=True).stdout.strip(),
-            "command": f"make soak SOAK_SECONDS={a.seconds}",
+            "command": f"make soak SOAK_SECONDS={a.seconds:g}",
             "stack_mode": self.stack.state["mode"],
             "seconds": round(elapsed, 1), "rate_per_pod": a.rate, "stable_pods": a.stable,
             "churn_slots": a.churn_slots, "churn_every_s": a.churn_every, "churns": self.churns,

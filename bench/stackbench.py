@@ -75,16 +75,25 @@ class Run:
         return Child(name, where(argv), self.logdir)
 
     def probe(self, label, seconds):
+        """The victim's probe, ready (broker token, warm cache) but waiting: .go() starts it."""
         v = self.stack.pod(key(VICTIM))
         c = self.hostile(f"probe-{label}", lambda a: self.stack.in_pod(key(VICTIM), a), v["ip"], "probe",
                          "--role", VICTIM["role"], "--namespace", VICTIM["namespace"], "--pod", VICTIM["name"],
                          "--seconds", seconds, "--rate", self.hc["probe_rate"],
-                         "--timeout", filter_broker_timeout_ms() / 1000)
+                         "--timeout", filter_broker_timeout_ms() / 1000, "--wait-go")
         try:
             c.wait_ready(30)
-            return c.wait(seconds + 30)
-        finally:
+        except BaseException:
             c.stop()
+            raise
+        return c
+
+    def measure(self, probe, seconds):
+        try:
+            probe.go()
+            return probe.wait(seconds + 30)
+        finally:
+            probe.stop()
 
 
 def ratio(a, b):
@@ -111,8 +120,9 @@ def bench_slowloris(run, quick):
     pid = stack.broker_pid()
     sampler = Sampler({"broker": pid})
     try:
-        unattacked = run.probe("slowloris-unattacked", d)
+        unattacked = run.measure(run.probe("slowloris-unattacked", d), d)
         log(f"    unattacked: {fmt_probe(unattacked)}")
+        victim = run.probe("slowloris-attacked", d)
         time.sleep(1)
         start_kib = sampler.series["broker"][-1][1]
         t_attack = sampler.now()
@@ -122,12 +132,13 @@ def bench_slowloris(run, quick):
                                "--ramp-seconds", hc["ramp_s"])
         try:
             attacker.wait_ready(hc["ramp_s"] + 30)
-            attacked = run.probe("slowloris-attacked", d)
+            attacked = run.measure(victim, d)
             during = watched_metrics(stack)
             held_now = attacker.ticks[-1]["held"] if attacker.ticks else None
             result = attacker.wait(attack_s + 60)
         finally:
             attacker.stop()
+            victim.stop()
         t_end = sampler.now()
         time.sleep(hc["settle_s"])
         after_kib = sampler.series["broker"][-1][1]
@@ -166,18 +177,20 @@ def bench_unknown_flood(run, quick):
     try:
         log(f"9/9 unknown address: {n:,} requests in flight from {ip} (no pod has it); victim "
             f"{key(VICTIM)} call-outs {hc['probe_rate']}/s for {d} s unattacked, then under attack")
-        unattacked = run.probe("flood-unattacked", d)
+        unattacked = run.measure(run.probe("flood-unattacked", d), d)
         log(f"    unattacked: {fmt_probe(unattacked)}")
+        victim = run.probe("flood-attacked", d)
         attack_s = hc["ramp_s"] + d + 3
         attacker = run.hostile("flood", lambda a: stack.in_netns(netns, a), ip, "flood", "--concurrency", n,
                                "--seconds", attack_s, "--ramp-seconds", hc["ramp_s"])
         try:
             attacker.wait_ready(hc["ramp_s"] + 30)
-            attacked = run.probe("flood-attacked", d)
+            attacked = run.measure(victim, d)
             during = watched_metrics(stack)
             result = attacker.wait(attack_s + 60)
         finally:
             attacker.stop()
+            victim.stop()
     finally:
         stack.remove_unknown_address(netns)
     out = {

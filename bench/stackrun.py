@@ -156,7 +156,7 @@ class Child:
         os.makedirs(logdir, exist_ok=True)
         self.name = name
         self.err = open(os.path.join(logdir, f"{name}.log"), "wb")
-        self.p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=self.err, text=True,
+        self.p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=self.err, stdin=subprocess.PIPE, text=True,
                                   start_new_session=True, cwd=ROOT)
         self.ready = threading.Event()
         self.ticks, self.result, self.other = [], None, []
@@ -176,6 +176,11 @@ class Child:
             else:
                 self.other.append(line)
 
+    def go(self):
+        """The line a program started with --wait-go waits for."""
+        self.p.stdin.write("go\n")
+        self.p.stdin.flush()
+
     def wait_ready(self, timeout):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -183,7 +188,8 @@ class Child:
                 return
             if self.p.poll() is not None:
                 break
-        raise RuntimeError(f"{self.name} not ready (exit {self.p.poll()}): {self.tail()}")
+        self.thread.join(2)
+        raise RuntimeError(f"{self.name} not ready (exit {self.p.poll()}): {self.result} {self.tail()}")
 
     def wait(self, timeout):
         try:
