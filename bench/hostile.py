@@ -14,7 +14,8 @@ namespace and name and the broker token, at a fixed rate, each on a new TCP conn
 it also pays for the broker's accept path under attack). `slowloris` holds N connections
 that each send a partial request and then one more header line every ~interval seconds,
 never finishing; a connection the broker closes or answers is counted (status, reason) and
-opened again at its next tick, as slowloris tools do. `flood` keeps N requests for the
+opened again at its next tick, as slowloris tools do; a connection open for a second or more
+without an answer counts as held. `flood` keeps N requests for the
 credential path in flight at once (each answered one followed at once by the next).
 
 Progress goes to stdout as `TICK {json}` lines (once a second) and `READY` once every
@@ -209,8 +210,8 @@ async def slowloris(args):
     nofile = raise_nofile()
     stop = stop_event()
     t0 = time.monotonic()
-    held = 0
-    peak_held = 0
+    open_since = {}  # slot -> when its connection opened (not yet answered or closed)
+    peak_held = peak_open = 0
     opened = 0
     outcomes = {}
     longest = 0.0
@@ -220,7 +221,7 @@ async def slowloris(args):
         outcomes[key] = outcomes.get(key, 0) + 1
 
     async def slot(i):
-        nonlocal held, peak_held, opened, longest
+        nonlocal peak_open, opened, longest
         rnd = random.Random(i)
         # Spread each slot's ticks over the interval.
         next_tick = t0 + rnd.uniform(0, args.ramp_seconds)
@@ -237,9 +238,8 @@ async def slowloris(args):
                     outcome(f"connect failed: {type(e).__name__}")
                     continue
             opened += 1
-            held += 1
-            peak_held = max(peak_held, held)
-            since = time.monotonic()
+            since = open_since[i] = time.monotonic()
+            peak_open = max(peak_open, len(open_since))
             k = 0
             try:
                 writer.write(f"GET {CREDS_PATH} HTTP/1.1\r\nHost: 169.254.169.254\r\nUser-Agent: slowloris\r\n".encode())
@@ -269,16 +269,21 @@ async def slowloris(args):
             except (OSError, asyncio.IncompleteReadError) as e:
                 outcome(f"reset: {type(e).__name__}")
             finally:
-                held -= 1
+                open_since.pop(i, None)
                 longest = max(longest, time.monotonic() - since)
                 writer.close()
 
     async def ticker():
+        nonlocal peak_held
         ready = False
         while not ended(stop, args.seconds, t0):
             await asyncio.sleep(1)
-            el = time.monotonic() - t0
-            emit("TICK", {"t": round(el, 1), "held": held, "opened": opened})
+            now = time.monotonic()
+            el = now - t0
+            # Held: open for a second or more without an answer (a refusal comes at once).
+            held = sum(1 for t in open_since.values() if now - t >= 1)
+            peak_held = max(peak_held, held)
+            emit("TICK", {"t": round(el, 1), "held": held, "open": len(open_since), "opened": opened})
             if not ready and el >= args.ramp_seconds:
                 ready = True
                 emit("READY")
@@ -287,7 +292,7 @@ async def slowloris(args):
     await asyncio.gather(*(slot(i) for i in range(args.connections)))
     tick.cancel()
     emit("RESULT", {"connections": args.connections, "interval_s": args.interval, "nofile": nofile,
-                    "seconds": round(time.monotonic() - t0, 1), "opened": opened, "peak_held": peak_held,
+                    "seconds": round(time.monotonic() - t0, 1), "opened": opened, "peak_held": peak_held, "peak_open": peak_open,
                     "longest_held_s": round(longest, 1), "outcomes": outcomes,
                     "refused": sum(v for k, v in outcomes.items() if not k.startswith("connect failed"))})
     return 0

@@ -161,8 +161,11 @@ def rows(results):
                     f"{r['peak_during'] / r['start']:.2f}× peak, {(r['after'] - r['start']) * 1024 / MB:+.1f} MB after"))
         out.append(_probe_row(x))
         a = x["attacker"]
-        out.append(("", "attacker's connections: held at once (longest) / refused or closed by the broker",
-                    f"{a['peak_held']:,} ({a['longest_held_s']} s) / {a['refused']:,}", f"{a['opened']:,} opened",
+        g = x.get("broker_gauge_peaks", {}).get("meshiam_broker_connections")
+        out.append(("", "attacker's connections: held at once (longest) / refused or closed by the broker"
+                    + ("; broker's open connections at most" if g is not None else ""),
+                    f"{a['peak_held']:,} ({a['longest_held_s']} s) / {a['refused']:,}"
+                    + (f"; {g:,.0f}" if g is not None else ""), f"{a['opened']:,} opened",
                     _outcomes(a["outcomes"])))
     x = b.get("9_unknown_address_flood")
     if x:
@@ -172,7 +175,9 @@ def rows(results):
                     f"{x['victim_5xx']:,} ({x['victim_not_200']:,}) of {x['probe']['attacked']['requests']:,}",
                     f"{u['5xx']:,} ({u['failed']:,}) of {u['requests']:,}", ""))
         a = x["attacker"]
-        out.append(("", "attacker's answers", f"{a['answered']:,} ({a['answers_per_s']:,}/s)", "",
+        w = x.get("broker_gauge_peaks", {}).get("meshiam_broker_pod_waiters")
+        out.append(("", "attacker's answers" + ("; requests waiting for the address at most" if w is not None else ""),
+                    f"{a['answered']:,} ({a['answers_per_s']:,}/s)" + (f"; {w:,.0f}" if w is not None else ""), "",
                     _outcomes(a["answers"])))
     return out
 
@@ -491,6 +496,7 @@ def _hostile_figures(b):
              f"{x['p99_ratio']:.2f}× ({x['probe']['attacked']['latency_us']['99'] / 1000:,.1f} ms)", "≤ 3×"),
             ("8 attacker's connections held at once (longest) / refused or closed",
              f"{a['peak_held']:,} ({a['longest_held_s']} s) / {a['refused']:,}", ""),
+            ("8 broker's open connections, peak", _gauge(x, "meshiam_broker_connections", a["peak_held"]), ""),
         ]
     x = b.get("9_unknown_address_flood")
     if x:
@@ -499,8 +505,17 @@ def _hostile_figures(b):
              f"{x['p99_ratio']:.2f}× ({x['probe']['attacked']['latency_us']['99'] / 1000:,.1f} ms)", "≤ 3×"),
             ("9 known pod's 5xx during the attack",
              f"{x['victim_5xx']:,} of {x['probe']['attacked']['requests']:,}", "0"),
+            ("9 requests waiting for the unknown address, peak",
+             _gauge(x, "meshiam_broker_pod_waiters", None), ""),
         ]
     return out
+
+
+def _gauge(x, name, fallback):
+    v = x.get("broker_gauge_peaks", {}).get(name)
+    if v is not None:
+        return f"{v:,.0f}"
+    return f"{fallback:,} (the attacker's count; no such metric)" if fallback is not None else "no such metric"
 
 
 def hostile_before_after(results, before_path):

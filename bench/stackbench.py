@@ -16,6 +16,7 @@ the sidecar's cache.
 
 import os
 import re
+import threading
 import time
 
 import yaml
@@ -96,6 +97,11 @@ class Run:
             probe.stop()
 
 
+def _peak(peaks, name):
+    v = peaks.get(name)
+    return "n/a (no such metric)" if v is None else f"{v:,.0f}"
+
+
 def ratio(a, b):
     return a / b if b else None
 
@@ -104,6 +110,31 @@ def fmt_probe(r):
     lat = r["latency_us"]
     return (f"p50 {lat['50'] / 1000:.2f} ms, p99 {lat['99'] / 1000:.2f} ms, {r['requests']} call-outs, "
             f"{r['5xx']} 5xx, {r['failed']} not 200")
+
+
+class GaugePeaks:
+    """The broker's connection and pod-waiter gauges, read every second in a thread: peaks."""
+
+    NAMES = ("meshiam_broker_connections", "meshiam_broker_pod_waiters")
+
+    def __init__(self, stack):
+        self.stack, self.peaks = stack, {}
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while not self._stop.is_set():
+            m = self.stack.metrics(prefixes=self.NAMES)
+            for n in self.NAMES:
+                if n in m:
+                    self.peaks[n] = max(self.peaks.get(n, 0), m[n])
+            self._stop.wait(1.0)
+
+    def stop(self):
+        self._stop.set()
+        self.thread.join(10)
+        return self.peaks
 
 
 def watched_metrics(stack):
@@ -130,6 +161,7 @@ def bench_slowloris(run, quick):
         attacker = run.hostile("slowloris", lambda a: stack.in_pod(key(NOISY), a), noisy["ip"], "slowloris",
                                "--connections", n, "--seconds", attack_s, "--interval", 10,
                                "--ramp-seconds", hc["ramp_s"])
+        gauges = GaugePeaks(stack)
         try:
             attacker.wait_ready(hc["ramp_s"] + 30)
             attacked = run.measure(victim, d)
@@ -139,6 +171,7 @@ def bench_slowloris(run, quick):
         finally:
             attacker.stop()
             victim.stop()
+            peaks = gauges.stop()
         t_end = sampler.now()
         time.sleep(hc["settle_s"])
         after_kib = sampler.series["broker"][-1][1]
@@ -156,7 +189,7 @@ def bench_slowloris(run, quick):
         "p50_ratio": ratio(attacked["latency_us"]["50"], unattacked["latency_us"]["50"]),
         "p99_ratio": ratio(attacked["latency_us"]["99"], unattacked["latency_us"]["99"]),
         "attacker": result | {"held_while_probing": held_now},
-        "broker_metrics_during": during, "broker_metrics_after": after,
+        "broker_metrics_during": during, "broker_metrics_after": after, "broker_gauge_peaks": peaks,
     }
     log(f"    attacked:   {fmt_probe(attacked)}")
     log(f"    victim p99 {out['p99_ratio']:.2f}× unattacked (goal ≤ {GOAL_P99_RATIO:g}×), "
@@ -165,8 +198,9 @@ def bench_slowloris(run, quick):
         f"(goal ≤ {GOAL_RSS_DURING_MB} MB), {after_kib * 1024 / MB:.1f} MB {hc['settle_s']} s after "
         f"(goal within {GOAL_RSS_AFTER_MB} MB of before: {(after_kib - start_kib) * 1024 / MB:+.1f} MB)")
     log(f"    attacker: {result['opened']:,} connections opened, at most {result['peak_held']:,} held at once "
-        f"(longest {result['longest_held_s']} s), refused or closed by the broker: {result['refused']:,} "
-        f"{result['outcomes']}")
+        f"(open ≥ 1 s unanswered; longest {result['longest_held_s']} s), refused or closed by the broker: "
+        f"{result['refused']:,} {result['outcomes']}; broker's open connections at most "
+        f"{_peak(peaks, 'meshiam_broker_connections')}")
     return out
 
 
@@ -183,6 +217,7 @@ def bench_unknown_flood(run, quick):
         attack_s = hc["ramp_s"] + d + 3
         attacker = run.hostile("flood", lambda a: stack.in_netns(netns, a), ip, "flood", "--concurrency", n,
                                "--seconds", attack_s, "--ramp-seconds", hc["ramp_s"])
+        gauges = GaugePeaks(stack)
         try:
             attacker.wait_ready(hc["ramp_s"] + 30)
             attacked = run.measure(victim, d)
@@ -191,6 +226,7 @@ def bench_unknown_flood(run, quick):
         finally:
             attacker.stop()
             victim.stop()
+            peaks = gauges.stop()
     finally:
         stack.remove_unknown_address(netns)
     out = {
@@ -200,12 +236,14 @@ def bench_unknown_flood(run, quick):
         "p50_ratio": ratio(attacked["latency_us"]["50"], unattacked["latency_us"]["50"]),
         "p99_ratio": ratio(attacked["latency_us"]["99"], unattacked["latency_us"]["99"]),
         "victim_5xx": attacked["5xx"], "victim_not_200": attacked["failed"],
-        "attacker": result, "broker_metrics_during": during,
+        "attacker": result, "broker_metrics_during": during, "broker_gauge_peaks": peaks,
     }
     log(f"    attacked:   {fmt_probe(attacked)}")
     log(f"    victim p99 {out['p99_ratio']:.2f}× unattacked (goal ≤ {GOAL_P99_RATIO:g}×), p50 "
         f"{out['p50_ratio']:.2f}×; victim 5xx {out['victim_5xx']} (goal 0)")
-    log(f"    attacker: {result['answered']:,} answers ({result['answers_per_s']:,}/s) {result['answers']}")
+    log(f"    attacker: {result['answered']:,} answers ({result['answers_per_s']:,}/s) {result['answers']}; "
+        f"broker's open connections at most {_peak(peaks, 'meshiam_broker_connections')}, requests waiting "
+        f"for an unknown address at most {_peak(peaks, 'meshiam_broker_pod_waiters')}")
     return out
 
 
