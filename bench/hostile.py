@@ -15,13 +15,13 @@ it also pays for the broker's accept path under attack). `slowloris` holds N con
 that each send a partial request and then one more header line every ~interval seconds,
 never finishing; a connection the broker closes or answers is counted (status, reason) and
 opened again at its next tick, as slowloris tools do; a connection open for a second or more
-without an answer counts as held. `flood` keeps N requests for the
-credential path in flight at once (each answered one followed at once by the next).
+without an answer counts as held. `flood` keeps N requests for the credential path in flight
+at once (each answered one followed at once by the next).
 
-Progress goes to stdout as `TICK {json}` lines (once a second) and `READY` once every
-connection was tried once (the probe: once it has its broker token and warmed the broker's
-cache; with `--wait-go` it then starts on a line on stdin); the figures as one `RESULT {json}` line at the end (SIGTERM
-ends a run early). Answers are read only for their status line and `x-meshiam-reason`: no
+Progress goes to stdout as `TICK {json}` lines (once a second) and `READY` once the first
+connections were spread over `--ramp-seconds` (the probe: once it has its broker token and
+warmed the broker's cache; with `--wait-go` it then starts on a line on stdin); the figures
+as one `RESULT {json}` line at the end (SIGTERM ends a run early). Answers are read only for their status line and `x-meshiam-reason`: no
 credential is printed.
 """
 

@@ -142,7 +142,7 @@ def watched_metrics(stack):
                                    "meshiam_broker_requests_total", "meshiam_broker_inflight"))
 
 
-def bench_slowloris(run, quick):
+def bench_slowloris(run):
     hc, stack = run.hc, run.stack
     n, d = hc["slowloris_connections"], hc["probe_s"]
     noisy = stack.pod(key(NOISY))
@@ -204,7 +204,7 @@ def bench_slowloris(run, quick):
     return out
 
 
-def bench_unknown_flood(run, quick):
+def bench_unknown_flood(run):
     hc, stack = run.hc, run.stack
     n, d = hc["flood_concurrency"], hc["probe_s"]
     netns, ip = stack.add_unknown_address(UNKNOWN_IP)
@@ -262,9 +262,9 @@ def bench_hostile(cfg, logdir, parts):
         run = Run(stack, logdir, hc)
         mode = {"stack_mode": stack.state["mode"]}
         if 8 in parts:
-            b8 = bench_slowloris(run, cfg["mode"] == "quick") | mode
+            b8 = bench_slowloris(run) | mode
         if 9 in parts:
-            b9 = bench_unknown_flood(run, cfg["mode"] == "quick") | mode
+            b9 = bench_unknown_flood(run) | mode
     finally:
         stack.down()
     return b8, b9
