@@ -17,6 +17,8 @@ help:
 	@echo "make broker-static - static musl brokers (x86_64, aarch64) for the images"
 	@echo "make manifests - regenerate the plain-Envoy sidecar config (after editing envoy/sidecar.yaml)"
 	@echo "make fuzz   - run every fuzz target for FUZZ_SECONDS (default 30) each"
+	@echo "make bench  - the benchmarks (BENCHMARKS.md); 8-9 use the local stack"
+	@echo "make soak   - pods in SDK loops with pods churning for SOAK_SECONDS (default 180): errors, memory"
 
 setup:
 	@scripts/setup
@@ -90,10 +92,12 @@ demo: setup build
 clean:
 	cargo clean
 
-# Benchmarks (issue 6, BENCHMARKS.md): `make bench` runs them all (under 15 minutes on 2
-# cores) and writes bench/results.json and BENCHMARKS.md; `make bench-quick` only checks the
-# harness (brief runs, results in bench/out/quick). Not part of `make test`'s timing runs.
-.PHONY: bench bench-quick
+# Benchmarks (issues 6 and 10, BENCHMARKS.md): `make bench` runs them all (under 17 minutes
+# on 2 cores) and writes bench/results.json and BENCHMARKS.md; `make bench-quick` only checks
+# the harness (brief runs, results in bench/out/quick). Not part of `make test`'s timing runs.
+# Benchmarks 8-9 and `make soak` bring up the local stack (tests/stack): on a machine shared
+# with other stack users, run them under `flock /tmp/meshiam-stack.lock`.
+.PHONY: bench bench-quick soak
 
 # `build` also builds bench_floor, the hyper floor server of benchmark 3 (one cargo call, so
 # the dependencies are built once with one feature set).
@@ -102,3 +106,11 @@ bench: setup build
 
 bench-quick: setup build
 	$(PY) bench/run.py --quick
+
+# Soak (issue 10): pods in SDK-like loops while pods churn, on the local stack; not part of
+# `make test`. Exits non-zero on any error or memory that is not flat; the summary goes to
+# bench/out/soak/summary.json (`bench/soak.py --record` also writes BENCHMARKS.md's section).
+SOAK_SECONDS ?= 180
+
+soak: setup build
+	$(PY) bench/soak.py --seconds $(SOAK_SECONDS)

@@ -213,7 +213,7 @@ def bench_envoy(stack, broker, cfg, parts=(1, 2)):
 
     b1 = None
     if 1 in parts:
-        log(f"1/7 filter overhead: wrk -c16 throughput and -c1 latency, {cfg['rounds']} round(s) × {d}s")
+        log(f"1/9 filter overhead: wrk -c16 throughput and -c1 latency, {cfg['rounds']} round(s) × {d}s")
         tput = rounds_of(cfg, list(envoys),
                          lambda v: wrk(f"http://127.0.0.1:{envoys[v]['port']}/app", d, 16, app_headers))
         lat = rounds_of(cfg, list(envoys),
@@ -261,7 +261,7 @@ def bench_envoy(stack, broker, cfg, parts=(1, 2)):
         "token_put": lambda: wrk(f"http://127.0.0.1:{filt['port']}/latest/api/token", d, 1,
                                  md + ["x-aws-ec2-metadata-token-ttl-seconds: 21600"], "PUT"),
     }
-    log(f"2/7 credential answer latency: wrk -c1, {len(scen)} paths, {cfg['rounds']} round(s) × {d}s")
+    log(f"2/9 credential answer latency: wrk -c1, {len(scen)} paths, {cfg['rounds']} round(s) × {d}s")
     lat2 = rounds_of(cfg, list(scen), lambda v: scen[v]())
     f50 = lat2["floor_direct_response"]["latency_us"]["50"]
     t50 = lat2["floor_token_direct_response"]["latency_us"]["50"]
@@ -309,7 +309,7 @@ def bench_broker_throughput(stack, broker, cfg):
     floor = stack.start_floor("broker-floor", body, cpu=SERVER_CPU)
     urls = {"broker": f"http://127.0.0.1:{broker['port']}{path}", "hyper_floor": f"http://127.0.0.1:{floor['port']}{path}"}
     d = cfg["seconds"]
-    log(f"3/7 broker throughput on one core: wrk -c16 and hey at 1000 req/s, {cfg['rounds']} round(s) × {d}s")
+    log(f"3/9 broker throughput on one core: wrk -c16 and hey at 1000 req/s, {cfg['rounds']} round(s) × {d}s")
     tput = rounds_of(cfg, list(urls), lambda v: wrk(urls[v], d, 16))
     at_rate = rounds_of(cfg, list(urls), lambda v: hey_fixed_rate(urls[v], d, 1000))
     stack.procs.stop("broker-floor")
@@ -341,7 +341,7 @@ def settle_rss(pid, seconds=1.0):
 
 def bench_broker_memory(stack, cfg):
     n_large = cfg["large_pods"]
-    log(f"4/7 broker memory: idle, 110 pods / 50 roles with credentials, {n_large} pods in the store")
+    log(f"4/9 broker memory: idle, 110 pods / 50 roles with credentials, {n_large} pods in the store")
     fast = ["--sts-rate", "10000", "--sts-burst", "10000", "--prefetch-jitter", "0s"]
     idle = stack.start_broker("broker-mem-idle", [], extra=fast)
     idle_kib = settle_rss(idle["pid"])
@@ -385,7 +385,7 @@ def bench_cold_start(stack, cfg):
     delay_ms = 200
     sts = stack.start_sts_delay(delay_ms)
     trials, start_after, jitter = cfg["cold_trials"], cfg["cold_start_after_s"], cfg["cold_jitter"]
-    log(f"5/7 cold start: STS +{delay_ms} ms, {trials} new pod(s) per mode, first request "
+    log(f"5/9 cold start: STS +{delay_ms} ms, {trials} new pod(s) per mode, first request "
         f"{start_after}s after the broker sees the pod (prefetch jitter {jitter})")
     out = {"sts_delay_ms": delay_ms, "first_request_after_s": start_after, "prefetch_jitter": jitter, "modes": {}}
     for mode, flag in (("with_prefetch", "true"), ("without_prefetch", "false")):
@@ -422,7 +422,7 @@ def bench_cold_start(stack, cfg):
 
 
 def bench_sizes(stack, broker):
-    log("6/7 sizes: wasm, broker binary, Envoy RSS with and without the filter (1 and 2 workers)")
+    log("6/9 sizes: wasm, broker binary, Envoy RSS with and without the filter (1 and 2 workers)")
     out = {"wasm_bytes": os.path.getsize(WASM), "broker_bytes": os.path.getsize(BROKER_BIN), "envoy_rss_kib": {}}
     for workers in (1, 2):
         for with_filter in (True, False):

@@ -48,6 +48,20 @@ def targets(results):
     if sc:
         add(7, "node STS calls in any 1 s ≤ burst + rate", max(s["node_peak_1s"]["restart"] for s in sc),
             "≤ 15", all(s["limiter_holds"] for s in sc), "calls")
+    x = b.get("8_slowloris")
+    if x:
+        r, n = x["rss_kib"], x["connections"]
+        add(8, f"broker RSS, peak during {n:,} slowloris connections", r["peak_during"] * 1024 / MB, "≤ 64 MB",
+            r["peak_during"] * 1024 <= 64 * MB, "MB")
+        grew = (r["after"] - r["start"]) * 1024 / MB
+        add(8, f"broker RSS {r['after_s']} s after the attack, minus before", grew, "≤ 10 MB", grew <= 10, "MB")
+        v = x["p99_ratio"]
+        add(8, "another pod's call-out p99, attacked / unattacked", v, "≤ 3×", v is not None and v <= 3, "×")
+    x = b.get("9_unknown_address_flood")
+    if x:
+        v = x["p99_ratio"]
+        add(9, "a known pod's call-out p99, attacked / unattacked", v, "≤ 3×", v is not None and v <= 3, "×")
+        add(9, "5xx to the known pod during the attack", x["victim_5xx"], "= 0", x["victim_5xx"] == 0, "")
     return t
 
 
@@ -138,7 +152,44 @@ def rows(results):
                         f"{s['meshiam_restart_limited']['peak_calls_in_a_second']:,}",
                         f"{s['meshiam_restart_unlimited']['peak_calls_in_a_second']:,} (no limiter)",
                         f"node max {s['node_peak_1s']['restart']} / budget {s['node_peak_1s']['budget']:.0f} per 1 s"))
+    x = b.get("8_slowloris")
+    if x:
+        r, n = x["rss_kib"], x["connections"]
+        out.append((f"8 slowloris, {n:,} connections", "broker RSS: peak during / after the attack",
+                    f"{r['peak_during'] * 1024 / MB:.1f} / {r['after'] * 1024 / MB:.1f} MB ({r['after_s']} s after)",
+                    f"{r['start'] * 1024 / MB:.1f} MB (before)",
+                    f"{r['peak_during'] / r['start']:.2f}× peak, {(r['after'] - r['start']) * 1024 / MB:+.1f} MB after"))
+        out.append(_probe_row(x))
+        a = x["attacker"]
+        g = x.get("broker_gauge_peaks", {}).get("meshiam_broker_connections")
+        out.append(("", "attacker's connections: held at once (longest) / refused or closed by the broker"
+                    + ("; broker's open connections at most" if g is not None else ""),
+                    f"{a['peak_held']:,} ({a['longest_held_s']} s) / {a['refused']:,}"
+                    + (f"; {g:,.0f}" if g is not None else ""), f"{a['opened']:,} opened",
+                    _outcomes(a["outcomes"])))
+    x = b.get("9_unknown_address_flood")
+    if x:
+        out.append(_probe_row(x, f"9 unknown address, {x['concurrency']:,} in flight"))
+        u = x["probe"]["unattacked"]
+        out.append(("", "known pod's 5xx (not 200) during the attack",
+                    f"{x['victim_5xx']:,} ({x['victim_not_200']:,}) of {x['probe']['attacked']['requests']:,}",
+                    f"{u['5xx']:,} ({u['failed']:,}) of {u['requests']:,}", ""))
+        a = x["attacker"]
+        w = x.get("broker_gauge_peaks", {}).get("meshiam_broker_pod_waiters")
+        out.append(("", "attacker's answers" + ("; requests waiting for the address at most" if w is not None else ""),
+                    f"{a['answered']:,} ({a['answers_per_s']:,}/s)" + (f"; {w:,.0f}" if w is not None else ""), "",
+                    _outcomes(a["answers"])))
     return out
+
+
+def _probe_row(x, first=""):
+    a, u = x["probe"]["attacked"]["latency_us"], x["probe"]["unattacked"]["latency_us"]
+    return (first, "another pod's call-out p50 / p99 ms, attacked", f"{a['50'] / 1000:.2f} / {a['99'] / 1000:.2f}",
+            f"{u['50'] / 1000:.2f} / {u['99'] / 1000:.2f} (unattacked)", f"{x['p99_ratio']:.2f}× p99")
+
+
+def _outcomes(d):
+    return ", ".join(f"{k}: {v:,}" for k, v in sorted(d.items(), key=lambda kv: -kv[1])) or "none"
 
 
 def table(results):
@@ -262,6 +313,8 @@ def write_markdown(results, path, chart_rel):
             .replace("{{TARGETS}}", markdown_targets(results))
             .replace("{{CHART}}", chart_rel)
             .replace("{{MISSES}}", misses(results))
+            .replace("{{SOAK}}", soak_section(os.path.join(here, "soak.json")))
+            .replace("{{HOSTILE_BEFORE}}", hostile_before_after(results, os.path.join(here, "hostile_before.json")))
             .replace("{{PARTIAL}}\n", partial_runs(results) + "\n" if partial_runs(results) else ""))
     with open(path, "w") as f:
         f.write(text)
@@ -359,4 +412,129 @@ def misses(results):
             "the filter, SHA-256 and the IMDS contract, which take about 125 KB today (docs/filter.md, Size).")
     if 7 in nums:
         out.append("- **7, STS limiter** — a node exceeded burst + rate in a 1-second window in the model.")
+    if 8 in nums:
+        x = b["8_slowloris"]
+        r, a = x["rss_kib"], x["attacker"]
+        held = (f"the broker held every connection it was offered (at most {a['peak_held']:,} at once, the longest "
+                f"{a['longest_held_s']} s, {a['refused']:,} refused or closed)" if a["refused"] == 0 else
+                f"the broker held at most {a['peak_held']:,} of them at once (the longest {a['longest_held_s']} s) "
+                f"and refused or closed {a['refused']:,} ({_outcomes(a['outcomes'])})")
+        out.append(
+            f"- **8, slowloris** — {x['connections']:,} connections: broker RSS {r['start'] * 1024 / MB:.1f} MB "
+            f"before, {r['peak_during'] * 1024 / MB:.1f} MB at the peak (target ≤ 64 MB), "
+            f"{r['after'] * 1024 / MB:.1f} MB {r['after_s']} s after (target within 10 MB of before); the other "
+            f"pod's call-out p99 {x['p99_ratio']:.2f}× unattacked (target ≤ 3×). During the attack {held}.")
+    if 9 in nums:
+        x = b["9_unknown_address_flood"]
+        a = x["attacker"]
+        out.append(
+            f"- **9, unknown address** — {x['concurrency']:,} requests in flight from an address no pod has: the "
+            f"known pod's call-out p99 was {x['p99_ratio']:.2f}× unattacked (target ≤ 3×) and it got "
+            f"{x['victim_5xx']:,} 5xx (target 0; a call-out not answered within the filter's "
+            f"{x['probe_timeout_ms']:,} ms counts as the sidecar's 504). The attacker's answers: "
+            f"{_outcomes(a['answers'])}.")
+    return "\n".join(out)
+
+
+def soak_section(path):
+    """The Soak section of BENCHMARKS.md from the run `bench/soak.py --record` wrote."""
+    import json
+    try:
+        with open(path) as f:
+            s = json.load(f)
+    except OSError:
+        return "Not recorded yet: `make soak` runs it; `.venv/bin/python bench/soak.py --record` records it here."
+    rss = s["rss"]
+    stable = {k: r for k, r in rss.items() if k.startswith("envoy") and r["flat"] is not None}
+    churned = [r for k, r in rss.items() if k.startswith("envoy") and r["flat"] is None]
+    b = rss["broker"]
+
+    def mb(kib):
+        return f"{kib * 1024 / MB:.1f}"
+
+    lines = [
+        f"- **Run**: {s['date']} (commit `{s['git']}`), `{s['command']}`, {s['seconds']:.0f} s on the "
+        f"{s['stack_mode']} stack, load average at the end {', '.join(f'{x:.2f}' for x in s['load'])}.",
+        f"- **Load**: {s['stable_pods']} pods for the whole run and {s['churn_slots']} churning slots, one pod "
+        f"replaced every {s['churn_every_s']:g} s ({s['churns']} replacements: deleted, then a new pod with a new "
+        f"name and a new role added at the same address); {s['pods_run']} pods in all, each looping at "
+        f"{s['rate_per_pod']:g}/s.",
+        f"- **Requests**: {s['iterations']:,} iterations, each a fresh credential resolution through "
+        f"botocore's provider chain (IMDSv2 token `PUT`, role list, credential `GET` through the pod's sidecar: "
+        f"{s['imds_requests']:,} IMDS requests) and an STS `GetCallerIdentity` checked to be the pod's own role "
+        f"and session. **Errors: {s['errors']}**"
+        + (" (" + "; ".join(f"{m} ×{n}" for m, n in s["error_samples"].items()) + ")" if s["errors"] else "") + ".",
+        "",
+        f"| process | RSS at {s['warmup_s']:.0f} s (MB) | max (MB) | end (MB) | end − start | flat (≤ {s['flat_bound_mb']} MB) |",
+        "|---|---|---|---|---|---|",
+        f"| broker | {mb(b['start_kib'])} | {mb(b['max_kib'])} | {mb(b['end_kib'])} | "
+        f"{(b['end_kib'] - b['start_kib']):+,} KiB | {'yes' if b['flat'] else '**no**'} |",
+    ]
+    for k, r in stable.items():
+        lines.append(f"| {k} | {mb(r['start_kib'])} | {mb(r['max_kib'])} | {mb(r['end_kib'])} | "
+                     f"{(r['end_kib'] - r['start_kib']):+,} KiB | {'yes' if r['flat'] else '**no**'} |")
+    if churned:
+        lines.append(f"| {len(churned)} churned sidecars (lived {min(r['lived_s'] for r in churned):.0f}–"
+                     f"{max(r['lived_s'] for r in churned):.0f} s; not judged) | "
+                     f"{mb(min(r['start_kib'] for r in churned))}–{mb(max(r['start_kib'] for r in churned))} | "
+                     f"{mb(max(r['max_kib'] for r in churned))} | | | |")
+    return "\n".join(lines)
+
+
+def _hostile_figures(b):
+    """Benchmarks 8 and 9 as (measure, value, goal) rows for the before/after table."""
+    out = []
+    x = b.get("8_slowloris")
+    if x:
+        r, a, n = x["rss_kib"], x["attacker"], x["connections"]
+        out += [
+            (f"8 broker RSS, peak during {n:,} slowloris connections", f"{r['peak_during'] * 1024 / MB:.1f} MB",
+             "≤ 64 MB"),
+            (f"8 broker RSS {r['after_s']} s after, minus before", f"{(r['after'] - r['start']) * 1024 / MB:+.1f} MB",
+             "≤ 10 MB"),
+            ("8 another pod's call-out p99, attacked / unattacked",
+             f"{x['p99_ratio']:.2f}× ({x['probe']['attacked']['latency_us']['99'] / 1000:,.1f} ms)", "≤ 3×"),
+            ("8 attacker's connections held at once (longest) / refused or closed",
+             f"{a['peak_held']:,} ({a['longest_held_s']} s) / {a['refused']:,}", ""),
+            ("8 broker's open connections, peak", _gauge(x, "meshiam_broker_connections", a["peak_held"]), ""),
+        ]
+    x = b.get("9_unknown_address_flood")
+    if x:
+        out += [
+            (f"9 known pod's call-out p99, attacked / unattacked ({x['concurrency']:,} in flight)",
+             f"{x['p99_ratio']:.2f}× ({x['probe']['attacked']['latency_us']['99'] / 1000:,.1f} ms)", "≤ 3×"),
+            ("9 known pod's 5xx during the attack",
+             f"{x['victim_5xx']:,} of {x['probe']['attacked']['requests']:,}", "0"),
+            ("9 requests waiting for the unknown address, peak",
+             _gauge(x, "meshiam_broker_pod_waiters", None), ""),
+        ]
+    return out
+
+
+def _gauge(x, name, fallback):
+    v = x.get("broker_gauge_peaks", {}).get(name)
+    if v is not None:
+        return f"{v:,.0f}"
+    return f"{fallback:,} (the attacker's count; no such metric)" if fallback is not None else "no such metric"
+
+
+def hostile_before_after(results, before_path):
+    """Benchmarks 8 and 9 of this run next to the same benchmarks against the broker before
+    its connection and pod-wait limits (bench/hostile_before.json)."""
+    import json
+    try:
+        with open(before_path) as f:
+            before = json.load(f)
+    except OSError:
+        return ""
+    now = {m: v for m, v, _ in _hostile_figures(results["benchmarks"])}
+    rows = _hostile_figures(before["benchmarks"])
+    if not rows:
+        return ""
+    out = [f"Against the broker before its connection and pod-wait limits (commit `{before['git']}`, "
+           f"measured {before['date']} with the same harness, `bench/hostile_before.json`) and in this run:", "",
+           f"| measure | before the limits (`{before['git']}`) | with the limits (this run) | goal |",
+           "|---|---|---|---|"]
+    for m, v, goal in rows:
+        out.append(f"| {m} | {v} | {now.get(m, 'not run')} | {goal} |")
     return "\n".join(out)

@@ -6,7 +6,8 @@ One benchmark alone, keeping the others' figures: `--only 2 --merge` measures be
 takes every other benchmark from bench/results.json, notes the partial run in BENCHMARKS.md
 and rewrites it.
 
-Runs benchmarks 1–7 (see BENCHMARKS.md), each against a baseline measured side by side in
+Runs benchmarks 1–9 (see BENCHMARKS.md; 8 and 9 bring up the local stack, tests/stack: run
+them under `flock /tmp/meshiam-stack.lock`), each against a baseline measured side by side in
 this run, prints progress and a table, and writes DIR/results.json, DIR/latency.svg and
 (full mode, default DIR) BENCHMARKS.md at the top of the repository.
 """
@@ -26,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import benchmarks as B  # noqa: E402
 import report  # noqa: E402
+import stackbench  # noqa: E402
 import stsmodel  # noqa: E402
 from harness import BROKER_BIN, FLOOR_BIN, ROOT, WASM, Procs, log  # noqa: E402
 
@@ -77,7 +79,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="brief runs that only check the harness (CI)")
     ap.add_argument("--out", default=None, help="results directory (default bench/ for full, bench/out/quick)")
-    ap.add_argument("--only", default="1,2,3,4,5,6,7", help="benchmarks to run, e.g. 1,2,7")
+    ap.add_argument("--only", default="1,2,3,4,5,6,7,8,9", help="benchmarks to run, e.g. 1,2,7")
     ap.add_argument("--merge", action="store_true",
                     help="keep the benchmarks not in --only from bench/results.json (full mode) and note "
                          "this partial run in BENCHMARKS.md")
@@ -158,10 +160,17 @@ def main():
             bm["4_broker_memory"] = B.bench_broker_memory(stack, cfg)
         if 5 in only:
             bm["5_cold_start"] = B.bench_cold_start(stack, cfg)
+        procs.stop_all()
+        if only & {8, 9}:
+            b8, b9 = stackbench.bench_hostile(cfg, os.path.join(log_dir, "stack"), only & {8, 9})
+            if b8 is not None:
+                bm["8_slowloris"] = b8
+            if b9 is not None:
+                bm["9_unknown_address_flood"] = b9
     finally:
         procs.stop_all()
     if 7 in only:
-        log("7/7 STS load at cluster scale: simulation (bench/stsmodel.py)")
+        log("7/9 STS load at cluster scale: simulation (bench/stsmodel.py)")
         bm["7_sts_cluster_scale"] = stsmodel.run(cfg["sim"], progress=log)
 
     results["elapsed_s"] = elapsed = round(time.time() - started, 1)

@@ -1,5 +1,6 @@
 """The benchmark harness works: `bench/run.py --quick` runs every benchmark briefly and
-writes results.json of the expected shape. Timings are not judged here (see BENCHMARKS.md)."""
+writes results.json of the expected shape. Timings are not judged here (see BENCHMARKS.md).
+Benchmarks 8 and 9 bring up the local stack (tests/stack): run under the stack lock."""
 
 import json
 import os
@@ -27,7 +28,7 @@ def results(tmp_path_factory):
                         "--bins", "--example", "sdk_client", "--example", "bench_floor"], cwd=ROOT, check=True)
     out = tmp_path_factory.mktemp("bench")
     run = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "run.py"), "--quick", "--out", str(out)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=110)
+                         cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "targets:" in run.stdout and "[bench" in run.stdout  # progress and the table were printed
     assert (out / "latency.svg").read_text().startswith("<svg")
@@ -45,7 +46,7 @@ def test_top_level(results):
     assert results["mode"] == "quick" and results["command"] == "make bench-quick"
     assert results["machine"]["nproc"] >= 1 and results["machine"]["cpu_model"]
     assert results["date"] and results["elapsed_s"] > 0
-    assert {t["benchmark"] for t in results["targets"]} == {1, 2, 3, 4, 5, 6, 7}
+    assert {t["benchmark"] for t in results["targets"]} == {1, 2, 3, 4, 5, 6, 7, 8, 9}
     assert all(isinstance(t["met"], bool) for t in results["targets"])
 
 
@@ -97,3 +98,29 @@ def test_sts_model(results):
         assert s["meshiam_restart_limited"]["peak_calls_in_a_second"] <= s["meshiam_restart_unlimited"]["peak_calls_in_a_second"]
         for k in ("meshiam_steady", "kube2iam_steady", "kiam_steady"):
             assert s[k]["mean_calls_per_s"] > 0
+
+
+def probe_shape(r):
+    assert r["requests"] > 0 and r["requests"] == sum(r["statuses"].values())
+    assert r["ok"] == r["statuses"].get("200", 0) and r["failed"] == r["requests"] - r["ok"]
+    values = [r["latency_us"][k] for k in sorted(LATENCY_KEYS, key=float)]
+    assert values == sorted(values) and values[0] > 0
+
+
+def test_hostile_load(results):
+    b8 = results["benchmarks"]["8_slowloris"]
+    for v in ("unattacked", "attacked"):
+        probe_shape(b8["probe"][v])
+    # The victim's broker works before the attack: every unattacked call-out got credentials.
+    assert b8["probe"]["unattacked"]["ok"] == b8["probe"]["unattacked"]["requests"]
+    r = b8["rss_kib"]
+    assert 0 < r["start"] <= r["peak_during"] and r["after"] > 0
+    a = b8["attacker"]
+    assert a["opened"] > 0 and 0 < a["peak_held"] <= b8["connections"]
+    b9 = results["benchmarks"]["9_unknown_address_flood"]
+    for v in ("unattacked", "attacked"):
+        probe_shape(b9["probe"][v])
+    assert b9["probe"]["unattacked"]["ok"] == b9["probe"]["unattacked"]["requests"]
+    assert b9["attacker"]["answered"] > 0
+    # No answer to an address no pod has is ever credentials.
+    assert not any(k.startswith("200") for k in b9["attacker"]["answers"])
