@@ -37,8 +37,6 @@ const TOKEN_PATH: &str = "/latest/api/token";
 /// The largest broker answer the filter reads.
 pub const MAX_BROKER_BODY: usize = 64 * 1024;
 
-/// `404`s the filter answers itself, with the broker's reason codes for the same refusals.
-
 /// What the proxy should do with the request's headers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
