@@ -1,6 +1,6 @@
 //! The credential cache: one STS call per key however many requests wait on it, refresh
-//! ahead of expiry, prefetch, a node-wide STS rate limit with backoff, a short negative
-//! cache, and still-valid credentials served while STS fails.
+//! ahead of expiry, prefetch, a short negative cache, and still-valid credentials served
+//! while STS fails. Every STS call first asks the node-wide [`Limiter`].
 //!
 //! Times: credential expiry is wall-clock Unix seconds ([`Clock`]); waiting, backoff and the
 //! negative cache use `tokio::time` (tests pause it).
@@ -16,6 +16,7 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use crate::clock::Clock;
+use crate::limiter::{Limiter, doubled, jittered};
 use crate::metrics::Metrics;
 use crate::sts::{AssumeRoleRequest, StsApi, StsError, StsErrorKind};
 
@@ -132,109 +133,6 @@ impl Slot {
     }
 }
 
-/// A node-wide token bucket plus a backoff window opened by throttling or outages.
-#[derive(Debug)]
-struct Limiter {
-    rate: f64,
-    burst: f64,
-    base: Duration,
-    max: Duration,
-    state: Mutex<LimiterState>,
-}
-
-#[derive(Debug)]
-struct LimiterState {
-    tokens: f64,
-    last: Instant,
-    blocked_until: Option<Instant>,
-    streak: u32,
-    last_kind: StsErrorKind,
-}
-
-fn jittered(d: Duration) -> Duration {
-    // Between half and all of `d`: spread out, never longer than promised.
-    d.mul_f64(rand::rng().random_range(0.5..=1.0))
-}
-
-fn doubled(base: Duration, step: u32, max: Duration) -> Duration {
-    base.saturating_mul(1u32 << step.saturating_sub(1).min(20))
-        .min(max)
-}
-
-impl Limiter {
-    fn new(cfg: &CacheConfig) -> Self {
-        Self {
-            rate: cfg.rate_per_sec.max(0.001),
-            burst: f64::from(cfg.burst.max(1)),
-            base: cfg.backoff_base,
-            max: cfg.backoff_max,
-            state: Mutex::new(LimiterState {
-                tokens: f64::from(cfg.burst.max(1)),
-                last: Instant::now(),
-                blocked_until: None,
-                streak: 0,
-                last_kind: StsErrorKind::Throttled,
-            }),
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, LimiterState> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Waits for permission to call STS; gives up (without waiting) when that would take
-    /// past `deadline`.
-    async fn acquire(&self, deadline: Option<Instant>) -> Result<(), StsError> {
-        loop {
-            let (wait, err) = {
-                let mut s = self.lock();
-                let now = Instant::now();
-                let elapsed = now.saturating_duration_since(s.last).as_secs_f64();
-                s.tokens = (s.tokens + elapsed * self.rate).min(self.burst);
-                s.last = now;
-                match s.blocked_until {
-                    Some(until) if until > now => {
-                        (until - now, StsError::new(s.last_kind, "node-backoff"))
-                    }
-                    _ if s.tokens >= 1.0 => {
-                        s.tokens -= 1.0;
-                        return Ok(());
-                    }
-                    _ => (
-                        // At least a millisecond: a rounding-sized wait would spin.
-                        Duration::from_secs_f64((1.0 - s.tokens) / self.rate)
-                            .max(Duration::from_millis(1)),
-                        StsError::new(StsErrorKind::Throttled, "node-rate-limit"),
-                    ),
-                }
-            };
-            if let Some(d) = deadline
-                && Instant::now() + wait > d
-            {
-                return Err(err);
-            }
-            tokio::time::sleep(wait).await;
-        }
-    }
-
-    fn record(&self, result: Result<(), StsErrorKind>) {
-        let mut s = self.lock();
-        match result {
-            Ok(()) => {
-                s.streak = 0;
-                s.blocked_until = None;
-            }
-            Err(kind) if kind.is_systemic() => {
-                s.streak = s.streak.saturating_add(1);
-                s.last_kind = kind;
-                let wait = jittered(doubled(self.base, s.streak, self.max));
-                s.blocked_until = Some(Instant::now() + wait);
-            }
-            Err(_) => {}
-        }
-    }
-}
-
 struct Inner {
     sts: Arc<dyn StsApi>,
     cfg: CacheConfig,
@@ -274,7 +172,12 @@ impl std::fmt::Debug for CredentialCache {
 
 impl CredentialCache {
     pub fn new(sts: Arc<dyn StsApi>, cfg: CacheConfig, clock: Clock, metrics: Metrics) -> Self {
-        let limiter = Limiter::new(&cfg);
+        let limiter = Limiter::new(
+            cfg.rate_per_sec,
+            cfg.burst,
+            cfg.backoff_base,
+            cfg.backoff_max,
+        );
         Self {
             inner: Arc::new(Inner {
                 sts,
