@@ -96,7 +96,7 @@ pub fn parse(
             namespaces: Vec::new(),
         }
     } else {
-        serde_yaml::from_str(text).map_err(|e| invalid(e.to_string()))?
+        yaml_serde::from_str(text).map_err(|e| invalid(e.to_string()))?
     };
     let mut seen = HashSet::new();
     let mut pods = Vec::new();
