@@ -137,10 +137,7 @@ pub fn parse(
                 "namespaces[{i}]: name empty or listed twice"
             )));
         }
-        namespaces.push(Namespace {
-            name: n.name,
-            annotations: n.annotations,
-        });
+        namespaces.push(Namespace::new(n.name, n.annotations));
     }
     Ok((pods, namespaces))
 }

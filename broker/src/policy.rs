@@ -1,6 +1,7 @@
 //! Which role a pod gets: its annotations, the base ARN, the default role and the namespace
 //! restrictions (kube2iam's `allowed-roles` globs or kiam's `permitted` regex).
 
+use std::collections::BTreeMap;
 use std::sync::RwLock;
 
 use serde::Serialize;
@@ -467,30 +468,30 @@ impl RolePolicy {
     }
 
     fn check_allowed_roles(&self, arn: &str, ns: &Namespace) -> Verdict {
-        let Some(raw) = ns.annotations.get(ALLOWED_ROLES) else {
-            return Verdict::deny(format!("namespace {} has no {ALLOWED_ROLES}", ns.name));
-        };
-        let Ok(globs) = serde_json::from_str::<Vec<String>>(raw) else {
-            return Verdict::deny(format!(
-                "{ALLOWED_ROLES} of namespace {} is not a JSON list of strings",
-                ns.name
-            ));
+        let entries = match &ns.rules().allowed_roles {
+            None => {
+                return Verdict::deny(format!("namespace {} has no {ALLOWED_ROLES}", ns.name));
+            }
+            Some(Err(NotAList)) => {
+                return Verdict::deny(format!(
+                    "{ALLOWED_ROLES} of namespace {} is not a JSON list of strings",
+                    ns.name
+                ));
+            }
+            Some(Ok(entries)) => entries,
         };
         let base = self.base_arn();
-        for g in &globs {
-            let g = g.trim();
-            let pattern = if g.starts_with("arn:") {
-                g.to_string()
-            } else if let Some(base) = &base {
-                format!("{}{}", base.as_str(), g.strip_prefix('/').unwrap_or(g))
-            } else {
-                continue;
+        for e in entries {
+            // An entry that is not a valid glob matches nothing (the others still count).
+            let Some(glob) = &e.glob else { continue };
+            let subject = match e.scope {
+                GlobScope::Arn => Some(arn),
+                // `base + glob` matched against the ARN, as the glob alone against what
+                // follows the base: the base holds no glob syntax. No base yet: no match.
+                GlobScope::UnderBase => base.as_ref().and_then(|b| arn.strip_prefix(b.as_str())),
             };
-            // `*` matches across `/` too, as kube2iam's globs do.
-            if let Ok(glob) = globset::Glob::new(&pattern)
-                && glob.compile_matcher().is_match(arn)
-            {
-                return Verdict::allow(format!("{ALLOWED_ROLES} entry {g:?}"));
+            if subject.is_some_and(|s| glob.is_match(s)) {
+                return Verdict::allow(format!("{ALLOWED_ROLES} entry {:?}", e.entry));
             }
         }
         Verdict::deny(format!(
@@ -501,26 +502,108 @@ impl RolePolicy {
 }
 
 fn check_permitted(arn: &str, ns: &Namespace) -> Verdict {
-    let Some(raw) = ns.annotations.get(PERMITTED) else {
+    let Some(permitted) = &ns.rules().permitted else {
         return Verdict::deny(format!("namespace {} has no {PERMITTED}", ns.name));
     };
-    match regex::Regex::new(&format!("^(?:{raw})$")) {
-        Ok(re) if re.is_match(arn) => Verdict::allow(format!("{PERMITTED} {raw:?}")),
+    match &permitted.regex {
+        Ok(re) if re.is_match(arn) => Verdict::allow(format!("{PERMITTED} {:?}", permitted.raw)),
         Ok(_) => Verdict::deny(format!(
             "{PERMITTED} of namespace {} does not match the whole ARN",
             ns.name
         )),
-        Err(_) => Verdict::deny(format!(
+        Err(InvalidRegex) => Verdict::deny(format!(
             "{PERMITTED} of namespace {} is not a valid regex",
             ns.name
         )),
     }
 }
 
+/// `iam.amazonaws.com/allowed-roles` is not a JSON list of strings: the namespace permits
+/// nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct NotAList;
+
+/// `iam.amazonaws.com/permitted` does not compile: the namespace permits nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct InvalidRegex;
+
+/// What an allowed-roles glob is matched against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum GlobScope {
+    /// An entry starting with `arn:`: the whole role ARN.
+    Arn,
+    /// A role name or path: what follows the base ARN (known at evaluation, it may be
+    /// discovered after the namespace is stored).
+    UnderBase,
+}
+
+#[derive(Debug, Clone)]
+struct AllowedRole {
+    /// The entry as written (trimmed), for the verdict's rule.
+    entry: String,
+    scope: GlobScope,
+    /// `None`: not a valid glob.
+    glob: Option<globset::GlobMatcher>,
+}
+
+#[derive(Debug, Clone)]
+struct Permitted {
+    raw: String,
+    /// Anchored on the whole ARN.
+    regex: Result<regex::Regex, InvalidRegex>,
+}
+
+/// A namespace's restriction annotations, compiled once when the namespace is stored
+/// ([`Namespace::new`]) instead of on every evaluation; a malformed one keeps its error, to
+/// refuse with at evaluation (fail closed).
+#[derive(Debug, Clone, Default)]
+pub struct NamespaceRules {
+    /// `None`: no annotation.
+    allowed_roles: Option<Result<Vec<AllowedRole>, NotAList>>,
+    /// `None`: no annotation.
+    permitted: Option<Permitted>,
+}
+
+impl NamespaceRules {
+    /// Compiles both annotations (which one applies is the broker's setting, read at
+    /// evaluation).
+    pub fn compile(annotations: &BTreeMap<String, String>) -> Self {
+        let allowed_roles = annotations.get(ALLOWED_ROLES).map(|raw| {
+            let globs = serde_json::from_str::<Vec<String>>(raw).map_err(|_| NotAList)?;
+            Ok(globs
+                .iter()
+                .map(|g| {
+                    let g = g.trim();
+                    let (scope, pattern) = if g.starts_with("arn:") {
+                        (GlobScope::Arn, g)
+                    } else {
+                        (GlobScope::UnderBase, g.strip_prefix('/').unwrap_or(g))
+                    };
+                    AllowedRole {
+                        entry: g.to_string(),
+                        scope,
+                        // `*` matches across `/` too, as kube2iam's globs do.
+                        glob: globset::Glob::new(pattern)
+                            .ok()
+                            .map(|g| g.compile_matcher()),
+                    }
+                })
+                .collect())
+        });
+        let permitted = annotations.get(PERMITTED).map(|raw| Permitted {
+            raw: raw.clone(),
+            regex: regex::Regex::new(&format!("^(?:{raw})$")).map_err(|_| InvalidRegex),
+        });
+        Self {
+            allowed_roles,
+            permitted,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::BTreeMap;
 
     const BASE: &str = "arn:aws:iam::123456789012:role/";
 
@@ -545,13 +628,12 @@ mod tests {
     }
 
     fn ns(anns: &[(&str, &str)]) -> Namespace {
-        Namespace {
-            name: "default".into(),
-            annotations: anns
-                .iter()
+        Namespace::new(
+            "default",
+            anns.iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect::<BTreeMap<_, _>>(),
-        }
+        )
     }
 
     #[test]
@@ -753,6 +835,123 @@ mod tests {
             assert!(p.decide(&pod(&[(ROLE, "allowed-one")]), Some(&n)).is_err());
         }
         assert!(p.decide(&pod(&[(ROLE, "allowed-one")]), None).is_err());
+    }
+
+    #[test]
+    fn compiled_globs_match_as_base_plus_glob_did() {
+        // Before patterns were compiled per namespace, a name glob was matched as
+        // `base + glob` against the whole ARN; the compiled glob is matched against what
+        // follows the base. Same answers, for globs that use every kind of syntax.
+        let globs = [
+            "allowed-*",
+            "/allowed-*",
+            "team/*",
+            "**",
+            "*",
+            "**/app",
+            "team/**",
+            "a?c",
+            "[ab]-x",
+            "[!a]*",
+            "{web,api}-*",
+            "*app*",
+            "",
+            "team",
+            "**x",
+            "a/**/b",
+            "team\\*",
+            "[",
+            "role/x",
+        ];
+        let arns = [
+            "app",
+            "allowed-one",
+            "allowed-team/deep",
+            "team/app",
+            "team/sub/app",
+            "abc",
+            "a-x",
+            "c-x",
+            "web-1",
+            "x/app",
+            "a/b",
+            "a/q/r/b",
+            "team*",
+            "teamx",
+        ];
+        for base in [BASE, "arn:aws:iam::123456789012:role/ns/"] {
+            let p = RolePolicy::new(PolicyConfig {
+                base_arn: Some(BaseArn::parse(base).unwrap()),
+                restriction: Restriction::AllowedRoles,
+                ..PolicyConfig::default()
+            });
+            for g in globs {
+                let n = ns(&[(ALLOWED_ROLES, &serde_json::to_string(&[g]).unwrap())]);
+                let old =
+                    globset::Glob::new(&format!("{base}{}", g.strip_prefix('/').unwrap_or(g)))
+                        .ok()
+                        .map(|g| g.compile_matcher());
+                for rel in arns {
+                    let arn = format!("{base}{rel}");
+                    let was = old.as_ref().is_some_and(|m| m.is_match(&arn));
+                    let now = p.check_allowed_roles(&arn, &n).permitted;
+                    assert_eq!(now, was, "glob {g:?} on {arn}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn namespace_rules_are_compiled_when_stored_and_keep_their_errors() {
+        // Stored before the base ARN is known (discovered later): name globs then apply
+        // under the base as it is at evaluation.
+        let n = ns(&[
+            (
+                ALLOWED_ROLES,
+                r#"["team-*", "[", "arn:aws:iam::999999999999:role/x"]"#,
+            ),
+            (PERMITTED, "arn:aws:iam::123456789012:role/team-.*"),
+        ]);
+        let late = RolePolicy::new(PolicyConfig {
+            restriction: Restriction::AllowedRoles,
+            ..PolicyConfig::default()
+        });
+        let team = pod(&[(ROLE, &format!("{BASE}team-a"))]);
+        assert!(matches!(
+            late.decide(&team, Some(&n)),
+            Err(PolicyError::NotPermitted { .. })
+        ));
+        late.set_base_arn(BaseArn::parse(BASE).unwrap());
+        let d = late.decide(&team, Some(&n)).unwrap();
+        assert_eq!(d.verdict.rule, format!("{ALLOWED_ROLES} entry \"team-*\""));
+        // An invalid entry matches nothing; the others still do.
+        assert!(
+            late.decide(
+                &pod(&[(ROLE, "arn:aws:iam::999999999999:role/x")]),
+                Some(&n)
+            )
+            .is_ok()
+        );
+        // The same namespace under kiam's rule: its regex, compiled once too.
+        let kiam = policy(Restriction::Permitted);
+        assert!(kiam.decide(&team, Some(&n)).is_ok());
+        // Malformed annotations are refused with the same reason as before, every time.
+        let not_a_list = ns(&[(ALLOWED_ROLES, "team-*")]);
+        let bad_regex = ns(&[(PERMITTED, "(")]);
+        for _ in 0..2 {
+            let e = policy(Restriction::AllowedRoles)
+                .decide(&team, Some(&not_a_list))
+                .unwrap_err();
+            assert!(
+                e.to_string().contains("is not a JSON list of strings"),
+                "{e}"
+            );
+            let e = kiam.decide(&team, Some(&bad_regex)).unwrap_err();
+            assert!(e.to_string().contains("is not a valid regex"), "{e}");
+            assert!(matches!(e, PolicyError::NotPermitted { .. }));
+        }
+        // Equal namespaces compare equal (the compiled form follows the annotations).
+        assert_eq!(n.clone(), n);
     }
 
     #[test]

@@ -113,15 +113,11 @@ fn harness(o: Opts) -> Harness {
     ] {
         store.upsert_pod(p);
     }
-    let ns = |name: &str, k: &str, v: &str| Namespace {
-        name: name.into(),
-        annotations: [(k.to_string(), v.to_string())].into_iter().collect(),
+    let ns = |name: &str, k: &str, v: &str| {
+        Namespace::new(name, [(k.to_string(), v.to_string())].into_iter().collect())
     };
     store.replace_namespaces([
-        Namespace {
-            name: "default".into(),
-            annotations: BTreeMap::new(),
-        },
+        Namespace::new("default", BTreeMap::new()),
         ns("restricted", policy::ALLOWED_ROLES, r#"["allowed-*"]"#),
         ns(
             "kiam",
