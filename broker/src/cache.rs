@@ -142,13 +142,28 @@ struct Inner {
     limiter: Limiter,
 }
 
+/// Where a key's credentials stand, by remaining lifetime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EntryState {
+    /// More than the minimum lifetime plus the refresh margin left.
+    Fresh,
+    /// Inside the refresh margin: the background refresh fetches it.
+    RefreshDue,
+    /// Valid but below the minimum lifetime: a request fetches before answering.
+    BelowMinimum,
+    Expired,
+    /// The key is known but nothing was fetched (yet).
+    Empty,
+    NotCached,
+}
+
 /// What the cache holds for a key, for the operator: no secrets, and no access key id (the
 /// view is shown on the admin port's debug endpoints).
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct EntryView {
-    /// `fresh`, `refresh-due`, `below-minimum`, `expired`, `empty`, `not-cached`.
-    pub state: &'static str,
+    pub state: EntryState,
     pub expiration: Option<String>,
     pub remaining_secs: Option<u64>,
     pub last_error: Option<String>,
@@ -428,7 +443,7 @@ impl CredentialCache {
     pub fn view(&self, req: &AssumeRoleRequest) -> EntryView {
         let Some(slot) = self.slots().get(req).cloned() else {
             return EntryView {
-                state: "not-cached",
+                state: EntryState::NotCached,
                 expiration: None,
                 remaining_secs: None,
                 last_error: None,
@@ -440,11 +455,11 @@ impl CredentialCache {
         let st = slot.state();
         let remaining = st.creds.as_ref().map(|c| c.remaining(now));
         let state = match remaining {
-            None => "empty",
-            Some(0) => "expired",
-            Some(r) if r < self.threshold(Purpose::Request) => "below-minimum",
-            Some(r) if r < self.threshold(Purpose::Refresh) => "refresh-due",
-            Some(_) => "fresh",
+            None => EntryState::Empty,
+            Some(0) => EntryState::Expired,
+            Some(r) if r < self.threshold(Purpose::Request) => EntryState::BelowMinimum,
+            Some(r) if r < self.threshold(Purpose::Refresh) => EntryState::RefreshDue,
+            Some(_) => EntryState::Fresh,
         };
         EntryView {
             state,
@@ -562,7 +577,7 @@ mod tests {
         assert_eq!(how, Served::Fetched);
         assert!(c.remaining(clock.now()) > 55 * 60);
         assert!(cache.due_for_refresh().is_empty());
-        assert_eq!(cache.view(&r).state, "fresh");
+        assert_eq!(cache.view(&r).state, EntryState::Fresh);
     }
 
     #[tokio::test(start_paused = true)]
@@ -747,6 +762,46 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn entry_states_follow_the_remaining_lifetime() {
+        let (cache, sts, clock) = setup(quiet());
+        let r = req("app");
+        let state = |c: &CredentialCache| c.view(&r).state;
+        assert_eq!(state(&cache), EntryState::NotCached);
+        sts.fail_with(Some(StsErrorKind::Denied));
+        let _ = cache.get(&r, Purpose::Request).await;
+        assert_eq!(state(&cache), EntryState::Empty);
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        sts.fail_with(None);
+        cache.get(&r, Purpose::Request).await.unwrap();
+        // One hour: fresh; refresh due inside 35 min; below the minimum inside 30 min.
+        let mut seen = vec![state(&cache)];
+        let mut elapsed = 0;
+        for left in [35 * 60 - 1, 30 * 60 - 1, 0] {
+            clock.advance(3600 - left - elapsed);
+            elapsed = 3600 - left;
+            seen.push(state(&cache));
+        }
+        assert_eq!(
+            seen,
+            [
+                EntryState::Fresh,
+                EntryState::RefreshDue,
+                EntryState::BelowMinimum,
+                EntryState::Expired
+            ]
+        );
+        // The admin endpoints show them as before.
+        assert_eq!(
+            serde_json::to_value(cache.view(&r)).unwrap()["state"],
+            "expired"
+        );
+        assert_eq!(
+            serde_json::to_value(EntryState::RefreshDue).unwrap(),
+            "refresh-due"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn retain_drops_unused_entries() {
         let (cache, _, _) = setup(quiet());
         cache.get(&req("a"), Purpose::Request).await.unwrap();
@@ -754,7 +809,7 @@ mod tests {
         let live: HashSet<_> = [req("a")].into_iter().collect();
         assert_eq!(cache.retain(&live), 1);
         assert_eq!(cache.len(), 1);
-        assert_eq!(cache.view(&req("b")).state, "not-cached");
-        assert_eq!(cache.view(&req("a")).state, "fresh");
+        assert_eq!(cache.view(&req("b")).state, EntryState::NotCached);
+        assert_eq!(cache.view(&req("a")).state, EntryState::Fresh);
     }
 }
