@@ -1,6 +1,6 @@
 //! The credential cache: one STS call per key however many requests wait on it, refresh
-//! ahead of expiry, prefetch, a node-wide STS rate limit with backoff, a short negative
-//! cache, and still-valid credentials served while STS fails.
+//! ahead of expiry, prefetch, a short negative cache, and still-valid credentials served
+//! while STS fails. Every STS call first asks the node-wide [`Limiter`].
 //!
 //! Times: credential expiry is wall-clock Unix seconds ([`Clock`]); waiting, backoff and the
 //! negative cache use `tokio::time` (tests pause it).
@@ -16,6 +16,7 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use crate::clock::Clock;
+use crate::limiter::{Limiter, doubled, jittered};
 use crate::metrics::Metrics;
 use crate::sts::{AssumeRoleRequest, StsApi, StsError, StsErrorKind};
 
@@ -132,109 +133,6 @@ impl Slot {
     }
 }
 
-/// A node-wide token bucket plus a backoff window opened by throttling or outages.
-#[derive(Debug)]
-struct Limiter {
-    rate: f64,
-    burst: f64,
-    base: Duration,
-    max: Duration,
-    state: Mutex<LimiterState>,
-}
-
-#[derive(Debug)]
-struct LimiterState {
-    tokens: f64,
-    last: Instant,
-    blocked_until: Option<Instant>,
-    streak: u32,
-    last_kind: StsErrorKind,
-}
-
-fn jittered(d: Duration) -> Duration {
-    // Between half and all of `d`: spread out, never longer than promised.
-    d.mul_f64(rand::rng().random_range(0.5..=1.0))
-}
-
-fn doubled(base: Duration, step: u32, max: Duration) -> Duration {
-    base.saturating_mul(1u32 << step.saturating_sub(1).min(20))
-        .min(max)
-}
-
-impl Limiter {
-    fn new(cfg: &CacheConfig) -> Self {
-        Self {
-            rate: cfg.rate_per_sec.max(0.001),
-            burst: f64::from(cfg.burst.max(1)),
-            base: cfg.backoff_base,
-            max: cfg.backoff_max,
-            state: Mutex::new(LimiterState {
-                tokens: f64::from(cfg.burst.max(1)),
-                last: Instant::now(),
-                blocked_until: None,
-                streak: 0,
-                last_kind: StsErrorKind::Throttled,
-            }),
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, LimiterState> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Waits for permission to call STS; gives up (without waiting) when that would take
-    /// past `deadline`.
-    async fn acquire(&self, deadline: Option<Instant>) -> Result<(), StsError> {
-        loop {
-            let (wait, err) = {
-                let mut s = self.lock();
-                let now = Instant::now();
-                let elapsed = now.saturating_duration_since(s.last).as_secs_f64();
-                s.tokens = (s.tokens + elapsed * self.rate).min(self.burst);
-                s.last = now;
-                match s.blocked_until {
-                    Some(until) if until > now => {
-                        (until - now, StsError::new(s.last_kind, "node-backoff"))
-                    }
-                    _ if s.tokens >= 1.0 => {
-                        s.tokens -= 1.0;
-                        return Ok(());
-                    }
-                    _ => (
-                        // At least a millisecond: a rounding-sized wait would spin.
-                        Duration::from_secs_f64((1.0 - s.tokens) / self.rate)
-                            .max(Duration::from_millis(1)),
-                        StsError::new(StsErrorKind::Throttled, "node-rate-limit"),
-                    ),
-                }
-            };
-            if let Some(d) = deadline
-                && Instant::now() + wait > d
-            {
-                return Err(err);
-            }
-            tokio::time::sleep(wait).await;
-        }
-    }
-
-    fn record(&self, result: Result<(), StsErrorKind>) {
-        let mut s = self.lock();
-        match result {
-            Ok(()) => {
-                s.streak = 0;
-                s.blocked_until = None;
-            }
-            Err(kind) if kind.is_systemic() => {
-                s.streak = s.streak.saturating_add(1);
-                s.last_kind = kind;
-                let wait = jittered(doubled(self.base, s.streak, self.max));
-                s.blocked_until = Some(Instant::now() + wait);
-            }
-            Err(_) => {}
-        }
-    }
-}
-
 struct Inner {
     sts: Arc<dyn StsApi>,
     cfg: CacheConfig,
@@ -244,13 +142,28 @@ struct Inner {
     limiter: Limiter,
 }
 
+/// Where a key's credentials stand, by remaining lifetime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EntryState {
+    /// More than the minimum lifetime plus the refresh margin left.
+    Fresh,
+    /// Inside the refresh margin: the background refresh fetches it.
+    RefreshDue,
+    /// Valid but below the minimum lifetime: a request fetches before answering.
+    BelowMinimum,
+    Expired,
+    /// The key is known but nothing was fetched (yet).
+    Empty,
+    NotCached,
+}
+
 /// What the cache holds for a key, for the operator: no secrets, and no access key id (the
 /// view is shown on the admin port's debug endpoints).
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct EntryView {
-    /// `fresh`, `refresh-due`, `below-minimum`, `expired`, `empty`, `not-cached`.
-    pub state: &'static str,
+    pub state: EntryState,
     pub expiration: Option<String>,
     pub remaining_secs: Option<u64>,
     pub last_error: Option<String>,
@@ -274,7 +187,12 @@ impl std::fmt::Debug for CredentialCache {
 
 impl CredentialCache {
     pub fn new(sts: Arc<dyn StsApi>, cfg: CacheConfig, clock: Clock, metrics: Metrics) -> Self {
-        let limiter = Limiter::new(&cfg);
+        let limiter = Limiter::new(
+            cfg.rate_per_sec,
+            cfg.burst,
+            cfg.backoff_base,
+            cfg.backoff_max,
+        );
         Self {
             inner: Arc::new(Inner {
                 sts,
@@ -525,7 +443,7 @@ impl CredentialCache {
     pub fn view(&self, req: &AssumeRoleRequest) -> EntryView {
         let Some(slot) = self.slots().get(req).cloned() else {
             return EntryView {
-                state: "not-cached",
+                state: EntryState::NotCached,
                 expiration: None,
                 remaining_secs: None,
                 last_error: None,
@@ -537,11 +455,11 @@ impl CredentialCache {
         let st = slot.state();
         let remaining = st.creds.as_ref().map(|c| c.remaining(now));
         let state = match remaining {
-            None => "empty",
-            Some(0) => "expired",
-            Some(r) if r < self.threshold(Purpose::Request) => "below-minimum",
-            Some(r) if r < self.threshold(Purpose::Refresh) => "refresh-due",
-            Some(_) => "fresh",
+            None => EntryState::Empty,
+            Some(0) => EntryState::Expired,
+            Some(r) if r < self.threshold(Purpose::Request) => EntryState::BelowMinimum,
+            Some(r) if r < self.threshold(Purpose::Refresh) => EntryState::RefreshDue,
+            Some(_) => EntryState::Fresh,
         };
         EntryView {
             state,
@@ -659,7 +577,7 @@ mod tests {
         assert_eq!(how, Served::Fetched);
         assert!(c.remaining(clock.now()) > 55 * 60);
         assert!(cache.due_for_refresh().is_empty());
-        assert_eq!(cache.view(&r).state, "fresh");
+        assert_eq!(cache.view(&r).state, EntryState::Fresh);
     }
 
     #[tokio::test(start_paused = true)]
@@ -844,6 +762,46 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn entry_states_follow_the_remaining_lifetime() {
+        let (cache, sts, clock) = setup(quiet());
+        let r = req("app");
+        let state = |c: &CredentialCache| c.view(&r).state;
+        assert_eq!(state(&cache), EntryState::NotCached);
+        sts.fail_with(Some(StsErrorKind::Denied));
+        let _ = cache.get(&r, Purpose::Request).await;
+        assert_eq!(state(&cache), EntryState::Empty);
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        sts.fail_with(None);
+        cache.get(&r, Purpose::Request).await.unwrap();
+        // One hour: fresh; refresh due inside 35 min; below the minimum inside 30 min.
+        let mut seen = vec![state(&cache)];
+        let mut elapsed = 0;
+        for left in [35 * 60 - 1, 30 * 60 - 1, 0] {
+            clock.advance(3600 - left - elapsed);
+            elapsed = 3600 - left;
+            seen.push(state(&cache));
+        }
+        assert_eq!(
+            seen,
+            [
+                EntryState::Fresh,
+                EntryState::RefreshDue,
+                EntryState::BelowMinimum,
+                EntryState::Expired
+            ]
+        );
+        // The admin endpoints show them as before.
+        assert_eq!(
+            serde_json::to_value(cache.view(&r)).unwrap()["state"],
+            "expired"
+        );
+        assert_eq!(
+            serde_json::to_value(EntryState::RefreshDue).unwrap(),
+            "refresh-due"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn retain_drops_unused_entries() {
         let (cache, _, _) = setup(quiet());
         cache.get(&req("a"), Purpose::Request).await.unwrap();
@@ -851,7 +809,7 @@ mod tests {
         let live: HashSet<_> = [req("a")].into_iter().collect();
         assert_eq!(cache.retain(&live), 1);
         assert_eq!(cache.len(), 1);
-        assert_eq!(cache.view(&req("b")).state, "not-cached");
-        assert_eq!(cache.view(&req("a")).state, "fresh");
+        assert_eq!(cache.view(&req("b")).state, EntryState::NotCached);
+        assert_eq!(cache.view(&req("a")).state, EntryState::Fresh);
     }
 }

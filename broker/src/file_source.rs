@@ -96,7 +96,7 @@ pub fn parse(
             namespaces: Vec::new(),
         }
     } else {
-        serde_yaml::from_str(text).map_err(|e| invalid(e.to_string()))?
+        yaml_serde::from_str(text).map_err(|e| invalid(e.to_string()))?
     };
     let mut seen = HashSet::new();
     let mut pods = Vec::new();
@@ -137,10 +137,7 @@ pub fn parse(
                 "namespaces[{i}]: name empty or listed twice"
             )));
         }
-        namespaces.push(Namespace {
-            name: n.name,
-            annotations: n.annotations,
-        });
+        namespaces.push(Namespace::new(n.name, n.annotations));
     }
     Ok((pods, namespaces))
 }

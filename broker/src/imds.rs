@@ -373,7 +373,7 @@ async fn serve(
     trail.decision = Some(decision.clone());
     if !decision.verdict.permitted {
         return Err(PolicyError::NotPermitted {
-            role_arn: decision.role_arn,
+            role_arn: decision.role_arn.to_string(),
             rule: decision.verdict.rule,
         }
         .into());
@@ -381,16 +381,11 @@ async fn serve(
 
     match resource {
         Resource::RoleList => Ok(text(StatusCode::OK, decision.role_name().to_string())),
-        Resource::IamInfo => {
-            let arn = decision
-                .role_arn
-                .replacen(":role/", ":instance-profile/", 1);
-            Ok(json(creds::render_iam_info(
-                now,
-                &arn,
-                &instance_profile_id(&decision.role_arn),
-            )))
-        }
+        Resource::IamInfo => Ok(json(creds::render_iam_info(
+            now,
+            &decision.role_arn.instance_profile_arn(),
+            &instance_profile_id(decision.role_arn.as_str()),
+        ))),
         Resource::Credentials(asked) => {
             if asked != decision.role_name() {
                 return Err(BrokerError::NotPodRole {

@@ -337,10 +337,10 @@ fn parse_ip(s: &str) -> Option<IpAddr> {
 /// A namespace's name and annotations; `None` without a name.
 pub fn namespace_from_k8s(ns: &k8s::Namespace) -> Option<Namespace> {
     let name = ns.metadata.name.clone().filter(|n| !n.is_empty())?;
-    Some(Namespace {
+    Some(Namespace::new(
         name,
-        annotations: ns.metadata.annotations.clone().unwrap_or_default(),
-    })
+        ns.metadata.annotations.clone().unwrap_or_default(),
+    ))
 }
 
 #[cfg(test)]
@@ -439,7 +439,7 @@ mod tests {
         let ns = namespace_from_k8s(&ns).unwrap();
         assert_eq!(ns.name, "restricted");
         assert_eq!(
-            ns.annotations
+            ns.annotations()
                 .get("iam.amazonaws.com/allowed-roles")
                 .map(String::as_str),
             Some("[\"allowed-*\"]")

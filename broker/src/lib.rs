@@ -16,6 +16,7 @@ pub mod file_source;
 pub mod identity;
 pub mod imds;
 pub mod kube_source;
+pub mod limiter;
 pub mod limits;
 pub mod metrics;
 pub mod node_imds;

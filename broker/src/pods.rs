@@ -21,6 +21,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, watch};
 use tokio::time::Instant;
 
+use crate::policy::NamespaceRules;
+
 /// `namespace/name`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct PodKey {
@@ -97,12 +99,43 @@ impl Pod {
     }
 }
 
-/// What the broker needs to know about a namespace: its restriction annotations.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+/// What the broker needs to know about a namespace: its restriction annotations, compiled
+/// once here (globs, regex) rather than on every evaluation.
+#[derive(Debug, Clone, Default)]
 pub struct Namespace {
     pub name: String,
-    pub annotations: BTreeMap<String, String>,
+    annotations: BTreeMap<String, String>,
+    rules: Arc<NamespaceRules>,
 }
+
+impl Namespace {
+    pub fn new(name: impl Into<String>, annotations: BTreeMap<String, String>) -> Self {
+        let rules = Arc::new(NamespaceRules::compile(&annotations));
+        Self {
+            name: name.into(),
+            annotations,
+            rules,
+        }
+    }
+
+    pub fn annotations(&self) -> &BTreeMap<String, String> {
+        &self.annotations
+    }
+
+    /// The restriction annotations, compiled.
+    pub fn rules(&self) -> &NamespaceRules {
+        &self.rules
+    }
+}
+
+/// The compiled rules follow from the annotations.
+impl PartialEq for Namespace {
+    fn eq(&self, other: &Self) -> bool {
+        self.name == other.name && self.annotations == other.annotations
+    }
+}
+
+impl Eq for Namespace {}
 
 /// Who holds an address.
 #[derive(Debug, Clone, PartialEq, Eq)]

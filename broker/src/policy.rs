@@ -1,6 +1,7 @@
 //! Which role a pod gets: its annotations, the base ARN, the default role and the namespace
 //! restrictions (kube2iam's `allowed-roles` globs or kiam's `permitted` regex).
 
+use std::collections::BTreeMap;
 use std::sync::RwLock;
 
 use serde::Serialize;
@@ -33,61 +34,196 @@ pub enum Restriction {
     Permitted,
 }
 
-/// `arn:<partition>:iam::<account>:role/`: what role names are appended to.
+/// The parts of any ARN: `arn:<partition>:<service>:<region>:<account>:<resource>`.
+struct ArnParts<'a> {
+    partition: &'a str,
+    service: &'a str,
+    region: &'a str,
+    account: &'a str,
+    resource: &'a str,
+}
+
+impl<'a> ArnParts<'a> {
+    /// Splits at the first five colons (the resource may hold more); `None` when it is not an
+    /// ARN, has no partition, or its account is not twelve digits.
+    fn split(s: &'a str) -> Option<Self> {
+        let mut it = s.splitn(6, ':');
+        let (arn, partition, service, region, account, resource) = (
+            it.next()?,
+            it.next()?,
+            it.next()?,
+            it.next()?,
+            it.next()?,
+            it.next()?,
+        );
+        (arn == "arn" && !partition.is_empty() && is_account(account)).then_some(Self {
+            partition,
+            service,
+            region,
+            account,
+            resource,
+        })
+    }
+
+    /// An IAM resource: service `iam`, no region.
+    fn is_iam(&self) -> bool {
+        self.service == "iam" && self.region.is_empty()
+    }
+}
+
+/// An IAM role ARN, `arn:<partition>:iam::<account>:role/<path/>name`: the one grammar for
+/// role annotations, the default role, glob and regex subjects, and what STS is asked for.
+///
+/// Path segments and the name are 1-64 characters of `[\w+=,.@-]`, and never `.` or `..`:
+/// IAM has no such roles, and a namespace glob such as `team/*` must not match
+/// `team/../other`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RoleArn {
+    arn: String,
+    partition: String,
+    account: String,
+    /// `""` or `team/sub/`: every segment followed by `/`.
+    path: String,
+    name: String,
+}
+
+impl RoleArn {
+    /// A full role ARN.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let bad = || format!("{s:?} is not an IAM role ARN");
+        let parts = ArnParts::split(s)
+            .filter(ArnParts::is_iam)
+            .ok_or_else(bad)?;
+        let rel = parts.resource.strip_prefix("role/").ok_or_else(bad)?;
+        Self::join(parts.partition, parts.account, "", rel).ok_or_else(bad)
+    }
+
+    /// `base_path` (`""` or ending in `/`, already checked) and `rel` (`name` or
+    /// `path/name`, checked here).
+    fn join(partition: &str, account: &str, base_path: &str, rel: &str) -> Option<Self> {
+        if !rel.split('/').all(is_role_segment) {
+            return None;
+        }
+        let (rel_path, name) = match rel.rsplit_once('/') {
+            Some((p, n)) => (format!("{p}/"), n),
+            None => (String::new(), rel),
+        };
+        let path = format!("{base_path}{rel_path}");
+        Some(Self {
+            arn: format!("arn:{partition}:iam::{account}:role/{path}{name}"),
+            partition: partition.to_string(),
+            account: account.to_string(),
+            path,
+            name: name.to_string(),
+        })
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.arn
+    }
+
+    pub fn partition(&self) -> &str {
+        &self.partition
+    }
+
+    pub fn account(&self) -> &str {
+        &self.account
+    }
+
+    /// `""` or `team/sub/`.
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    /// The role's name as IMDS shows it: the last segment.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The instance profile of the same path and name, as IMDS's `iam/info` shows it
+    /// (there is no real one behind a pod's role).
+    pub fn instance_profile_arn(&self) -> String {
+        format!(
+            "arn:{}:iam::{}:instance-profile/{}{}",
+            self.partition, self.account, self.path, self.name
+        )
+    }
+}
+
+impl Serialize for RoleArn {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.arn)
+    }
+}
+
+impl std::fmt::Display for RoleArn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.arn)
+    }
+}
+
+/// `arn:<partition>:iam::<account>:role/<path/>`: what role names are appended to.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BaseArn(String);
+pub struct BaseArn {
+    arn: String,
+    partition: String,
+    account: String,
+    /// `""` or `team/`.
+    path: String,
+}
 
 impl BaseArn {
+    fn new(partition: &str, account: &str, path: &str) -> Self {
+        Self {
+            arn: format!("arn:{partition}:iam::{account}:role/{path}"),
+            partition: partition.to_string(),
+            account: account.to_string(),
+            path: path.to_string(),
+        }
+    }
+
     /// From configuration: `arn:aws:iam::123456789012:role/` (trailing slash optional; a
     /// path such as `role/team/` is kept).
     pub fn parse(s: &str) -> Result<Self, String> {
         let s = s.trim();
-        let parts: Vec<&str> = s.splitn(6, ':').collect();
-        let ok = parts.len() == 6
-            && parts[0] == "arn"
-            && !parts[1].is_empty()
-            && parts[2] == "iam"
-            && parts[3].is_empty()
-            && is_account(parts[4])
-            && is_base_path(parts[5]);
-        if !ok {
-            return Err(format!(
+        let path = ArnParts::split(s)
+            .filter(ArnParts::is_iam)
+            .and_then(|p| base_path(p.resource).map(|path| (p, path)));
+        match path {
+            Some((p, path)) => Ok(Self::new(p.partition, p.account, &path)),
+            None => Err(format!(
                 "{s:?} is not a role base ARN such as arn:aws:iam::123456789012:role/"
-            ));
+            )),
         }
-        let mut base = s.to_string();
-        if !base.ends_with('/') {
-            base.push('/');
-        }
-        Ok(BaseArn(base))
     }
 
     /// From the node's own identity (GetCallerIdentity): any ARN with a partition and an
     /// account, typically `arn:aws:sts::123456789012:assumed-role/node-role/i-0abc`.
     pub fn from_caller_arn(arn: &str) -> Option<Self> {
-        let parts: Vec<&str> = arn.splitn(6, ':').collect();
-        if parts.len() == 6 && parts[0] == "arn" && !parts[1].is_empty() && is_account(parts[4]) {
-            Some(BaseArn(format!("arn:{}:iam::{}:role/", parts[1], parts[4])))
-        } else {
-            None
-        }
+        ArnParts::split(arn).map(|p| Self::new(p.partition, p.account, ""))
     }
 
     pub fn as_str(&self) -> &str {
-        &self.0
+        &self.arn
+    }
+
+    /// `rel` (`name` or `path/name`) under this base; `None` when `rel` is not one.
+    pub fn role(&self, rel: &str) -> Option<RoleArn> {
+        RoleArn::join(&self.partition, &self.account, &self.path, rel)
     }
 }
 
-/// `role`, `role/` or `role/<segments>/`: a base whose names, appended, make role ARNs
-/// that `is_role_arn` accepts (found by fuzzing: a `:` in the path did not).
-fn is_base_path(s: &str) -> bool {
-    match s.strip_prefix("role") {
-        Some("" | "/") => true,
-        Some(rest) => rest
-            .strip_prefix('/')
-            .map(|p| p.strip_suffix('/').unwrap_or(p))
-            .is_some_and(|p| p.split('/').all(is_role_segment)),
-        None => false,
+/// `role`, `role/` or `role/<segments>/` → `""` or `<segments>/`: a base whose names,
+/// appended, make role ARNs that [`RoleArn::parse`] accepts (found by fuzzing: a `:` in the
+/// path did not).
+fn base_path(resource: &str) -> Option<String> {
+    match resource.strip_prefix("role")? {
+        "" | "/" => Some(String::new()),
+        rest => {
+            let p = rest.strip_prefix('/')?;
+            let p = p.strip_suffix('/').unwrap_or(p);
+            p.split('/').all(is_role_segment).then(|| format!("{p}/"))
+        }
     }
 }
 
@@ -98,22 +234,11 @@ fn is_account(s: &str) -> bool {
 fn is_role_segment(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
+        && s != "."
+        && s != ".."
         && s.chars().all(|c| {
             c.is_ascii_alphanumeric() || matches!(c, '_' | '+' | '=' | ',' | '.' | '@' | '-')
         })
-}
-
-fn is_role_arn(s: &str) -> bool {
-    let parts: Vec<&str> = s.splitn(6, ':').collect();
-    parts.len() == 6
-        && parts[0] == "arn"
-        && !parts[1].is_empty()
-        && parts[2] == "iam"
-        && parts[3].is_empty()
-        && is_account(parts[4])
-        && parts[5]
-            .strip_prefix("role/")
-            .is_some_and(|p| p.split('/').all(is_role_segment))
 }
 
 fn is_external_id(s: &str) -> bool {
@@ -122,11 +247,6 @@ fn is_external_id(s: &str) -> bool {
             c.is_ascii_alphanumeric()
                 || matches!(c, '_' | '+' | '=' | ',' | '.' | '@' | ':' | '/' | '-')
         })
-}
-
-/// The role's name as IMDS shows it: the last segment of the ARN.
-pub fn role_name(arn: &str) -> &str {
-    arn.rsplit('/').next().unwrap_or(arn)
 }
 
 /// Where the role came from.
@@ -162,7 +282,7 @@ impl Verdict {
 /// What a pod gets.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decision {
-    pub role_arn: String,
+    pub role_arn: RoleArn,
     pub source: RoleSource,
     pub verdict: Verdict,
     /// The AssumeRole call (and cache key) that serves this pod.
@@ -171,7 +291,7 @@ pub struct Decision {
 
 impl Decision {
     pub fn role_name(&self) -> &str {
-        role_name(&self.role_arn)
+        self.role_arn.name()
     }
 }
 
@@ -242,30 +362,27 @@ impl RolePolicy {
         *self.base.write().unwrap_or_else(|e| e.into_inner()) = Some(base);
     }
 
-    /// A role annotation (or glob) as a full ARN.
-    pub fn resolve_arn(&self, role: &str) -> Result<String, PolicyError> {
+    /// A role annotation (or the default role) as a full ARN.
+    pub fn resolve_arn(&self, role: &str) -> Result<RoleArn, PolicyError> {
         let role = role.trim();
         if role.starts_with("arn:") {
-            return if is_role_arn(role) {
-                Ok(role.to_string())
-            } else {
-                Err(PolicyError::InvalidAnnotation {
-                    annotation: ROLE,
-                    problem: format!("{role:?} is not an IAM role ARN"),
-                })
-            };
+            return RoleArn::parse(role).map_err(|problem| PolicyError::InvalidAnnotation {
+                annotation: ROLE,
+                problem,
+            });
         }
+        let invalid = || PolicyError::InvalidAnnotation {
+            annotation: ROLE,
+            problem: format!("{role:?} is not a role name or path/name"),
+        };
         let rel = role.strip_prefix('/').unwrap_or(role);
         if !rel.split('/').all(is_role_segment) {
-            return Err(PolicyError::InvalidAnnotation {
-                annotation: ROLE,
-                problem: format!("{role:?} is not a role name or path/name"),
-            });
+            return Err(invalid());
         }
         let base = self
             .base_arn()
             .ok_or_else(|| PolicyError::BaseArnUnknown(role.to_string()))?;
-        Ok(format!("{}{rel}", base.as_str()))
+        base.role(rel).ok_or_else(invalid)
     }
 
     /// The pod's role and the restriction's verdict; `Err` when there is no usable role.
@@ -280,7 +397,7 @@ impl RolePolicy {
             (None, None) => return Err(PolicyError::NoRole),
         };
         let role_arn = self.resolve_arn(role)?;
-        let verdict = self.check_namespace(&role_arn, source, ns);
+        let verdict = self.check_namespace(role_arn.as_str(), source, ns);
 
         let session_name = match pod.annotation(SESSION_NAME).map(str::trim) {
             Some(s) if !s.is_empty() => session::fit(s),
@@ -306,7 +423,7 @@ impl RolePolicy {
         let source_identity = self.cfg.source_identity.then(|| session_name.clone());
         Ok(Decision {
             request: AssumeRoleRequest {
-                role_arn: role_arn.clone(),
+                role_arn: role_arn.to_string(),
                 session_name,
                 external_id,
                 tags,
@@ -326,7 +443,7 @@ impl RolePolicy {
             Ok(d)
         } else {
             Err(PolicyError::NotPermitted {
-                role_arn: d.role_arn,
+                role_arn: d.role_arn.to_string(),
                 rule: d.verdict.rule,
             })
         }
@@ -351,30 +468,30 @@ impl RolePolicy {
     }
 
     fn check_allowed_roles(&self, arn: &str, ns: &Namespace) -> Verdict {
-        let Some(raw) = ns.annotations.get(ALLOWED_ROLES) else {
-            return Verdict::deny(format!("namespace {} has no {ALLOWED_ROLES}", ns.name));
-        };
-        let Ok(globs) = serde_json::from_str::<Vec<String>>(raw) else {
-            return Verdict::deny(format!(
-                "{ALLOWED_ROLES} of namespace {} is not a JSON list of strings",
-                ns.name
-            ));
+        let entries = match &ns.rules().allowed_roles {
+            None => {
+                return Verdict::deny(format!("namespace {} has no {ALLOWED_ROLES}", ns.name));
+            }
+            Some(Err(NotAList)) => {
+                return Verdict::deny(format!(
+                    "{ALLOWED_ROLES} of namespace {} is not a JSON list of strings",
+                    ns.name
+                ));
+            }
+            Some(Ok(entries)) => entries,
         };
         let base = self.base_arn();
-        for g in &globs {
-            let g = g.trim();
-            let pattern = if g.starts_with("arn:") {
-                g.to_string()
-            } else if let Some(base) = &base {
-                format!("{}{}", base.as_str(), g.strip_prefix('/').unwrap_or(g))
-            } else {
-                continue;
+        for e in entries {
+            // An entry that is not a valid glob matches nothing (the others still count).
+            let Some(glob) = &e.glob else { continue };
+            let subject = match e.scope {
+                GlobScope::Arn => Some(arn),
+                // `base + glob` matched against the ARN, as the glob alone against what
+                // follows the base: the base holds no glob syntax. No base yet: no match.
+                GlobScope::UnderBase => base.as_ref().and_then(|b| arn.strip_prefix(b.as_str())),
             };
-            // `*` matches across `/` too, as kube2iam's globs do.
-            if let Ok(glob) = globset::Glob::new(&pattern)
-                && glob.compile_matcher().is_match(arn)
-            {
-                return Verdict::allow(format!("{ALLOWED_ROLES} entry {g:?}"));
+            if subject.is_some_and(|s| glob.is_match(s)) {
+                return Verdict::allow(format!("{ALLOWED_ROLES} entry {:?}", e.entry));
             }
         }
         Verdict::deny(format!(
@@ -385,26 +502,108 @@ impl RolePolicy {
 }
 
 fn check_permitted(arn: &str, ns: &Namespace) -> Verdict {
-    let Some(raw) = ns.annotations.get(PERMITTED) else {
+    let Some(permitted) = &ns.rules().permitted else {
         return Verdict::deny(format!("namespace {} has no {PERMITTED}", ns.name));
     };
-    match regex::Regex::new(&format!("^(?:{raw})$")) {
-        Ok(re) if re.is_match(arn) => Verdict::allow(format!("{PERMITTED} {raw:?}")),
+    match &permitted.regex {
+        Ok(re) if re.is_match(arn) => Verdict::allow(format!("{PERMITTED} {:?}", permitted.raw)),
         Ok(_) => Verdict::deny(format!(
             "{PERMITTED} of namespace {} does not match the whole ARN",
             ns.name
         )),
-        Err(_) => Verdict::deny(format!(
+        Err(InvalidRegex) => Verdict::deny(format!(
             "{PERMITTED} of namespace {} is not a valid regex",
             ns.name
         )),
     }
 }
 
+/// `iam.amazonaws.com/allowed-roles` is not a JSON list of strings: the namespace permits
+/// nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct NotAList;
+
+/// `iam.amazonaws.com/permitted` does not compile: the namespace permits nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct InvalidRegex;
+
+/// What an allowed-roles glob is matched against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum GlobScope {
+    /// An entry starting with `arn:`: the whole role ARN.
+    Arn,
+    /// A role name or path: what follows the base ARN (known at evaluation, it may be
+    /// discovered after the namespace is stored).
+    UnderBase,
+}
+
+#[derive(Debug, Clone)]
+struct AllowedRole {
+    /// The entry as written (trimmed), for the verdict's rule.
+    entry: String,
+    scope: GlobScope,
+    /// `None`: not a valid glob.
+    glob: Option<globset::GlobMatcher>,
+}
+
+#[derive(Debug, Clone)]
+struct Permitted {
+    raw: String,
+    /// Anchored on the whole ARN.
+    regex: Result<regex::Regex, InvalidRegex>,
+}
+
+/// A namespace's restriction annotations, compiled once when the namespace is stored
+/// ([`Namespace::new`]) instead of on every evaluation; a malformed one keeps its error, to
+/// refuse with at evaluation (fail closed).
+#[derive(Debug, Clone, Default)]
+pub struct NamespaceRules {
+    /// `None`: no annotation.
+    allowed_roles: Option<Result<Vec<AllowedRole>, NotAList>>,
+    /// `None`: no annotation.
+    permitted: Option<Permitted>,
+}
+
+impl NamespaceRules {
+    /// Compiles both annotations (which one applies is the broker's setting, read at
+    /// evaluation).
+    pub fn compile(annotations: &BTreeMap<String, String>) -> Self {
+        let allowed_roles = annotations.get(ALLOWED_ROLES).map(|raw| {
+            let globs = serde_json::from_str::<Vec<String>>(raw).map_err(|_| NotAList)?;
+            Ok(globs
+                .iter()
+                .map(|g| {
+                    let g = g.trim();
+                    let (scope, pattern) = if g.starts_with("arn:") {
+                        (GlobScope::Arn, g)
+                    } else {
+                        (GlobScope::UnderBase, g.strip_prefix('/').unwrap_or(g))
+                    };
+                    AllowedRole {
+                        entry: g.to_string(),
+                        scope,
+                        // `*` matches across `/` too, as kube2iam's globs do.
+                        glob: globset::Glob::new(pattern)
+                            .ok()
+                            .map(|g| g.compile_matcher()),
+                    }
+                })
+                .collect())
+        });
+        let permitted = annotations.get(PERMITTED).map(|raw| Permitted {
+            raw: raw.clone(),
+            regex: regex::Regex::new(&format!("^(?:{raw})$")).map_err(|_| InvalidRegex),
+        });
+        Self {
+            allowed_roles,
+            permitted,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::BTreeMap;
 
     const BASE: &str = "arn:aws:iam::123456789012:role/";
 
@@ -429,13 +628,12 @@ mod tests {
     }
 
     fn ns(anns: &[(&str, &str)]) -> Namespace {
-        Namespace {
-            name: "default".into(),
-            annotations: anns
-                .iter()
+        Namespace::new(
+            "default",
+            anns.iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect::<BTreeMap<_, _>>(),
-        }
+        )
     }
 
     #[test]
@@ -460,17 +658,12 @@ mod tests {
     #[test]
     fn role_forms() {
         let p = policy(Restriction::Off);
-        assert_eq!(p.resolve_arn("myapp").unwrap(), format!("{BASE}myapp"));
-        assert_eq!(
-            p.resolve_arn("team/myapp").unwrap(),
-            format!("{BASE}team/myapp")
-        );
-        assert_eq!(
-            p.resolve_arn("/team/myapp").unwrap(),
-            format!("{BASE}team/myapp")
-        );
+        let arn = |role: &str| p.resolve_arn(role).map(|a| a.to_string());
+        assert_eq!(arn("myapp").unwrap(), format!("{BASE}myapp"));
+        assert_eq!(arn("team/myapp").unwrap(), format!("{BASE}team/myapp"));
+        assert_eq!(arn("/team/myapp").unwrap(), format!("{BASE}team/myapp"));
         let full = "arn:aws:iam::999999999999:role/x/y";
-        assert_eq!(p.resolve_arn(full).unwrap(), full);
+        assert_eq!(arn(full).unwrap(), full);
         for bad in ["arn:aws:s3:::b", "a b", "team//x", "arn:aws:iam::1:role/x"] {
             assert!(
                 matches!(
@@ -485,10 +678,81 @@ mod tests {
             no_base.resolve_arn("x"),
             Err(PolicyError::BaseArnUnknown("x".into()))
         );
-        assert_eq!(no_base.resolve_arn(full).unwrap(), full);
+        assert_eq!(no_base.resolve_arn(full).unwrap().as_str(), full);
         no_base.set_base_arn(BaseArn::parse(BASE).unwrap());
-        assert_eq!(no_base.resolve_arn("x").unwrap(), format!("{BASE}x"));
-        assert_eq!(role_name(&format!("{BASE}team/myapp")), "myapp");
+        assert_eq!(
+            no_base.resolve_arn("x").unwrap().as_str(),
+            format!("{BASE}x")
+        );
+    }
+
+    #[test]
+    fn role_arn_parts() {
+        let a = RoleArn::parse("arn:aws-cn:iam::123456789012:role/team/sub/app").unwrap();
+        assert_eq!(
+            (a.partition(), a.account(), a.path(), a.name()),
+            ("aws-cn", "123456789012", "team/sub/", "app")
+        );
+        assert_eq!(
+            a.to_string(),
+            "arn:aws-cn:iam::123456789012:role/team/sub/app"
+        );
+        let plain = RoleArn::parse(&format!("{BASE}app")).unwrap();
+        assert_eq!((plain.path(), plain.name()), ("", "app"));
+        // The base's path and the annotation's path make one path.
+        let base = BaseArn::parse("arn:aws:iam::123456789012:role/ns").unwrap();
+        assert_eq!(base.as_str(), "arn:aws:iam::123456789012:role/ns/");
+        let joined = base.role("team/app").unwrap();
+        assert_eq!((joined.path(), joined.name()), ("ns/team/", "app"));
+        assert_eq!(
+            joined.instance_profile_arn(),
+            "arn:aws:iam::123456789012:instance-profile/ns/team/app"
+        );
+        assert_eq!(RoleArn::parse(joined.as_str()), Ok(joined));
+        for bad in [
+            "arn:aws:iam::123456789012:role/",
+            "arn:aws:iam::123456789012:user/app",
+            "arn:aws:iam:us-east-1:123456789012:role/app",
+            "arn::iam::123456789012:role/app",
+            "arn:aws:sts::123456789012:role/app",
+            "arn:aws:iam::123456789012:role/a:b",
+        ] {
+            assert!(RoleArn::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn dot_segments_are_refused() {
+        // `team/*` would match `team/../x`; IAM role paths hold no such segments.
+        let p = policy(Restriction::AllowedRoles);
+        let n = ns(&[(ALLOWED_ROLES, r#"["team/*"]"#)]);
+        assert!(p.decide(&pod(&[(ROLE, "team/app")]), Some(&n)).is_ok());
+        for bad in [
+            "team/../x",
+            "team/./x",
+            "/team/../x",
+            "..",
+            "team/..",
+            "arn:aws:iam::123456789012:role/team/../x",
+            "arn:aws:iam::123456789012:role/./x",
+        ] {
+            let e = p.decide(&pod(&[(ROLE, bad)]), Some(&n)).unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    PolicyError::InvalidAnnotation {
+                        annotation: ROLE,
+                        ..
+                    }
+                ),
+                "{bad}: {e:?}"
+            );
+        }
+        assert!(BaseArn::parse("arn:aws:iam::123456789012:role/../").is_err());
+        assert!(BaseArn::parse("arn:aws:iam::123456789012:role/a/./").is_err());
+        // Dots inside a segment are still fine.
+        assert!(p.resolve_arn("team/app.v2").is_ok());
+        assert!(p.resolve_arn("team/...").is_ok());
     }
 
     #[test]
@@ -500,7 +764,7 @@ mod tests {
             ..p.config().clone()
         });
         let d = with_default.decide(&pod(&[]), None).unwrap();
-        assert_eq!(d.role_arn, format!("{BASE}fallback"));
+        assert_eq!(d.role_arn.as_str(), format!("{BASE}fallback"));
         assert_eq!(d.source, RoleSource::Default);
         assert_eq!(d.request.session_name, "default.myapp");
 
@@ -571,6 +835,123 @@ mod tests {
             assert!(p.decide(&pod(&[(ROLE, "allowed-one")]), Some(&n)).is_err());
         }
         assert!(p.decide(&pod(&[(ROLE, "allowed-one")]), None).is_err());
+    }
+
+    #[test]
+    fn compiled_globs_match_as_base_plus_glob_did() {
+        // Before patterns were compiled per namespace, a name glob was matched as
+        // `base + glob` against the whole ARN; the compiled glob is matched against what
+        // follows the base. Same answers, for globs that use every kind of syntax.
+        let globs = [
+            "allowed-*",
+            "/allowed-*",
+            "team/*",
+            "**",
+            "*",
+            "**/app",
+            "team/**",
+            "a?c",
+            "[ab]-x",
+            "[!a]*",
+            "{web,api}-*",
+            "*app*",
+            "",
+            "team",
+            "**x",
+            "a/**/b",
+            "team\\*",
+            "[",
+            "role/x",
+        ];
+        let arns = [
+            "app",
+            "allowed-one",
+            "allowed-team/deep",
+            "team/app",
+            "team/sub/app",
+            "abc",
+            "a-x",
+            "c-x",
+            "web-1",
+            "x/app",
+            "a/b",
+            "a/q/r/b",
+            "team*",
+            "teamx",
+        ];
+        for base in [BASE, "arn:aws:iam::123456789012:role/ns/"] {
+            let p = RolePolicy::new(PolicyConfig {
+                base_arn: Some(BaseArn::parse(base).unwrap()),
+                restriction: Restriction::AllowedRoles,
+                ..PolicyConfig::default()
+            });
+            for g in globs {
+                let n = ns(&[(ALLOWED_ROLES, &serde_json::to_string(&[g]).unwrap())]);
+                let old =
+                    globset::Glob::new(&format!("{base}{}", g.strip_prefix('/').unwrap_or(g)))
+                        .ok()
+                        .map(|g| g.compile_matcher());
+                for rel in arns {
+                    let arn = format!("{base}{rel}");
+                    let was = old.as_ref().is_some_and(|m| m.is_match(&arn));
+                    let now = p.check_allowed_roles(&arn, &n).permitted;
+                    assert_eq!(now, was, "glob {g:?} on {arn}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn namespace_rules_are_compiled_when_stored_and_keep_their_errors() {
+        // Stored before the base ARN is known (discovered later): name globs then apply
+        // under the base as it is at evaluation.
+        let n = ns(&[
+            (
+                ALLOWED_ROLES,
+                r#"["team-*", "[", "arn:aws:iam::999999999999:role/x"]"#,
+            ),
+            (PERMITTED, "arn:aws:iam::123456789012:role/team-.*"),
+        ]);
+        let late = RolePolicy::new(PolicyConfig {
+            restriction: Restriction::AllowedRoles,
+            ..PolicyConfig::default()
+        });
+        let team = pod(&[(ROLE, &format!("{BASE}team-a"))]);
+        assert!(matches!(
+            late.decide(&team, Some(&n)),
+            Err(PolicyError::NotPermitted { .. })
+        ));
+        late.set_base_arn(BaseArn::parse(BASE).unwrap());
+        let d = late.decide(&team, Some(&n)).unwrap();
+        assert_eq!(d.verdict.rule, format!("{ALLOWED_ROLES} entry \"team-*\""));
+        // An invalid entry matches nothing; the others still do.
+        assert!(
+            late.decide(
+                &pod(&[(ROLE, "arn:aws:iam::999999999999:role/x")]),
+                Some(&n)
+            )
+            .is_ok()
+        );
+        // The same namespace under kiam's rule: its regex, compiled once too.
+        let kiam = policy(Restriction::Permitted);
+        assert!(kiam.decide(&team, Some(&n)).is_ok());
+        // Malformed annotations are refused with the same reason as before, every time.
+        let not_a_list = ns(&[(ALLOWED_ROLES, "team-*")]);
+        let bad_regex = ns(&[(PERMITTED, "(")]);
+        for _ in 0..2 {
+            let e = policy(Restriction::AllowedRoles)
+                .decide(&team, Some(&not_a_list))
+                .unwrap_err();
+            assert!(
+                e.to_string().contains("is not a JSON list of strings"),
+                "{e}"
+            );
+            let e = kiam.decide(&team, Some(&bad_regex)).unwrap_err();
+            assert!(e.to_string().contains("is not a valid regex"), "{e}");
+            assert!(matches!(e, PolicyError::NotPermitted { .. }));
+        }
+        // Equal namespaces compare equal (the compiled form follows the annotations).
+        assert_eq!(n.clone(), n);
     }
 
     #[test]

@@ -181,7 +181,7 @@ async fn initial_list_is_this_nodes_pods_and_ready_only_after_sync() {
     let restricted = h.store.namespace("restricted").unwrap();
     assert_eq!(
         restricted
-            .annotations
+            .annotations()
             .get("iam.amazonaws.com/allowed-roles")
             .map(String::as_str),
         Some(r#"["allowed-*"]"#)
@@ -257,7 +257,7 @@ async fn namespaces_are_mirrored_with_their_annotations() {
     let permitted = |store: &PodStore| {
         store
             .namespace("team")
-            .and_then(|n| n.annotations.get("iam.amazonaws.com/permitted").cloned())
+            .and_then(|n| n.annotations().get("iam.amazonaws.com/permitted").cloned())
     };
     eventually("the namespace", || permitted(&h.store).is_some()).await;
     h.double

@@ -113,15 +113,11 @@ fn harness(o: Opts) -> Harness {
     ] {
         store.upsert_pod(p);
     }
-    let ns = |name: &str, k: &str, v: &str| Namespace {
-        name: name.into(),
-        annotations: [(k.to_string(), v.to_string())].into_iter().collect(),
+    let ns = |name: &str, k: &str, v: &str| {
+        Namespace::new(name, [(k.to_string(), v.to_string())].into_iter().collect())
     };
     store.replace_namespaces([
-        Namespace {
-            name: "default".into(),
-            annotations: BTreeMap::new(),
-        },
+        Namespace::new("default", BTreeMap::new()),
         ns("restricted", policy::ALLOWED_ROLES, r#"["allowed-*"]"#),
         ns(
             "kiam",
@@ -499,6 +495,37 @@ async fn kube2iam_allowed_roles_restriction() {
     let a = h.filter("198.18.1.10", CREDS).await;
     assert_eq!(a.reason(), "role-not-permitted");
     assert_eq!(h.sts.calls(), 1);
+}
+
+#[tokio::test]
+async fn dot_segments_cannot_walk_out_of_an_allowed_path() {
+    // `allowed-*` matches across `/`, so `allowed-x/../admin` matched it; IAM role paths hold
+    // no `.` or `..` segments, and the annotation is refused as malformed.
+    let h = harness(Opts {
+        restriction: Restriction::AllowedRoles,
+        ..Opts::default()
+    });
+    let roles = [
+        "allowed-x/../admin",
+        "allowed-x/./admin",
+        "arn:aws:iam::123456789012:role/allowed-x/../admin",
+    ];
+    for (i, role) in roles.iter().enumerate() {
+        let ip = format!("198.18.2.{}", 20 + i);
+        h.broker
+            .store
+            .upsert_pod(pod("restricted", &format!("dots{i}"), &ip, Some(role)));
+        for path in [CREDS.to_string(), format!("{CREDS}admin")] {
+            let a = h.filter(&ip, &path).await;
+            println!("{role} {path} -> {} {}", a.status, a.reason());
+            assert_eq!(
+                (a.status, a.reason()),
+                (StatusCode::FORBIDDEN, "invalid-annotation"),
+                "{role} {path}"
+            );
+        }
+    }
+    assert_eq!(h.sts.calls(), 0);
 }
 
 #[tokio::test]

@@ -93,11 +93,17 @@ pub fn policy(data: &[u8]) {
 
     // The role name on its own: a refusal is an error.
     if let Ok(arn) = policy.resolve_arn(role) {
-        assert!(arn.starts_with("arn:"), "{arn:?}");
+        assert!(arn.as_str().starts_with("arn:"), "{arn:?}");
         assert_eq!(
-            policy.resolve_arn(&arn).as_ref(),
+            policy.resolve_arn(arn.as_str()).as_ref(),
             Ok(&arn),
             "not a fixed point"
+        );
+        // No `.` or `..` segment: a glob such as `team/*` must not match `team/../x`.
+        let (_, resource) = arn.as_str().split_once(":role/").expect("a role ARN");
+        assert!(
+            resource.split('/').all(|s| s != "." && s != ".."),
+            "{arn:?}"
         );
     }
 
@@ -106,9 +112,12 @@ pub fn policy(data: &[u8]) {
         let decided = policy.decide(&pod, namespace);
         match &evaluated {
             Ok(d) => {
-                assert!(d.role_arn.starts_with("arn:"), "{:?}", d.role_arn);
-                assert_eq!(policy.resolve_arn(&d.role_arn).as_ref(), Ok(&d.role_arn));
-                assert_eq!(d.request.role_arn, d.role_arn);
+                assert!(d.role_arn.as_str().starts_with("arn:"), "{:?}", d.role_arn);
+                assert_eq!(
+                    policy.resolve_arn(d.role_arn.as_str()).as_ref(),
+                    Ok(&d.role_arn)
+                );
+                assert_eq!(d.request.role_arn, d.role_arn.as_str());
                 assert!(!d.role_name().is_empty());
                 assert!(!d.role_name().contains('/'));
                 assert!(

@@ -53,7 +53,7 @@ fn default_namespace() -> String {
 
 impl PodsFile {
     pub fn parse(yaml: &str) -> anyhow::Result<Self> {
-        Ok(serde_yaml::from_str(yaml)?)
+        Ok(yaml_serde::from_str(yaml)?)
     }
 }
 
