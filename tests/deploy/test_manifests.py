@@ -32,7 +32,7 @@ RENDER_CMD = [sys.executable, str(RENDER_PY), str(REPO / "envoy" / "sidecar.yaml
     a for k, v in SIDECAR_RENDER_SETS.items() for a in ("--set", f"{k}={v}")]
 
 
-def _render_or_skip(path, tmp_path):
+def _render_checked(path, tmp_path):
     objects = render(path)
     if path.relative_to(MANIFESTS).as_posix() == "examples/myapp-plain-envoy":
         (cm,) = [o for o in objects if o["kind"] == "ConfigMap"]
@@ -114,7 +114,7 @@ def test_expected_kustomizations_exist():
 @pytest.mark.parametrize("path", DIRS, ids=IDS)
 @pytest.mark.parametrize("version", KUBE_VERSIONS)
 def test_renders_and_validates(path, version, tmp_path):
-    objects = _render_or_skip(path, tmp_path)
+    objects = _render_checked(path, tmp_path)
     assert objects, "rendered nothing"
     for obj in objects:
         try:
