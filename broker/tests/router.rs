@@ -387,7 +387,11 @@ async fn unknown_host_network_and_shared_addresses_are_refused() {
 
 #[tokio::test]
 async fn a_pod_that_appears_during_the_wait_is_served() {
-    let h = harness(Opts::default());
+    // A wait far longer than the pod's 30 ms delay, so a loaded machine cannot make it late.
+    let h = harness(Opts {
+        ip_wait: Duration::from_secs(3),
+        ..Opts::default()
+    });
     let store = h.broker.store.clone();
     tokio::spawn(async move {
         tokio::time::sleep(Duration::from_millis(30)).await;
@@ -1258,16 +1262,42 @@ impl std::io::Write for Captured {
     }
 }
 
+/// The threads whose log output is being captured, and where to.
+static CAPTURING: Mutex<Vec<(std::thread::ThreadId, Captured)>> = Mutex::new(Vec::new());
+
+/// Captures the JSON log lines (`meshiam=info`) written on this thread from now on. One global
+/// subscriber routes each line to the buffer of the thread that wrote it: a scoped subscriber
+/// (`set_default`) lost lines when tests ran in parallel under load, as other threads without
+/// one changed tracing's global level and interest caches.
+fn capture_this_thread() -> Captured {
+    static INIT: std::sync::Once = std::sync::Once::new();
+    INIT.call_once(|| {
+        let route = || -> Box<dyn std::io::Write> {
+            let me = std::thread::current().id();
+            match CAPTURING.lock().unwrap().iter().find(|(t, _)| *t == me) {
+                Some((_, c)) => Box::new(c.clone()),
+                None => Box::new(std::io::sink()),
+            }
+        };
+        let subscriber = tracing_subscriber::fmt()
+            .json()
+            .with_writer(route)
+            .with_env_filter("meshiam=info")
+            .finish();
+        tracing::subscriber::set_global_default(subscriber).unwrap();
+    });
+    let out = Captured::default();
+    CAPTURING
+        .lock()
+        .unwrap()
+        .push((std::thread::current().id(), out.clone()));
+    out
+}
+
 #[tokio::test]
 async fn one_audit_line_per_issue_or_refusal_without_secrets() {
-    let out = Captured::default();
-    let w = out.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .json()
-        .with_writer(move || w.clone())
-        .with_env_filter("meshiam=info")
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    // The requests run on this thread (a current-thread runtime).
+    let out = capture_this_thread();
     let h = harness(Opts::default());
     h.filter("198.18.1.10", &format!("{CREDS}myapp-iam-role"))
         .await;
