@@ -30,6 +30,8 @@ from pathlib import Path
 
 import yaml
 
+from tests.stacklib import podsfile
+
 ROOT = Path(__file__).resolve().parents[2]
 STATE_DIR = Path(os.environ.get("MESHIAM_STACK_DIR", ROOT / ".stack"))
 STATE_FILE = STATE_DIR / "state.json"
@@ -218,16 +220,15 @@ def http_ok(state, netns, url):
 
 
 def read_pods(path):
+    """The pods file (docs/pods.schema.json, defaults filled in). The stack also needs an
+    address for every pod: it builds the pod's network from the first."""
     try:
-        doc = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise StackError(f"cannot read pods file {path}: {e}")
-    pods = doc.get("pods") or []
-    namespaces = doc.get("namespaces") or []
+        pods, namespaces = podsfile.read(path)
+    except podsfile.PodsFileError as e:
+        raise StackError(str(e))
     for p in pods:
-        for key in ("namespace", "name", "ips"):
-            if not p.get(key):
-                raise StackError(f"{path}: a pod lacks '{key}': {p}")
+        if not p["ips"]:
+            raise StackError(f"{path}: pod {p['namespace']}/{p['name']} has no 'ips': the stack needs its address")
     return pods, namespaces
 
 
@@ -251,6 +252,7 @@ def k8s_pod(p):
             "labels": {"app": p["name"]},
         },
         "spec": {
+            # A pod with no node is on the stack's one node.
             "nodeName": p.get("node", NODE_NAME),
             "serviceAccountName": p.get("serviceAccount", "default"),
             "hostNetwork": bool(p.get("hostNetwork", False)),
