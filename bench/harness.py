@@ -2,6 +2,8 @@
 
 Every process the harness starts gets its own session (process group) and is remembered in
 `Procs`; `Procs.stop_all()` ends exactly those groups, by id, also on an error or Ctrl-C.
+Starting, waiting and stopping are tests/stacklib/procs.py's, shared with tests/stack and
+the filter's Envoy tests.
 Load comes from wrk (throughput and unloaded latency, through a Lua `done` hook that prints
 one JSON line) and hey (fixed request rate, per-request times from its CSV output).
 """
@@ -9,13 +11,16 @@ one JSON line) and hey (fixed request rate, per-request times from its CSV outpu
 import json
 import os
 import re
-import signal
-import socket
 import subprocess
+import sys
 import time
-import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from tests.stacklib import procs as proclib  # noqa: E402  the shared process harness
+from tests.stacklib.procs import free_port, http_get  # noqa: E402,F401
+
 BENCH = os.path.join(ROOT, "bench")
 VENV_BIN = os.path.join(ROOT, ".venv", "bin")
 ENVOY_BIN = os.path.join(VENV_BIN, "envoy")
@@ -36,12 +41,6 @@ def log(msg):
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def pinned(cpu, argv):
     return ["taskset", "-c", cpu, *map(str, argv)]
 
@@ -57,47 +56,19 @@ class Procs:
     def start(self, name, argv, env=None, cpu=None):
         if cpu is not None:
             argv = pinned(cpu, argv)
-        logf = open(os.path.join(self.logdir, f"{name}.log"), "wb")
         full_env = dict(os.environ)
         full_env.update(env or {})
-        p = subprocess.Popen(
-            [str(a) for a in argv],
-            stdout=logf,
-            stderr=subprocess.STDOUT,
-            env=full_env,
-            start_new_session=True,
-            cwd=ROOT,
-        )
-        p._bench_log = logf
+        p = proclib.start(argv, os.path.join(self.logdir, f"{name}.log"), env=full_env)
         self.procs[name] = p
         return p
 
     def log_tail(self, name, n=2000):
-        path = os.path.join(self.logdir, f"{name}.log")
-        try:
-            with open(path, "rb") as f:
-                return f.read()[-n:].decode(errors="replace")
-        except OSError:
-            return ""
+        return proclib.log_tail(os.path.join(self.logdir, f"{name}.log"), n)
 
     def stop(self, name):
         p = self.procs.pop(name, None)
-        if p is None:
-            return
-        if p.poll() is None:
-            try:
-                os.killpg(p.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                try:
-                    os.killpg(p.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                p.wait()
-        p._bench_log.close()
+        if p is not None:
+            proclib.stop(p.pid, timeout=10, proc=p)
 
     def stop_all(self):
         for name in list(self.procs):
@@ -110,37 +81,13 @@ class Procs:
 
 
 def wait_until(what, pred, timeout=30, procs=None, name=None):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if procs is not None and name is not None:
-            procs.check_alive(name)
-        try:
-            if pred():
-                return
-        except OSError:
-            pass
-        time.sleep(0.05)
-    tail = procs.log_tail(name) if procs is not None and name else ""
-    raise RuntimeError(f"timed out waiting for {what}\n{tail}")
-
-
-_opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-def http_get(url, headers=None, timeout=2):
-    req = urllib.request.Request(url, headers=headers or {})
-    try:
-        with _opener.open(req, timeout=timeout) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
+    """Polls pred until true; with procs and name, fails at once if that process exits."""
+    proc = procs.procs[name] if procs is not None and name is not None else None
+    proclib.wait_for(what, pred, timeout=timeout, proc=proc)
 
 
 def http_ok(url):
-    try:
-        return http_get(url, timeout=1)[0] == 200
-    except (OSError, urllib.error.URLError):
-        return False
+    return proclib.url_ok(url, timeout=1)
 
 
 def rss_kib(pid):

@@ -1,13 +1,14 @@
 //! The file pod source: a YAML list of pods and namespaces, reloaded when it changes (the
 //! file's modification time, size or inode is polled). The local demo and hosts without
-//! Kubernetes use it.
+//! Kubernetes use it. Its format is `docs/pods.schema.json`, shared with the Kubernetes API
+//! double and tests/stack (a test below holds these structs to it).
 //!
 //! ```yaml
 //! pods:
 //!   - namespace: default
 //!     name: myapp
 //!     ips: ["198.18.1.10"]
-//!     serviceAccount: myapp
+//!     serviceAccount: myapp     # default "default"
 //!     node: node-1              # optional
 //!     phase: Running            # default Running
 //!     hostNetwork: false        # default false
@@ -53,6 +54,11 @@ fn running() -> PodPhase {
     PodPhase::Running
 }
 
+/// As the API server's admission does for a pod that names none.
+fn default_service_account() -> String {
+    "default".into()
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct FilePod {
@@ -60,7 +66,7 @@ struct FilePod {
     name: String,
     #[serde(default)]
     ips: Vec<IpAddr>,
-    #[serde(default)]
+    #[serde(default = "default_service_account")]
     service_account: String,
     #[serde(default)]
     node: Option<String>,
@@ -302,6 +308,55 @@ namespaces:
         assert!(matches!(found, IpLookup::Pod(p) if p.name == "myapp"));
         assert_eq!(store.lookup_ip(ip), IpLookup::Unknown);
         task.abort();
+    }
+
+    include!("../../tests/pods_schema_check.rs");
+
+    /// `docs/pods.schema.json` is the pods file's one format (the API double and tests/stack
+    /// read it too): this reader takes every field the schema lists, refuses any other,
+    /// needs the ones it requires and assumes its defaults.
+    #[test]
+    fn reads_exactly_the_shared_schema() {
+        use serde_json::json;
+        let p = Path::new("pods.yaml");
+        check_pods_schema_fields(|text| {
+            parse(p, text, None).map(|_| ()).map_err(|e| e.to_string())
+        });
+        let (_, full) = pods_schema();
+        let (pods, nss) = parse(p, &full.to_string(), None).unwrap();
+        let pod = &pods[0];
+        assert_eq!(
+            (pod.namespace.as_str(), pod.name.as_str()),
+            ("default", "myapp")
+        );
+        assert_eq!(pod.ips.len(), 2);
+        assert_eq!(
+            (pod.service_account.as_str(), pod.node.as_str()),
+            ("myapp", "node-1")
+        );
+        assert_eq!((pod.phase, pod.host_network), (PodPhase::Pending, true));
+        assert_eq!(json!(pod.annotations), full["pods"][0]["annotations"]);
+        assert_eq!(
+            json!(nss[0].annotations),
+            full["namespaces"][0]["annotations"]
+        );
+
+        let minimal =
+            r#"{"pods": [{"namespace": "a", "name": "b"}], "namespaces": [{"name": "a"}]}"#;
+        let (pods, nss) = parse(p, minimal, None).unwrap();
+        let pod = &pods[0];
+        check_pods_schema_defaults(
+            json!({
+                "ips": pod.ips,
+                "serviceAccount": pod.service_account,
+                // No node: the broker keeps the pod whatever its --node-name.
+                "node": if pod.node.is_empty() { None } else { Some(&pod.node) },
+                "phase": pod.phase,
+                "hostNetwork": pod.host_network,
+                "annotations": pod.annotations,
+            }),
+            json!({"annotations": nss[0].annotations}),
+        );
     }
 
     #[test]

@@ -1,6 +1,8 @@
 """Helpers for the filter's real-Envoy tests: a broker stand-in, a plain upstream, a running
 Envoy, and the build of the release wasm. Fixtures using them are in conftest.py.
-(A module name of its own: other test directories have their own conftest.)"""
+(A module name of its own: other test directories have their own conftest.) Envoy is
+started, awaited and stopped with tests/stacklib/procs.py, shared with tests/stack and the
+benchmarks."""
 
 import json
 import os
@@ -15,6 +17,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import requests
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
+from tests.stacklib import procs as proclib  # noqa: E402  the shared process harness
+from tests.stacklib.procs import free_port  # noqa: E402,F401
+
 ENVOY_DIR = os.path.join(ROOT, "envoy")
 ENVOY_BIN = os.path.join(ROOT, ".venv", "bin", "envoy")
 WASM = os.path.join(ROOT, "target", "wasm32-wasip1", "release", "meshiam_filter.wasm")
@@ -22,12 +28,6 @@ ROLE = "myapp-iam-role"
 
 sys.path.insert(0, ENVOY_DIR)
 from render import render  # noqa: E402
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _newest_source_mtime():
@@ -224,8 +224,8 @@ class Envoy:
         self.admin_port = admin_port
         self.log_path = log_path
         self.url = f"http://127.0.0.1:{port}"
-        self._log = open(log_path, "wb")
-        self.proc = subprocess.Popen(
+        # In pytest's process group, as before: Ctrl-C ends it too.
+        self.proc = proclib.start(
             [
                 ENVOY_BIN,
                 "-c", config_path,
@@ -234,29 +234,18 @@ class Envoy:
                 "-l", "warning",
                 "--component-log-level", "wasm:info",
             ],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
+            log_path,
+            new_session=False,
         )
         try:
-            self._wait_ready()
+            proclib.wait_for("envoy ready", self._ready, timeout=20, proc=self.proc, tail=1_000_000)
         except BaseException:
             self.stop()
             raise
 
-    def _wait_ready(self):
-        deadline = time.time() + 20
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"envoy exited {self.proc.returncode}:\n{self.log()}")
-            try:
-                r = requests.get(f"http://127.0.0.1:{self.admin_port}/ready", timeout=0.5)
-                if r.status_code == 200:
-                    with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                        return
-            except (requests.RequestException, OSError):
-                pass
-            time.sleep(0.05)
-        raise RuntimeError(f"envoy not ready:\n{self.log()}")
+    def _ready(self):
+        return (proclib.url_ok(f"http://127.0.0.1:{self.admin_port}/ready", timeout=0.5)
+                and proclib.port_open("127.0.0.1", self.port))
 
     def log(self):
         with open(self.log_path, "rb") as f:
@@ -279,13 +268,4 @@ class Envoy:
         return requests.get(self.url + path, headers=headers, timeout=kw.pop("timeout", 5), **kw)
 
     def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-
-
+        proclib.stop(self.proc.pid, timeout=10, proc=self.proc, group=False)

@@ -12,456 +12,51 @@ and reaches the broker from its own 127.1.0.x address, and the filter matches th
 host by the Host header.
 
 State lives in .stack/ (state.json, logs/, rendered configs).
+
+The parts, by job: state.py (constants, .stack/state.json), procs.py (supervision),
+netns.py (namespaces, iptables), kubeapi.py (the API double's client), sidecar.py (Envoy),
+podsfile.py (the pods file, docs/pods.schema.json); this module starts the components, adds
+and removes pods, and is the CLI. Other code imports it (`from tests.stacklib import stack`):
+the names it re-exports below stay here.
 """
 import argparse
 import json
 import os
-import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
-import urllib.error
-import urllib.request
-from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
-STATE_DIR = Path(os.environ.get("MESHIAM_STACK_DIR", ROOT / ".stack"))
-STATE_FILE = STATE_DIR / "state.json"
-LOGS = STATE_DIR / "logs"
-VENV = ROOT / ".venv"
-WASM = ROOT / "target/wasm32-wasip1/release/meshiam_filter.wasm"
-BROKER_BIN = ROOT / "target/release/meshiam-broker"
-KUBE_DOUBLE_BIN = ROOT / "target/release/meshiam-kube-double"
-DEFAULT_PODS = ROOT / "tests/pods.yaml"
-
-NODE_NS = "msh-node"
-BRIDGE = "mshbr0"
-BRIDGE_MAC = "02:6d:73:68:00:01"  # locally administered
-NODE_IP = "198.18.0.1"
-POD_PREFIX_LEN = 16
-ENVOY_UID = 1337
-NODE_NAME = "node-1"
-ACCOUNT = "123456789012"
-REGION = "us-east-1"
-# The broker's own (node role) credentials. Fake, and marked so tests can prove they never
-# reach a pod.
-NODE_ACCESS_KEY = "AKIANODEMUSTNOTLEAK0"
-NODE_SECRET_KEY = "node-secret-must-not-leak"
-
-# Ports: (netns mode, loopback mode).
-PORTS = {
-    "sts": (5000, 18500),
-    "moto": (5001, 18501),
-    "kube": (6443, 18443),
-    "nodeimds": (8254, 18254),
-    "broker": (8181, 18181),
-    "admin": (8182, 18182),
-}
-ENVOY_LISTEN = 15001
-ENVOY_ADMIN = 15000
-LOOP_ENVOY_BASE = 18600
-LOOP_ADMIN_BASE = 18700
-
-COMPONENTS = ["moto", "sts", "nodeimds", "kube", "broker"]
-
-
-class StackError(Exception):
-    pass
-
-
-def say(msg):
-    print(f"stack: {msg}", file=sys.stderr, flush=True)
-
-
-def run(*argv, check=True, capture=False, input=None):
-    res = subprocess.run(
-        [str(a) for a in argv],
-        check=False,
-        text=True,
-        input=input,
-        stdout=subprocess.PIPE if capture else subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    if check and res.returncode != 0:
-        raise StackError(f"{' '.join(map(str, argv))} failed: {res.stderr.strip()}")
-    return res
-
-
-# ---------------------------------------------------------------------------- state
-
-
-def load_state():
-    if not STATE_FILE.exists():
-        return None
-    return json.loads(STATE_FILE.read_text())
-
-
-def save_state(state):
-    STATE_DIR.mkdir(parents=True, exist_ok=True)
-    tmp = STATE_FILE.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state, indent=2))
-    tmp.replace(STATE_FILE)
-
-
-def need_state():
-    state = load_state()
-    if state is None:
-        raise StackError("the stack is not up (run: tests/stack up)")
-    return state
-
-
-def port(state, name):
-    return PORTS[name][0 if state["mode"] == "netns" else 1]
-
-
-def node_addr(state):
-    return NODE_IP if state["mode"] == "netns" else "127.0.0.1"
-
-
-# ---------------------------------------------------------------------------- processes
-
-
-def spawn(state, name, argv, netns=None, uid=None, env=None):
-    LOGS.mkdir(parents=True, exist_ok=True)
-    full = [str(a) for a in argv]
-    if uid is not None:
-        full = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--"] + full
-    if netns:
-        full = ["ip", "netns", "exec", netns] + full
-    log = open(LOGS / f"{name}.log", "ab")
-    log.write(f"\n--- {time.strftime('%H:%M:%S')} start: {shlex.join(full)}\n".encode())
-    log.flush()
-    penv = dict(os.environ)
-    for k in list(penv):
-        if k.startswith("AWS_"):
-            del penv[k]
-    penv.update(env or {})
-    proc = subprocess.Popen(
-        full,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        env=penv,
-        cwd=ROOT,
-        start_new_session=True,
-    )
-    state["procs"][name] = {"pid": proc.pid, "argv": full, "netns": netns, "uid": uid, "env": env or {}}
-    save_state(state)
-    return proc.pid
-
-
-def alive(pid):
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-
-
-def stop_proc(state, name, sig=signal.SIGTERM):
-    info = state["procs"].pop(name, None)
-    save_state(state)
-    if not info:
-        return
-    pid = info["pid"]
-    try:
-        os.killpg(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        return
-    deadline = time.time() + 5
-    while time.time() < deadline and alive(pid):
-        try:
-            os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
-        time.sleep(0.05)
-    if alive(pid):
-        try:
-            os.killpg(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
-def wait_until(what, check, timeout=30.0, interval=0.1):
-    deadline = time.time() + timeout
-    last = None
-    while time.time() < deadline:
-        try:
-            if check():
-                return
-        except Exception as e:  # the thing is not up yet
-            last = e
-        time.sleep(interval)
-    raise StackError(f"timed out waiting for {what}" + (f" ({last})" if last else ""))
-
-
-def in_ns(state, netns, argv, **kw):
-    if state["mode"] == "netns" and netns:
-        argv = ["ip", "netns", "exec", netns] + list(argv)
-    return run(*argv, **kw)
-
-
-def http_ok(state, netns, url):
-    res = in_ns(state, netns, ["curl", "-sf", "-o", "/dev/null", "-m", "2", url], check=False)
-    return res.returncode == 0
-
-
-# ---------------------------------------------------------------------------- pods
+from tests.stacklib import podsfile
+from tests.stacklib.kubeapi import api_add_namespace, api_add_pod, api_delete_pod, k8s_pod, kube_request, pod_key  # noqa: F401
+from tests.stacklib.netns import delete_netns, make_node_netns, make_pod_netns  # noqa: F401
+from tests.stacklib.procs import alive, http_ok, in_ns, run, spawn, stop_proc, wait_until  # noqa: F401
+from tests.stacklib.sidecar import envoy_name, start_envoy  # noqa: F401
+from tests.stacklib.state import ENVOY_ADMIN, ENVOY_UID  # noqa: F401  used by tests/e2e
+from tests.stacklib.state import (ACCOUNT, BROKER_BIN, COMPONENTS, DEFAULT_PODS, KUBE_DOUBLE_BIN, LOGS,
+                                  LOOP_ADMIN_BASE, LOOP_ENVOY_BASE, NODE_ACCESS_KEY, NODE_NAME, NODE_NS,
+                                  NODE_SECRET_KEY, REGION, ROOT, STATE_DIR, STATE_FILE, VENV, WASM, StackError,
+                                  load_state, need_state, node_addr, port, save_state, say)
 
 
 def read_pods(path):
+    """The pods file (docs/pods.schema.json, defaults filled in). The stack also needs an
+    address for every pod: it builds the pod's network from the first."""
     try:
-        doc = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise StackError(f"cannot read pods file {path}: {e}")
-    pods = doc.get("pods") or []
-    namespaces = doc.get("namespaces") or []
+        pods, namespaces = podsfile.read(path)
+    except podsfile.PodsFileError as e:
+        raise StackError(str(e))
     for p in pods:
-        for key in ("namespace", "name", "ips"):
-            if not p.get(key):
-                raise StackError(f"{path}: a pod lacks '{key}': {p}")
+        if not p["ips"]:
+            raise StackError(f"{path}: pod {p['namespace']}/{p['name']} has no 'ips': the stack needs its address")
     return pods, namespaces
-
-
-def pod_key(p):
-    return f"{p['namespace']}/{p['name']}"
 
 
 def short(idx):
     return f"msh-p{idx}"
-
-
-def k8s_pod(p):
-    ips = p["ips"]
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {
-            "name": p["name"],
-            "namespace": p["namespace"],
-            "annotations": p.get("annotations") or {},
-            "labels": {"app": p["name"]},
-        },
-        "spec": {
-            "nodeName": p.get("node", NODE_NAME),
-            "serviceAccountName": p.get("serviceAccount", "default"),
-            "hostNetwork": bool(p.get("hostNetwork", False)),
-            "containers": [{"name": "app", "image": "app"}],
-        },
-        "status": {
-            "phase": p.get("phase", "Running"),
-            "podIP": ips[0],
-            "podIPs": [{"ip": ip} for ip in ips],
-        },
-    }
-
-
-def kube_request(state, method, path, body=None):
-    url = f"http://127.0.0.1:{port(state, 'kube')}{path}"
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
-    # The API double lives in the node namespace: reach it from there.
-    if state["mode"] == "netns":
-        argv = ["curl", "-s", "-o", "/dev/stderr", "-w", "%{http_code}", "-X", method, url]
-        if data is not None:
-            argv += ["-H", "Content-Type: application/json", "--data-binary", "@-"]
-        res = in_ns(state, NODE_NS, argv, check=False, capture=True, input=data.decode() if data else None)
-        code = int(res.stdout or 0)
-    else:
-        try:
-            with urllib.request.urlopen(req, timeout=5) as r:
-                code = r.status
-        except urllib.error.HTTPError as e:
-            code = e.code
-        except OSError as e:
-            raise StackError(f"Kubernetes API double unreachable: {e}")
-    return code
-
-
-def api_add_namespace(state, ns):
-    body = {"apiVersion": "v1", "kind": "Namespace",
-            "metadata": {"name": ns["name"], "annotations": ns.get("annotations") or {}}}
-    code = kube_request(state, "POST", "/api/v1/namespaces", body)
-    if code == 409:
-        code = kube_request(state, "PUT", f"/api/v1/namespaces/{ns['name']}", body)
-    if code not in (200, 201):
-        raise StackError(f"creating namespace {ns['name']} in the API double answered {code}")
-
-
-def api_add_pod(state, p):
-    ns = p["namespace"]
-    code = kube_request(state, "POST", f"/api/v1/namespaces/{ns}/pods", k8s_pod(p))
-    if code == 404:  # namespace unknown to the double: create it first
-        api_add_namespace(state, {"name": ns})
-        code = kube_request(state, "POST", f"/api/v1/namespaces/{ns}/pods", k8s_pod(p))
-    if code == 409:
-        code = kube_request(state, "PUT", f"/api/v1/namespaces/{ns}/pods/{p['name']}", k8s_pod(p))
-    if code not in (200, 201):
-        raise StackError(f"creating pod {pod_key(p)} in the API double answered {code}")
-
-
-def api_delete_pod(state, key):
-    ns, name = key.split("/", 1)
-    code = kube_request(state, "DELETE", f"/api/v1/namespaces/{ns}/pods/{name}")
-    if code not in (200, 202, 404):
-        raise StackError(f"deleting pod {key} in the API double answered {code}")
-
-
-# ---------------------------------------------------------------------------- network
-
-
-def make_node_netns():
-    run("ip", "netns", "add", NODE_NS)
-    run("ip", "-n", NODE_NS, "link", "set", "lo", "up")
-    run("ip", "-n", NODE_NS, "link", "add", BRIDGE, "type", "bridge")
-    # A fixed address: a bridge otherwise takes the lowest address of its ports, so adding a
-    # pod (a new veth) can change it, and every pod that still has the old one in its ARP
-    # cache cannot reach the node (the broker) until that entry is refreshed, up to ~45 s.
-    run("ip", "-n", NODE_NS, "link", "set", BRIDGE, "address", BRIDGE_MAC)
-    run("ip", "-n", NODE_NS, "addr", "add", f"{NODE_IP}/{POD_PREFIX_LEN}", "dev", BRIDGE)
-    run("ip", "-n", NODE_NS, "link", "set", BRIDGE, "up")
-    # No forwarding out of the node namespace: it has no other link anyway.
-    run("ip", "netns", "exec", NODE_NS, "sysctl", "-q", "-w", "net.ipv4.ip_forward=0")
-
-
-def capture_rules(ns, install=True):
-    """Istio-style capture: the app's port-80 traffic to IMDS goes to Envoy; Envoy's own
-    traffic (uid 1337) is not captured; and anything to IMDS that was not redirected is
-    rejected, so a missing redirect fails closed."""
-    op = "-A" if install else "-D"
-    rules = [
-        ["-t", "nat", op, "OUTPUT", "-p", "tcp", "-d", "169.254.169.254", "--dport", "80",
-         "-m", "owner", "!", "--uid-owner", str(ENVOY_UID), "-j", "REDIRECT", "--to-ports", str(ENVOY_LISTEN)],
-    ]
-    for r in rules:
-        run("ip", "netns", "exec", ns, "iptables", "-w", *r, check=install)
-
-
-def guard_rules(ns):
-    run("ip", "netns", "exec", ns, "iptables", "-w", "-A", "OUTPUT", "-d", "169.254.169.254",
-        "-j", "REJECT", "--reject-with", "tcp-reset", "-p", "tcp")
-    run("ip", "netns", "exec", ns, "iptables", "-w", "-A", "OUTPUT", "-d", "169.254.169.254", "-j", "DROP")
-
-
-def make_pod_netns(state, entry):
-    ns, ip, veth = entry["netns"], entry["ip"], entry["veth"]
-    run("ip", "netns", "add", ns)
-    run("ip", "-n", ns, "link", "set", "lo", "up")
-    run("ip", "link", "add", "eth0", "netns", ns, "type", "veth", "peer", "name", veth, "netns", NODE_NS)
-    run("ip", "-n", NODE_NS, "link", "set", veth, "master", BRIDGE, "up")
-    run("ip", "-n", ns, "addr", "add", f"{ip}/{POD_PREFIX_LEN}", "dev", "eth0")
-    run("ip", "-n", ns, "link", "set", "eth0", "up")
-    run("ip", "-n", ns, "route", "add", "default", "via", NODE_IP)
-    capture_rules(ns)
-    guard_rules(ns)
-
-
-def delete_netns(ns):
-    res = run("ip", "netns", "pids", ns, check=False, capture=True)
-    for pid in (res.stdout or "").split():
-        try:
-            os.kill(int(pid), signal.SIGKILL)
-        except (ProcessLookupError, ValueError):
-            pass
-    run("ip", "netns", "del", ns, check=False)
-
-
-# ---------------------------------------------------------------------------- envoy
-
-
-def plugin_config(state, entry):
-    """The filter's plugin config for a pod's sidecar, with --filter-option overrides."""
-    cfg = {
-        "brokerCluster": "meshiam_broker",
-        "brokerAuthority": "meshiam-broker",
-        "allowPaths": ["meta-data/placement/region", "meta-data/placement/availability-zone"],
-        "identity": {"source": "nodeMetadata"},
-    }
-    if state["mode"] == "loopback":
-        # No iptables capture: the pod addresses its sidecar directly, so the sidecar's own
-        # listener address is this pod's metadata address.
-        cfg["metadataAddresses"] = ["169.254.169.254:80", "[fd00:ec2::254]:80", f"127.0.0.1:{entry['port']}"]
-    for item in state.get("filter_options", []):
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise StackError(f"--filter-option wants KEY=JSON, got {item!r}")
-        try:
-            cfg[key] = json.loads(value)
-        except ValueError:
-            cfg[key] = value
-    return cfg
-
-
-def render_envoy(state, entry):
-    sys.path.insert(0, str(ROOT / "envoy"))
-    from render import render, without_loop_guard  # envoy/render.py
-
-    spec = entry["spec"]
-    loop = state["mode"] == "loopback"
-    values = {
-        "NODE_ID": f"sidecar~{entry['ip']}~{spec['name']}.{spec['namespace']}",
-        "POD_NAME": spec["name"],
-        "POD_NAMESPACE": spec["namespace"],
-        "ADMIN_ADDRESS": "127.0.0.1",
-        "ADMIN_PORT": entry["admin_port"] if loop else ENVOY_ADMIN,
-        # Loopback in both modes: the REDIRECT lands on 127.0.0.1; nothing outside the pod
-        # reaches the listener.
-        "CAPTURE_ADDRESS": "127.0.0.1",
-        "CAPTURE_PORT": entry["port"] if loop else ENVOY_LISTEN,
-        # The kubelet's probe listener: any free port when all pods share loopback.
-        "HEALTH_PORT": 0 if loop else 15021,
-        # The sources besides loopback the sidecar answers metadata to.
-        "POD_IPS": ",".join(spec["ips"]),
-        "BROKER_ADDRESS": node_addr(state),
-        "BROKER_PORT": port(state, "broker"),
-        "WASM_PATH": WASM,
-        "PLUGIN_CONFIG": json.dumps(plugin_config(state, entry), separators=(",", ":")),
-    }
-    text = render(str(ROOT / "envoy/sidecar.yaml"), **values)
-    if loop:
-        # The broker knows a pod by its address: on loopback each sidecar calls it from the
-        # pod's own 127.1.0.x. And the pods call their sidecar's listener directly, which the
-        # loop guard (for connections to the listener's own port) would close.
-        doc = without_loop_guard(yaml.safe_load(text))
-        for c in doc["static_resources"]["clusters"]:
-            if c["name"] == "meshiam_broker":
-                c["upstream_bind_config"] = {"source_address": {"address": entry["ip"], "port_value": 0}}
-        text = yaml.safe_dump(doc, sort_keys=False)
-    out = STATE_DIR / "envoy" / f"{entry['index']}.yaml"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    return out
-
-
-def envoy_name(entry):
-    return f"envoy-{entry['spec']['namespace']}-{entry['spec']['name']}"
-
-
-def start_envoy(state, key):
-    entry = state["pods"][key]
-    cfg = render_envoy(state, entry)
-    name = envoy_name(entry)
-    argv = [VENV / "bin/envoy", "-c", cfg, "--disable-hot-restart", "--log-level", "warning",
-            "--concurrency", "2"]
-    if state["mode"] == "netns":
-        spawn(state, name, argv, netns=entry["netns"], uid=ENVOY_UID)
-        admin = f"http://127.0.0.1:{ENVOY_ADMIN}/ready"
-        wait_until(f"Envoy of {key}", lambda: http_ok(state, entry["netns"], admin), timeout=30)
-    else:
-        spawn(state, name, argv)
-        admin = f"http://127.0.0.1:{entry['admin_port']}/ready"
-        wait_until(f"Envoy of {key}", lambda: http_ok(state, None, admin), timeout=30)
-
-
-# ---------------------------------------------------------------------------- components
 
 
 def broker_argv(state):
@@ -542,9 +137,6 @@ def start_component(state, name):
         raise StackError(f"unknown component {name!r} (components: {', '.join(COMPONENTS)})")
 
 
-# ---------------------------------------------------------------------------- pods in the stack
-
-
 def add_pod(state, p, register=True):
     key = pod_key(p)
     if key in state["pods"]:
@@ -617,9 +209,6 @@ def delete_pod(state, key, api=True):
         delete_netns(entry["netns"])
     state["pods"].pop(key, None)
     save_state(state)
-
-
-# ---------------------------------------------------------------------------- commands
 
 
 def cmd_up(args):
