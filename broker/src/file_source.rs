@@ -337,7 +337,7 @@ namespaces:
         assert_eq!((pod.phase, pod.host_network), (PodPhase::Pending, true));
         assert_eq!(json!(pod.annotations), full["pods"][0]["annotations"]);
         assert_eq!(
-            json!(nss[0].annotations),
+            json!(nss[0].annotations()),
             full["namespaces"][0]["annotations"]
         );
 
@@ -355,7 +355,7 @@ namespaces:
                 "hostNetwork": pod.host_network,
                 "annotations": pod.annotations,
             }),
-            json!({"annotations": nss[0].annotations}),
+            json!({"annotations": nss[0].annotations()}),
         );
     }
 
