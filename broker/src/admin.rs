@@ -22,7 +22,7 @@ use serde_json::{Value, json};
 use crate::Broker;
 use crate::error::BrokerError;
 use crate::pods::{IpLookup, PodKey, canonical};
-use crate::policy::{self, PolicyError};
+use crate::policy::PolicyError;
 
 /// What the admin port serves besides health, readiness and metrics.
 #[derive(Debug, Clone, Copy, Default)]
@@ -203,7 +203,8 @@ pub fn explain(b: &Broker, key: &PodKey) -> Option<Value> {
         "serviceAccount": pod.service_account,
         "node": pod.node,
         "addresses": addresses,
-        "roleAnnotation": pod.annotation(policy::ROLE),
+        "roleAnnotation": pod.annotation(&b.policy.config().role_key),
+        "roleAnnotationKey": b.policy.config().role_key,
         "namespaceKnown": ns.is_some(),
         "restrictionMode": b.policy.config().restriction,
     });

@@ -10,8 +10,9 @@ use clap::{ArgAction, Parser, ValueEnum};
 use crate::ServeConfig;
 use crate::cache::CacheConfig;
 use crate::imds::DirectMode;
-use crate::policy::{BaseArn, PolicyConfig, Restriction, RolePolicy};
+use crate::policy::{BaseArn, PolicyConfig, ROLE, Restriction, RestrictionFormat, RolePolicy};
 use crate::server::ConnLimits;
+use crate::sts::StsEndpoint;
 use meshiam_imds::AllowList;
 
 /// Where pods come from.
@@ -110,16 +111,32 @@ pub struct Config {
     #[arg(long, env = "MESHIAM_BASE_ROLE_ARN")]
     pub base_role_arn: Option<String>,
 
-    /// Role for pods without an `iam.amazonaws.com/role` annotation (name, path/name or
-    /// ARN). Without it such pods get no role.
+    /// Role for pods without a role annotation (--iam-role-key; name, path/name or ARN).
+    /// Without it such pods get no role. Under namespace restrictions it is permitted in
+    /// every namespace, also to pods that name it (as kube2iam).
     #[arg(long, env = "MESHIAM_DEFAULT_ROLE")]
     pub default_role: Option<String>,
 
+    /// The pod annotation that names the role (kube2iam's --iam-role-key).
+    #[arg(long, env = "MESHIAM_IAM_ROLE_KEY", default_value = ROLE)]
+    pub iam_role_key: String,
+
     /// Namespace restriction: `off`, `allowed-roles` (kube2iam's
-    /// iam.amazonaws.com/allowed-roles, JSON list of globs) or `permitted` (kiam's
-    /// iam.amazonaws.com/permitted, regex on the whole ARN).
+    /// iam.amazonaws.com/allowed-roles, a JSON list; see --namespace-restriction-format) or
+    /// `permitted` (kiam's iam.amazonaws.com/permitted, a regex on the role ARN).
     #[arg(long, env = "MESHIAM_NAMESPACE_RESTRICTION", value_enum, default_value_t = Restriction::Off)]
     pub namespace_restriction: Restriction,
+
+    /// How `allowed-roles` entries match, as kube2iam's flag of this name: `glob` (`*`
+    /// matches anything, `/` too; the whole ARN) or `regexp` (found anywhere in the ARN, not
+    /// anchored). Name entries are prefixed with the base ARN first.
+    #[arg(long, env = "MESHIAM_NAMESPACE_RESTRICTION_FORMAT", value_enum, default_value_t = RestrictionFormat::Glob)]
+    pub namespace_restriction_format: RestrictionFormat,
+
+    /// kiam's flag of this name: match `permitted` anywhere in the role ARN instead of as
+    /// `^` + regex + `$`.
+    #[arg(long, env = "MESHIAM_DISABLE_STRICT_NAMESPACE_REGEXP", default_value_t = false, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub disable_strict_namespace_regexp: bool,
 
     /// AssumeRole DurationSeconds (900..43200; role chaining caps it at 3600).
     #[arg(long, env = "MESHIAM_SESSION_DURATION", default_value = "3600s", value_parser = parse_duration)]
@@ -162,6 +179,12 @@ pub struct Config {
     /// profile, the node's metadata). AWS_ENDPOINT_URL_STS overrides the endpoint.
     #[arg(long, env = "MESHIAM_REGION")]
     pub region: Option<String>,
+
+    /// `regional` (sts.<region>.amazonaws.com) or `global` (sts.amazonaws.com for the
+    /// regions that had it, signed for us-east-1; kube2iam without
+    /// --use-regional-sts-endpoint). AWS_ENDPOINT_URL_STS overrides both.
+    #[arg(long, env = "MESHIAM_STS_ENDPOINT", value_enum, default_value_t = StsEndpoint::Regional)]
+    pub sts_endpoint: StsEndpoint,
 
     /// Budget of one STS call (and of a fetch's wait for the node-wide STS limiter).
     #[arg(long, env = "MESHIAM_STS_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
@@ -321,6 +344,12 @@ impl Config {
         if let Some(b) = &self.base_role_arn {
             BaseArn::parse(b).map_err(|e| format!("--base-role-arn: {e}"))?;
         }
+        if self.iam_role_key.trim().is_empty() || self.iam_role_key.contains(char::is_whitespace) {
+            return Err(format!(
+                "--iam-role-key: {:?} is not an annotation key",
+                self.iam_role_key
+            ));
+        }
         if let Some(r) = &self.default_role {
             let check = RolePolicy::new(PolicyConfig {
                 base_arn: BaseArn::parse("arn:aws:iam::000000000000:role/").ok(),
@@ -399,6 +428,9 @@ impl Config {
                 .and_then(|b| BaseArn::parse(b).ok()),
             default_role: self.default_role.clone(),
             restriction: self.namespace_restriction,
+            restriction_format: self.namespace_restriction_format,
+            strict_permitted: !self.disable_strict_namespace_regexp,
+            role_key: self.iam_role_key.clone(),
             session_tags: self.session_tags,
             cluster_name: self.cluster_name.clone(),
             source_identity: self.source_identity,

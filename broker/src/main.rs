@@ -57,12 +57,13 @@ async fn main() {
     }
     tracing::info!(version = meshiam_broker::VERSION, "meshiam-broker starting");
 
-    let sts = match AwsSts::from_env(cfg.region.clone(), cfg.sts_timeout).await {
+    let sts = match AwsSts::from_env(cfg.region.clone(), cfg.sts_endpoint, cfg.sts_timeout).await {
         Ok(s) => s,
         Err(e) => fail(e),
     };
     tracing::info!(
         region = sts.region().unwrap_or_default(),
+        endpoint = ?cfg.sts_endpoint,
         "STS client ready"
     );
     let sts: Arc<dyn StsApi> = Arc::new(sts);

@@ -1,8 +1,9 @@
 //! Which role a pod gets: its annotations, the base ARN, the default role and the namespace
-//! restrictions (kube2iam's `allowed-roles` globs or kiam's `permitted` regex).
+//! restrictions (kube2iam's `allowed-roles` globs or regexps, kiam's `permitted` regex),
+//! each matched exactly as the project it comes from matches it.
 
 use std::collections::BTreeMap;
-use std::sync::RwLock;
+use std::sync::{Mutex, RwLock};
 
 use serde::Serialize;
 use thiserror::Error;
@@ -11,15 +12,16 @@ use crate::pods::{Namespace, Pod};
 use crate::session;
 use crate::sts::AssumeRoleRequest;
 
-/// The pod's role: a name, `path/name`, or a full role ARN.
+/// The pod's role: a name, `path/name`, or a full role ARN. The default key of
+/// `--iam-role-key` (kube2iam's flag of that name).
 pub const ROLE: &str = "iam.amazonaws.com/role";
 /// ExternalId passed to AssumeRole.
 pub const EXTERNAL_ID: &str = "iam.amazonaws.com/external-id";
 /// RoleSessionName instead of `namespace.pod`.
 pub const SESSION_NAME: &str = "iam.amazonaws.com/session-name";
-/// kube2iam: namespace annotation, JSON list of globs over role names or ARNs.
+/// kube2iam: namespace annotation, JSON list of globs (or regexps) over role names or ARNs.
 pub const ALLOWED_ROLES: &str = "iam.amazonaws.com/allowed-roles";
-/// kiam: namespace annotation, regex that must match the whole role ARN.
+/// kiam: namespace annotation, regex matched against the role ARN.
 pub const PERMITTED: &str = "iam.amazonaws.com/permitted";
 
 /// Which namespace restriction applies.
@@ -28,10 +30,23 @@ pub const PERMITTED: &str = "iam.amazonaws.com/permitted";
 pub enum Restriction {
     /// Any role a pod names is assumed.
     Off,
-    /// kube2iam style: the namespace's `iam.amazonaws.com/allowed-roles` (JSON list of globs).
+    /// kube2iam style: the namespace's `iam.amazonaws.com/allowed-roles` (JSON list of globs,
+    /// or regexps with `--namespace-restriction-format regexp`).
     AllowedRoles,
-    /// kiam style: the namespace's `iam.amazonaws.com/permitted` (regex on the full ARN).
+    /// kiam style: the namespace's `iam.amazonaws.com/permitted` (regex on the role ARN).
     Permitted,
+}
+
+/// How `iam.amazonaws.com/allowed-roles` entries match: kube2iam's
+/// `--namespace-restriction-format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestrictionFormat {
+    /// `*` matches any characters (`/` too); the entry must cover the whole ARN.
+    Glob,
+    /// A regular expression searched for anywhere in the ARN (not anchored: end it with
+    /// `$` to pin the end).
+    Regexp,
 }
 
 /// The parts of any ARN: `arn:<partition>:<service>:<region>:<account>:<resource>`.
@@ -301,10 +316,7 @@ pub enum PolicyError {
     #[error("pod has no role annotation and there is no default role")]
     NoRole,
     #[error("annotation {annotation} is invalid: {problem}")]
-    InvalidAnnotation {
-        annotation: &'static str,
-        problem: String,
-    },
+    InvalidAnnotation { annotation: String, problem: String },
     #[error("role {0:?} is a name but the base role ARN is not known yet")]
     BaseArnUnknown(String),
     #[error("role {role_arn} not permitted in this namespace: {rule}")]
@@ -317,6 +329,13 @@ pub struct PolicyConfig {
     pub base_arn: Option<BaseArn>,
     pub default_role: Option<String>,
     pub restriction: Restriction,
+    /// How `allowed-roles` entries match.
+    pub restriction_format: RestrictionFormat,
+    /// kiam's strict `permitted` match (`^…$`); `false` is kiam's
+    /// `--disable-strict-namespace-regexp`.
+    pub strict_permitted: bool,
+    /// The pod annotation that names the role (kube2iam's `--iam-role-key`).
+    pub role_key: String,
     pub session_tags: bool,
     pub cluster_name: Option<String>,
     pub source_identity: bool,
@@ -329,6 +348,9 @@ impl Default for PolicyConfig {
             base_arn: None,
             default_role: None,
             restriction: Restriction::Off,
+            restriction_format: RestrictionFormat::Glob,
+            strict_permitted: true,
+            role_key: ROLE.to_string(),
             session_tags: false,
             cluster_name: None,
             source_identity: false,
@@ -367,12 +389,12 @@ impl RolePolicy {
         let role = role.trim();
         if role.starts_with("arn:") {
             return RoleArn::parse(role).map_err(|problem| PolicyError::InvalidAnnotation {
-                annotation: ROLE,
+                annotation: self.cfg.role_key.clone(),
                 problem,
             });
         }
         let invalid = || PolicyError::InvalidAnnotation {
-            annotation: ROLE,
+            annotation: self.cfg.role_key.clone(),
             problem: format!("{role:?} is not a role name or path/name"),
         };
         let rel = role.strip_prefix('/').unwrap_or(role);
@@ -388,7 +410,7 @@ impl RolePolicy {
     /// The pod's role and the restriction's verdict; `Err` when there is no usable role.
     pub fn evaluate(&self, pod: &Pod, ns: Option<&Namespace>) -> Result<Decision, PolicyError> {
         let annotated = pod
-            .annotation(ROLE)
+            .annotation(&self.cfg.role_key)
             .map(str::trim)
             .filter(|r| !r.is_empty());
         let (role, source) = match (annotated, self.cfg.default_role.as_deref()) {
@@ -407,7 +429,7 @@ impl RolePolicy {
             Some(e) if !e.is_empty() => {
                 if !is_external_id(e) {
                     return Err(PolicyError::InvalidAnnotation {
-                        annotation: EXTERNAL_ID,
+                        annotation: EXTERNAL_ID.to_string(),
                         problem: "must be 2-1224 characters of [\\w+=,.@:/-]".into(),
                     });
                 }
@@ -453,8 +475,9 @@ impl RolePolicy {
         if self.cfg.restriction == Restriction::Off {
             return Verdict::allow("namespace restrictions are off");
         }
-        if source == RoleSource::Default {
-            // As kube2iam: the operator's default role is permitted everywhere.
+        if source == RoleSource::Default || self.is_default_role(arn) {
+            // As kube2iam: the operator's default role is permitted everywhere, also when a
+            // pod names it (it would get it anyway by dropping its annotation).
             return Verdict::allow("the default role is permitted in every namespace");
         }
         let Some(ns) = ns else {
@@ -463,10 +486,24 @@ impl RolePolicy {
         match self.cfg.restriction {
             Restriction::Off => Verdict::allow("namespace restrictions are off"),
             Restriction::AllowedRoles => self.check_allowed_roles(arn, ns),
-            Restriction::Permitted => check_permitted(arn, ns),
+            Restriction::Permitted => check_permitted(arn, ns, self.cfg.strict_permitted),
         }
     }
 
+    /// `arn` is the configured default role (kube2iam compares the resolved ARNs).
+    fn is_default_role(&self, arn: &str) -> bool {
+        self.cfg
+            .default_role
+            .as_deref()
+            .and_then(|d| self.resolve_arn(d).ok())
+            .is_some_and(|d| d.as_str() == arn)
+    }
+
+    /// kube2iam's `checkRoleForNamespace`: each entry is made a full ARN as a role is (the
+    /// base ARN prepended unless it starts with `arn:`), then matched against the role's ARN
+    /// as kube2iam's `--namespace-restriction-format` says: `glob` (only `*`, which matches
+    /// any characters, `/` included; the whole ARN) or `regexp` (a search anywhere in the
+    /// ARN, not anchored).
     fn check_allowed_roles(&self, arn: &str, ns: &Namespace) -> Verdict {
         let entries = match &ns.rules().allowed_roles {
             None => {
@@ -482,15 +519,21 @@ impl RolePolicy {
         };
         let base = self.base_arn();
         for e in entries {
-            // An entry that is not a valid glob matches nothing (the others still count).
-            let Some(glob) = &e.glob else { continue };
-            let subject = match e.scope {
-                GlobScope::Arn => Some(arn),
-                // `base + glob` matched against the ARN, as the glob alone against what
-                // follows the base: the base holds no glob syntax. No base yet: no match.
-                GlobScope::UnderBase => base.as_ref().and_then(|b| arn.strip_prefix(b.as_str())),
+            let matched = match (self.cfg.restriction_format, e.scope) {
+                (RestrictionFormat::Glob, GlobScope::Arn) => glob_match(&e.pattern, arn),
+                // No base yet: a name entry matches nothing.
+                (RestrictionFormat::Glob, GlobScope::UnderBase) => base
+                    .as_ref()
+                    .is_some_and(|b| glob_match(&format!("{}{}", b.as_str(), e.pattern), arn)),
+                (RestrictionFormat::Regexp, GlobScope::Arn) => {
+                    e.regex_arn.as_ref().is_ok_and(|re| re.is_match(arn))
+                }
+                (RestrictionFormat::Regexp, GlobScope::UnderBase) => base
+                    .as_ref()
+                    .is_some_and(|b| e.regex_under(b).is_some_and(|re| re.is_match(arn))),
             };
-            if subject.is_some_and(|s| glob.is_match(s)) {
+            // An entry that does not compile matches nothing (the others still count).
+            if matched {
                 return Verdict::allow(format!("{ALLOWED_ROLES} entry {:?}", e.entry));
             }
         }
@@ -501,15 +544,26 @@ impl RolePolicy {
     }
 }
 
-fn check_permitted(arn: &str, ns: &Namespace) -> Verdict {
+/// kiam's `NamespacePermittedRoleNamePolicy`: the expression is matched against the role's
+/// resolved ARN; strict (kiam's default) is `"^" + expression + "$"` — text pasted around the
+/// expression, so a top-level `|` leaves its alternatives anchored at one end each — and
+/// not strict (kiam's `--disable-strict-namespace-regexp`) a search anywhere in the ARN. An
+/// empty annotation permits nothing.
+fn check_permitted(arn: &str, ns: &Namespace, strict: bool) -> Verdict {
     let Some(permitted) = &ns.rules().permitted else {
         return Verdict::deny(format!("namespace {} has no {PERMITTED}", ns.name));
     };
-    match &permitted.regex {
+    let regex = if strict {
+        &permitted.strict
+    } else {
+        &permitted.search
+    };
+    match regex {
         Ok(re) if re.is_match(arn) => Verdict::allow(format!("{PERMITTED} {:?}", permitted.raw)),
         Ok(_) => Verdict::deny(format!(
-            "{PERMITTED} of namespace {} does not match the whole ARN",
-            ns.name
+            "{PERMITTED} of namespace {} does not match the role ARN{}",
+            ns.name,
+            if strict { " (strict: ^…$)" } else { "" }
         )),
         Err(InvalidRegex) => Verdict::deny(format!(
             "{PERMITTED} of namespace {} is not a valid regex",
@@ -518,63 +572,119 @@ fn check_permitted(arn: &str, ns: &Namespace) -> Verdict {
     }
 }
 
+/// kube2iam's glob (github.com/ryanuber/go-glob): `*` matches any run of characters, `/`
+/// included; every other character, `?`, `[` and `\` among them, is itself.
+fn glob_match(pattern: &str, subject: &str) -> bool {
+    let parts: Vec<&str> = pattern.split('*').collect();
+    let [first, middle @ .., last] = parts.as_slice() else {
+        // No `*`: the whole subject.
+        return pattern == subject;
+    };
+    let Some(mut rest) = subject.strip_prefix(first) else {
+        return false;
+    };
+    for part in middle {
+        match rest.find(part) {
+            Some(i) => rest = &rest[i + part.len()..],
+            None => return false,
+        }
+    }
+    rest.ends_with(last)
+}
+
 /// `iam.amazonaws.com/allowed-roles` is not a JSON list of strings: the namespace permits
 /// nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct NotAList;
 
-/// `iam.amazonaws.com/permitted` does not compile: the namespace permits nothing.
+/// A restriction regex does not compile: it permits nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct InvalidRegex;
 
-/// What an allowed-roles glob is matched against.
+/// What an allowed-roles entry is matched against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum GlobScope {
-    /// An entry starting with `arn:`: the whole role ARN.
+    /// An entry starting with `arn:` (any case, as kube2iam): the whole role ARN.
     Arn,
-    /// A role name or path: what follows the base ARN (known at evaluation, it may be
+    /// A role name or path: the base ARN is prepended (known at evaluation, it may be
     /// discovered after the namespace is stored).
     UnderBase,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct AllowedRole {
     /// The entry as written (trimmed), for the verdict's rule.
     entry: String,
     scope: GlobScope,
-    /// `None`: not a valid glob.
-    glob: Option<globset::GlobMatcher>,
+    /// The entry without a leading `/` (for name entries, as role annotations are read).
+    pattern: String,
+    /// `regexp` format, an `arn:` entry: compiled when stored.
+    regex_arn: Result<regex::Regex, InvalidRegex>,
+    /// `regexp` format, a name entry: `base + entry`, compiled on first use for the base
+    /// it is used with (the base is set once, at start or when discovered).
+    regex_under_base: Mutex<Option<(String, Option<regex::Regex>)>>,
 }
 
-#[derive(Debug, Clone)]
+impl AllowedRole {
+    /// kube2iam pastes the base in front of the expression; here the base is taken literally
+    /// (escaped), which differs only for a base whose path holds `.` or `+`.
+    fn regex_under(&self, base: &BaseArn) -> Option<regex::Regex> {
+        let mut cached = self
+            .regex_under_base
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        match cached.as_ref() {
+            Some((b, re)) if b == base.as_str() => re.clone(),
+            _ => {
+                let re = compile(&format!("{}{}", regex::escape(base.as_str()), self.pattern)).ok();
+                *cached = Some((base.as_str().to_string(), re.clone()));
+                re
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
 struct Permitted {
     raw: String,
-    /// Anchored on the whole ARN.
-    regex: Result<regex::Regex, InvalidRegex>,
+    /// kiam's strict form, `^` + expression + `$`.
+    strict: Result<regex::Regex, InvalidRegex>,
+    /// The expression as written, searched for anywhere.
+    search: Result<regex::Regex, InvalidRegex>,
+}
+
+/// Restriction regexes from annotations: bounded, so a huge annotation cannot make the
+/// broker compile (and hold) a huge automaton.
+fn compile(re: &str) -> Result<regex::Regex, InvalidRegex> {
+    regex::RegexBuilder::new(re)
+        .size_limit(1 << 20)
+        .build()
+        .map_err(|_| InvalidRegex)
 }
 
 /// A namespace's restriction annotations, compiled once when the namespace is stored
 /// ([`Namespace::new`]) instead of on every evaluation; a malformed one keeps its error, to
 /// refuse with at evaluation (fail closed).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Default)]
 pub struct NamespaceRules {
     /// `None`: no annotation.
     allowed_roles: Option<Result<Vec<AllowedRole>, NotAList>>,
-    /// `None`: no annotation.
+    /// `None`: no annotation, or an empty one (kiam: nothing permitted).
     permitted: Option<Permitted>,
 }
 
 impl NamespaceRules {
-    /// Compiles both annotations (which one applies is the broker's setting, read at
-    /// evaluation).
+    /// Compiles both annotations in every form (which one applies is the broker's setting,
+    /// read at evaluation).
     pub fn compile(annotations: &BTreeMap<String, String>) -> Self {
         let allowed_roles = annotations.get(ALLOWED_ROLES).map(|raw| {
-            let globs = serde_json::from_str::<Vec<String>>(raw).map_err(|_| NotAList)?;
-            Ok(globs
+            let entries = serde_json::from_str::<Vec<String>>(raw).map_err(|_| NotAList)?;
+            Ok(entries
                 .iter()
                 .map(|g| {
                     let g = g.trim();
-                    let (scope, pattern) = if g.starts_with("arn:") {
+                    let is_arn = g.get(..4).is_some_and(|p| p.eq_ignore_ascii_case("arn:"));
+                    let (scope, pattern) = if is_arn {
                         (GlobScope::Arn, g)
                     } else {
                         (GlobScope::UnderBase, g.strip_prefix('/').unwrap_or(g))
@@ -582,18 +692,25 @@ impl NamespaceRules {
                     AllowedRole {
                         entry: g.to_string(),
                         scope,
-                        // `*` matches across `/` too, as kube2iam's globs do.
-                        glob: globset::Glob::new(pattern)
-                            .ok()
-                            .map(|g| g.compile_matcher()),
+                        pattern: pattern.to_string(),
+                        regex_arn: if is_arn {
+                            compile(g)
+                        } else {
+                            Err(InvalidRegex)
+                        },
+                        regex_under_base: Mutex::new(None),
                     }
                 })
                 .collect())
         });
-        let permitted = annotations.get(PERMITTED).map(|raw| Permitted {
-            raw: raw.clone(),
-            regex: regex::Regex::new(&format!("^(?:{raw})$")).map_err(|_| InvalidRegex),
-        });
+        let permitted = annotations
+            .get(PERMITTED)
+            .filter(|raw| !raw.is_empty())
+            .map(|raw| Permitted {
+                raw: raw.clone(),
+                strict: compile(&format!("^{raw}$")),
+                search: compile(raw),
+            });
         Self {
             allowed_roles,
             permitted,
@@ -740,10 +857,7 @@ mod tests {
             assert!(
                 matches!(
                     e,
-                    PolicyError::InvalidAnnotation {
-                        annotation: ROLE,
-                        ..
-                    }
+                    PolicyError::InvalidAnnotation { ref annotation, .. } if annotation == ROLE
                 ),
                 "{bad}: {e:?}"
             );
@@ -838,67 +952,587 @@ mod tests {
     }
 
     #[test]
-    fn compiled_globs_match_as_base_plus_glob_did() {
-        // Before patterns were compiled per namespace, a name glob was matched as
-        // `base + glob` against the whole ARN; the compiled glob is matched against what
-        // follows the base. Same answers, for globs that use every kind of syntax.
-        let globs = [
-            "allowed-*",
-            "/allowed-*",
-            "team/*",
-            "**",
+    fn glob_is_go_glob() {
+        // github.com/ryanuber/go-glob v1.0.0 (kube2iam's glob), its own glob_test.go.
+        assert!(glob_match("", ""));
+        assert!(!glob_match("", "test"));
+        for p in ["", "*", "**", "***", "****************"] {
+            assert!(glob_match(p, ""), "{p:?}");
+        }
+        for p in [
+            "test",
+            "*test*",
+            "*x",
+            "*****************x",
+            "x*",
+            "x*****************",
+            "x*x",
+            "x****************x",
+        ] {
+            assert!(!glob_match(p, ""), "{p:?}");
+        }
+        assert!(glob_match("test", "test"));
+        for p in [
+            "*test",
+            "this*",
+            "this*test",
+            "*is *",
+            "*is*a*",
+            "**test**",
+            "**is**a***test*",
+            "* *",
             "*",
-            "**/app",
-            "team/**",
-            "a?c",
-            "[ab]-x",
-            "[!a]*",
-            "{web,api}-*",
-            "*app*",
-            "",
-            "team",
-            "**x",
-            "a/**/b",
-            "team\\*",
-            "[",
-            "role/x",
-        ];
-        let arns = [
-            "app",
-            "allowed-one",
-            "allowed-team/deep",
-            "team/app",
-            "team/sub/app",
-            "abc",
-            "a-x",
-            "c-x",
-            "web-1",
-            "x/app",
-            "a/b",
-            "a/q/r/b",
-            "team*",
-            "teamx",
-        ];
-        for base in [BASE, "arn:aws:iam::123456789012:role/ns/"] {
+            "**********",
+            "*Ѿ*",
+            "*is a ϗѾ *",
+        ] {
+            assert!(glob_match(p, "this is a ϗѾ test"), "{p:?}");
+        }
+        for p in [
+            "test*",
+            "*is",
+            "*no*",
+            " ",
+            "* ",
+            " *",
+            "*ʤ*",
+            "this*this is a test",
+        ] {
+            assert!(!glob_match(p, "this is a test"), "{p:?}");
+        }
+        // Only `*` is special: no `?`, classes, braces or escapes, unlike shell globs.
+        for (p, s) in [("a?c", "abc"), ("[ab]-x", "a-x"), ("{web,api}-1", "web-1")] {
+            assert!(!glob_match(p, s), "{p:?} {s:?}");
+            assert!(glob_match(p, p), "{p:?}");
+        }
+        assert!(glob_match("team/*", "team/sub/app"));
+    }
+
+    /// kube2iam's `TestCheckRoleForNamespace` (mappings/mapper_test.go), row by row: name,
+    /// format, default role, namespace annotation, the pod's role ARN, expected.
+    #[test]
+    fn kube2iam_check_role_for_namespace() {
+        const RESTRICTED: &[(&str, RestrictionFormat, &str, Option<&str>, &str, bool)] = {
+            use RestrictionFormat::{Glob, Regexp};
+            &[
+                (
+                    "default partial",
+                    Glob,
+                    "default-role",
+                    None,
+                    "arn:aws:iam::123456789012:role/default-role",
+                    true,
+                ),
+                (
+                    "default full arn",
+                    Glob,
+                    "arn:aws:iam::123456789012:role/default-role",
+                    None,
+                    "arn:aws:iam::123456789012:role/default-role",
+                    true,
+                ),
+                (
+                    "partial arn in annotation",
+                    Glob,
+                    "arn:aws:iam::123456789012:role/default-role",
+                    Some(r#"["explicit-role"]"#),
+                    "arn:aws:iam::123456789012:role/explicit-role",
+                    true,
+                ),
+                (
+                    "partial glob in annotation",
+                    Glob,
+                    "arn:aws:iam::123456789012:role/default-role",
+                    Some(r#"["path/*"]"#),
+                    "arn:aws:iam::123456789012:role/path/explicit-role",
+                    true,
+                ),
+                (
+                    "full arn in annotation",
+                    Glob,
+                    "arn:aws:iam::123456789012:role/default-role",
+                    Some(r#"["arn:aws:iam::123456789012:role/explicit-role"]"#),
+                    "arn:aws:iam::123456789012:role/explicit-role",
+                    true,
+                ),
+                (
+                    "full arn with glob in annotation",
+                    Glob,
+                    "arn:aws:iam::123456789012:role/default-role",
+                    Some(r#"["arn:aws:iam::123456789012:role/path/*-role"]"#),
+                    "arn:aws:iam::123456789012:role/path/explicit-role",
+                    true,
+                ),
+                (
+                    "full arn not in annotation",
+                    Glob,
+                    "arn:aws:iam::123456789012:role/default-role",
+                    Some(r#"["arn:aws:iam::123456789012:role/explicit-role"]"#),
+                    "arn:aws:iam::123456789012:role/test-role",
+                    false,
+                ),
+                (
+                    "no annotations",
+                    Glob,
+                    "",
+                    Some(""),
+                    "arn:aws:iam::123456789012:role/explicit-role",
+                    false,
+                ),
+                (
+                    "multiple annotations, no match",
+                    Glob,
+                    "",
+                    Some(r#"["explicit-role", "explicit-role2"]"#),
+                    "arn:aws:iam::123456789012:role/test-role",
+                    false,
+                ),
+                (
+                    "multiple annotations, matches exact 1st",
+                    Glob,
+                    "",
+                    Some(r#"["explicit-role", "explicit-role2"]"#),
+                    "arn:aws:iam::123456789012:role/explicit-role",
+                    true,
+                ),
+                (
+                    "multiple annotations, matches exact 2nd",
+                    Glob,
+                    "",
+                    Some(r#"["explicit-role2", "explicit-role"]"#),
+                    "arn:aws:iam::123456789012:role/explicit-role",
+                    true,
+                ),
+                (
+                    "multiple annotations, matches glob 1st",
+                    Glob,
+                    "",
+                    Some(r#"["glob-*", "explicit-role"]"#),
+                    "arn:aws:iam::123456789012:role/glob-role",
+                    true,
+                ),
+                (
+                    "multiple annotations, matches glob 2nd",
+                    Glob,
+                    "",
+                    Some(r#"["explicit-role", "glob-*"]"#),
+                    "arn:aws:iam::123456789012:role/glob-role",
+                    true,
+                ),
+                (
+                    "(regexp) default partial",
+                    Regexp,
+                    "default-role",
+                    None,
+                    "arn:aws:iam::123456789012:role/default-role",
+                    true,
+                ),
+                (
+                    "(regexp) default full arn",
+                    Regexp,
+                    "arn:aws:iam::123456789012:role/default-role",
+                    None,
+                    "arn:aws:iam::123456789012:role/default-role",
+                    true,
+                ),
+                (
+                    "(regexp) partial arn in annotation",
+                    Regexp,
+                    "arn:aws:iam::123456789012:role/default-role",
+                    Some(r#"["explicit-role"]"#),
+                    "arn:aws:iam::123456789012:role/explicit-role",
+                    true,
+                ),
+                (
+                    "(regexp) partial regexp in annotation",
+                    Regexp,
+                    "arn:aws:iam::123456789012:role/default-role",
+                    Some(r#"["path/.*"]"#),
+                    "arn:aws:iam::123456789012:role/path/explicit-role",
+                    true,
+                ),
+                (
+                    "(regexp) full arn in annotation",
+                    Regexp,
+                    "arn:aws:iam::123456789012:role/default-role",
+                    Some(r#"["arn:aws:iam::123456789012:role/explicit-role"]"#),
+                    "arn:aws:iam::123456789012:role/explicit-role",
+                    true,
+                ),
+                (
+                    "(regexp) full arn with regexp in annotation",
+                    Regexp,
+                    "arn:aws:iam::123456789012:role/default-role",
+                    Some(r#"["arn:aws:iam::123456789012:role/path/.*-role"]"#),
+                    "arn:aws:iam::123456789012:role/path/explicit-role",
+                    true,
+                ),
+                (
+                    "(regexp) full arn not in annotation",
+                    Regexp,
+                    "arn:aws:iam::123456789012:role/default-role",
+                    Some(r#"["arn:aws:iam::123456789012:role/explicit-role"]"#),
+                    "arn:aws:iam::123456789012:role/test-role",
+                    false,
+                ),
+                (
+                    "(regexp) no annotations",
+                    Regexp,
+                    "",
+                    Some(""),
+                    "arn:aws:iam::123456789012:role/explicit-role",
+                    false,
+                ),
+                (
+                    "(regexp) multiple annotations, no match",
+                    Regexp,
+                    "",
+                    Some(r#"["explicit-role", "explicit-role2"]"#),
+                    "arn:aws:iam::123456789012:role/test-role",
+                    false,
+                ),
+                (
+                    "(regexp) multiple annotations, matches exact 1st",
+                    Regexp,
+                    "",
+                    Some(r#"["explicit-role", "explicit-role2"]"#),
+                    "arn:aws:iam::123456789012:role/explicit-role",
+                    true,
+                ),
+                (
+                    "(regexp) multiple annotations, matches exact 2nd",
+                    Regexp,
+                    "",
+                    Some(r#"["explicit-role2", "explicit-role"]"#),
+                    "arn:aws:iam::123456789012:role/explicit-role",
+                    true,
+                ),
+                (
+                    "(regexp) multiple annotations, matches regexp 1st",
+                    Regexp,
+                    "",
+                    Some(r#"["glob-.*", "explicit-role"]"#),
+                    "arn:aws:iam::123456789012:role/glob-role",
+                    true,
+                ),
+                (
+                    "(regexp) multiple annotations, matches regexp 2nd",
+                    Regexp,
+                    "",
+                    Some(r#"["explicit-role", "glob-.*"]"#),
+                    "arn:aws:iam::123456789012:role/glob-role",
+                    true,
+                ),
+            ]
+        };
+        for &(name, format, default, annotation, arn, want) in RESTRICTED {
             let p = RolePolicy::new(PolicyConfig {
-                base_arn: Some(BaseArn::parse(base).unwrap()),
+                base_arn: Some(BaseArn::parse(BASE).unwrap()),
+                default_role: (!default.is_empty()).then(|| default.to_string()),
                 restriction: Restriction::AllowedRoles,
+                restriction_format: format,
                 ..PolicyConfig::default()
             });
-            for g in globs {
-                let n = ns(&[(ALLOWED_ROLES, &serde_json::to_string(&[g]).unwrap())]);
-                let old =
-                    globset::Glob::new(&format!("{base}{}", g.strip_prefix('/').unwrap_or(g)))
-                        .ok()
-                        .map(|g| g.compile_matcher());
-                for rel in arns {
-                    let arn = format!("{base}{rel}");
-                    let was = old.as_ref().is_some_and(|m| m.is_match(&arn));
-                    let now = p.check_allowed_roles(&arn, &n).permitted;
-                    assert_eq!(now, was, "glob {g:?} on {arn}");
-                }
-            }
+            let n = ns(&annotation
+                .map(|a| vec![(ALLOWED_ROLES, a)])
+                .unwrap_or_default());
+            let got = p
+                .decide(&pod(&[(ROLE, arn)]), Some(&n))
+                .map(|d| d.role_arn.to_string());
+            assert_eq!(got.is_ok(), want, "{name}: {got:?}");
         }
+        // "No restrictions": any role.
+        let off = policy(Restriction::Off);
+        assert!(off.decide(&pod(&[(ROLE, "explicit-role")]), None).is_ok());
+    }
+
+    #[test]
+    fn kube2iam_regexp_is_a_search_and_glob_is_whole() {
+        // As kube2iam: `regexp.MatchString(base + entry, arn)` finds the expression anywhere,
+        // so a name entry also permits every longer name; `$` pins the end.
+        let p = |format| {
+            RolePolicy::new(PolicyConfig {
+                restriction_format: format,
+                ..policy(Restriction::AllowedRoles).config().clone()
+            })
+        };
+        let (re, glob) = (p(RestrictionFormat::Regexp), p(RestrictionFormat::Glob));
+        let n = ns(&[(ALLOWED_ROLES, r#"["explicit-role"]"#)]);
+        for (role, by_re, by_glob) in [
+            ("explicit-role", true, true),
+            ("explicit-role2", true, false),
+            ("explicit-role/x", true, false),
+            ("x/explicit-role", false, false),
+        ] {
+            let r = pod(&[(ROLE, role)]);
+            assert_eq!(re.decide(&r, Some(&n)).is_ok(), by_re, "regexp {role}");
+            assert_eq!(glob.decide(&r, Some(&n)).is_ok(), by_glob, "glob {role}");
+        }
+        let pinned = ns(&[(ALLOWED_ROLES, r#"["explicit-role$"]"#)]);
+        assert!(
+            re.decide(&pod(&[(ROLE, "explicit-role")]), Some(&pinned))
+                .is_ok()
+        );
+        assert!(
+            re.decide(&pod(&[(ROLE, "explicit-role2")]), Some(&pinned))
+                .is_err()
+        );
+        // A top-level `|` splits `base + entry`: its second branch is searched on its own.
+        let alt = ns(&[(ALLOWED_ROLES, r#"["app|shared"]"#)]);
+        assert!(
+            re.decide(&pod(&[(ROLE, "team/shared-x")]), Some(&alt))
+                .is_ok()
+        );
+        // An `arn:` entry (any case) is not prefixed; an invalid one matches nothing.
+        let arn = ns(&[(
+            ALLOWED_ROLES,
+            r#"["(", "ARN:aws:iam::999999999999:role/.*"]"#,
+        )]);
+        assert!(re.decide(&pod(&[(ROLE, "anything")]), Some(&arn)).is_err());
+        let other = pod(&[(ROLE, "arn:aws:iam::999999999999:role/x")]);
+        assert!(
+            re.decide(&other, Some(&arn)).is_err(),
+            "regexp is case-sensitive"
+        );
+        let lower = ns(&[(ALLOWED_ROLES, r#"["arn:aws:iam::999999999999:role/.*"]"#)]);
+        assert!(re.decide(&other, Some(&lower)).is_ok());
+        // Entries with a base discovered later: compiled for that base on first use.
+        let late = RolePolicy::new(PolicyConfig {
+            restriction: Restriction::AllowedRoles,
+            restriction_format: RestrictionFormat::Regexp,
+            ..PolicyConfig::default()
+        });
+        let r = pod(&[(ROLE, &format!("{BASE}explicit-role"))]);
+        assert!(late.decide(&r, Some(&n)).is_err());
+        late.set_base_arn(BaseArn::parse(BASE).unwrap());
+        assert!(late.decide(&r, Some(&n)).is_ok());
+        late.set_base_arn(BaseArn::parse("arn:aws:iam::123456789012:role/ns/").unwrap());
+        assert!(late.decide(&r, Some(&n)).is_err());
+    }
+
+    #[test]
+    fn kube2iam_default_role_is_permitted_when_named() {
+        // kube2iam: `roleArn == defaultRoleARN` passes the namespace check.
+        let p = RolePolicy::new(PolicyConfig {
+            default_role: Some("default-role".into()),
+            ..policy(Restriction::AllowedRoles).config().clone()
+        });
+        let n = ns(&[(ALLOWED_ROLES, r#"["other"]"#)]);
+        for role in [
+            "default-role",
+            "/default-role",
+            &format!("{BASE}default-role"),
+        ] {
+            let d = p.decide(&pod(&[(ROLE, role)]), Some(&n)).unwrap();
+            assert_eq!(d.source, RoleSource::Annotation);
+        }
+        assert!(
+            p.decide(&pod(&[(ROLE, "default-role2")]), Some(&n))
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn kube2iam_extract_role_arn_with_a_custom_role_key() {
+        // kube2iam's `TestExtractRoleARN`, with its test key `roleKey`.
+        let p = |default: Option<&str>| {
+            RolePolicy::new(PolicyConfig {
+                role_key: "roleKey".into(),
+                default_role: default.map(str::to_string),
+                ..policy(Restriction::Off).config().clone()
+            })
+        };
+        let arn = |p: &RolePolicy, anns: &[(&str, &str)]| {
+            p.decide(&pod(anns), None).map(|d| d.role_arn.to_string())
+        };
+        assert_eq!(arn(&p(None), &[]), Err(PolicyError::NoRole));
+        assert_eq!(
+            arn(&p(None), &[("roleKey", "explicit-role")]).unwrap(),
+            "arn:aws:iam::123456789012:role/explicit-role"
+        );
+        let d = p(Some("explicit-default-role"));
+        assert_eq!(
+            arn(&d, &[]).unwrap(),
+            "arn:aws:iam::123456789012:role/explicit-default-role"
+        );
+        assert_eq!(
+            arn(&d, &[("roleKey", "something")]).unwrap(),
+            "arn:aws:iam::123456789012:role/something"
+        );
+        assert_eq!(
+            arn(
+                &d,
+                &[("roleKey", "arn:aws:iam::999999999999:role/explicit-arn")]
+            )
+            .unwrap(),
+            "arn:aws:iam::999999999999:role/explicit-arn"
+        );
+        assert_eq!(
+            arn(&d, &[("nonMatchingAnnotation", "something")]).unwrap(),
+            "arn:aws:iam::123456789012:role/explicit-default-role"
+        );
+        // The standard key means nothing once another is configured.
+        assert_eq!(arn(&p(None), &[(ROLE, "x")]), Err(PolicyError::NoRole));
+        let e = p(None)
+            .decide(&pod(&[("roleKey", "a b")]), None)
+            .unwrap_err();
+        assert!(e.to_string().contains("roleKey"), "{e}");
+    }
+
+    /// kiam's pkg/server/policy_test.go: namespace expression, resolver prefix, requested
+    /// role, strict?, expected.
+    #[test]
+    fn kiam_namespace_policy() {
+        const ACCT: &str = "arn:aws:iam::123456789012:role/";
+        // kiam's tests use the account "account-id"; our ARNs need twelve digits.
+        const SUB: &str = "arn:aws:iam::123456789012:role/subpath/";
+        let cases: &[(&str, &str, &str, bool, bool)] = &[
+            // TestVagueNamespaceAnnotationRegex
+            ("o", ACCT, "red_role", true, false),
+            ("o", ACCT, "/red_role", true, false),
+            ("o", ACCT, "red_role", false, true),
+            ("o", ACCT, "/red_role", false, true),
+            // TestNotAllowedWithoutWildcardNamespaceAnnotationRegex
+            ("role", ACCT, "red_role", true, false),
+            ("role", ACCT, "/red_role", true, false),
+            ("role", ACCT, "red_role", false, true),
+            ("role", ACCT, "/red_role", false, true),
+            // TestAllowedWithWildcardNamespaceAnnotationRegex
+            (".*role", ACCT, "red_role", true, true),
+            (".*role", ACCT, "/red_role", true, true),
+            (".*role", ACCT, "red_role", false, true),
+            (".*role", ACCT, "/red_role", false, true),
+            // TestAllowedWithARNResolverBaseRole
+            (
+                "arn:aws:iam::123456789012:role/.*",
+                ACCT,
+                "red_role",
+                true,
+                true,
+            ),
+            (
+                "arn:aws:iam::123456789012:role/.*",
+                ACCT,
+                "/red_role",
+                true,
+                true,
+            ),
+            // TestAllowedWithSubPathRegexInNamespace
+            (".*/subpath/.*", SUB, "red_role", true, true),
+            (".*/subpath/.*", SUB, "/red_role", true, true),
+            // TestNotAllowedWithoutSubPathRegexInNamespace
+            (
+                "arn:aws:iam::123456789012:role/red.*",
+                SUB,
+                "red_role",
+                true,
+                false,
+            ),
+            (
+                "arn:aws:iam::123456789012:role/red.*",
+                SUB,
+                "/red_role",
+                true,
+                false,
+            ),
+            // TestAllowedWithExactSubPathInNamespace
+            (
+                "arn:aws:iam::123456789012:role/subpath/red_role",
+                SUB,
+                "red_role",
+                true,
+                true,
+            ),
+            (
+                "arn:aws:iam::123456789012:role/subpath/red_role",
+                SUB,
+                "/red_role",
+                true,
+                true,
+            ),
+            // TestNotAllowedWithoutExactSubPathInNamespace
+            (
+                "arn:aws:iam::123456789012:role/subpath/blue_role",
+                SUB,
+                "red_role",
+                true,
+                false,
+            ),
+            (
+                "arn:aws:iam::123456789012:role/subpath/blue_role",
+                SUB,
+                "/red_role",
+                true,
+                false,
+            ),
+            // TestNotAllowedWithoutNamespaceAnnotation(WithSlash): empty permits nothing.
+            ("", ACCT, "red_role", true, false),
+            ("", ACCT, "/red_role", true, false),
+            ("", ACCT, "red_role", false, false),
+            ("", ACCT, "/red_role", false, false),
+            // kiam's README: `iam.amazonaws.com/permitted: ".*"`.
+            (".*", ACCT, "reportingdb-reader", true, true),
+            // docs/UPGRADING.md (v3 to v4): `^test-role$` no longer matches `test-role`,
+            // `.*test-role` matches the full ARN.
+            ("^test-role$", ACCT, "test-role", true, false),
+            (
+                ".*test-role",
+                ACCT,
+                "arn:aws:iam::123456789012:role/test-role",
+                true,
+                true,
+            ),
+        ];
+        for &(expr, base, role, strict, want) in cases {
+            let p = RolePolicy::new(PolicyConfig {
+                base_arn: Some(BaseArn::parse(base).unwrap()),
+                restriction: Restriction::Permitted,
+                strict_permitted: strict,
+                ..PolicyConfig::default()
+            });
+            let n = ns(&[(PERMITTED, expr)]);
+            let got = p.decide(&pod(&[(ROLE, role)]), Some(&n));
+            assert_eq!(
+                got.is_ok(),
+                want,
+                "{expr:?} {base} {role} strict={strict}: {got:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn kiam_strict_anchors_by_pasting() {
+        // kiam compiles "^" + expression + "$": with a top-level `|`, the first branch is
+        // anchored at the start only and the last at the end only (kiam's own test uses
+        // `^red.*$|^.red.*$`, which says both anchors itself).
+        let p = policy(Restriction::Permitted);
+        let n = ns(&[(PERMITTED, "arn:aws:iam::123456789012:role/app-.*|shared")]);
+        for (role, want) in [
+            ("app-web", true),
+            ("team/shared", true),
+            ("team/shared-x", false),
+            ("other", false),
+        ] {
+            assert_eq!(
+                p.decide(&pod(&[(ROLE, role)]), Some(&n)).is_ok(),
+                want,
+                "{role}"
+            );
+        }
+        let kiam_own = ns(&[(PERMITTED, "^red.*$|^.red.*$")]);
+        assert!(
+            p.decide(&pod(&[(ROLE, "red_role")]), Some(&kiam_own))
+                .is_err()
+        );
+        let empty_base = RolePolicy::new(PolicyConfig {
+            restriction: Restriction::Permitted,
+            ..PolicyConfig::default()
+        });
+        assert!(
+            empty_base
+                .decide(&pod(&[(ROLE, "red_role")]), Some(&kiam_own))
+                .is_err()
+        );
     }
 
     #[test]

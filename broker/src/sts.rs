@@ -90,8 +90,52 @@ pub trait StsApi: Send + Sync + 'static {
     fn caller_arn(&self) -> BoxFuture<'_, Result<String, StsError>>;
 }
 
-/// aws-sdk-sts with the default credential chain, a regional endpoint and the standard
-/// `AWS_ENDPOINT_URL_STS` override.
+/// Which STS endpoint the broker calls (`--sts-endpoint`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum StsEndpoint {
+    /// `sts.<region>.amazonaws.com`: aws-sdk-sts's own default (kiam#190, #368).
+    Regional,
+    /// `sts.amazonaws.com` (signed for us-east-1) for the regions that had the global
+    /// endpoint; regions opened later have only their regional one. kube2iam's default
+    /// (without `--use-regional-sts-endpoint`).
+    Global,
+}
+
+/// The SDK's endpoint rules with `UseGlobalEndpoint` set, which aws-sdk-sts otherwise never
+/// sets (other SDKs' `AWS_STS_REGIONAL_ENDPOINTS=legacy`). An endpoint override still wins.
+#[derive(Debug)]
+pub struct GlobalStsEndpoint(aws_sdk_sts::config::endpoint::DefaultResolver);
+
+impl Default for GlobalStsEndpoint {
+    fn default() -> Self {
+        // `DefaultResolver::default()` has no partitions: it resolves nothing.
+        Self(aws_sdk_sts::config::endpoint::DefaultResolver::new())
+    }
+}
+
+impl aws_sdk_sts::config::endpoint::ResolveEndpoint for GlobalStsEndpoint {
+    fn resolve_endpoint<'a>(
+        &'a self,
+        params: &'a aws_sdk_sts::config::endpoint::Params,
+    ) -> aws_sdk_sts::config::endpoint::EndpointFuture<'a> {
+        use aws_sdk_sts::config::endpoint::{EndpointFuture, Params};
+        let global = Params::builder()
+            .set_region(params.region().map(str::to_string))
+            .set_use_dual_stack(params.use_dual_stack())
+            .set_use_fips(params.use_fips())
+            .set_endpoint(params.endpoint().map(str::to_string))
+            .use_global_endpoint(true)
+            .build();
+        match global {
+            Ok(p) => EndpointFuture::new(async move { self.0.resolve_endpoint(&p).await }),
+            Err(e) => EndpointFuture::ready(Err(e.into())),
+        }
+    }
+}
+
+/// aws-sdk-sts with the default credential chain, a regional endpoint (or the global one,
+/// `--sts-endpoint global`) and the standard `AWS_ENDPOINT_URL_STS` override.
 pub struct AwsSts {
     client: aws_sdk_sts::Client,
     clock: Clock,
@@ -100,7 +144,11 @@ pub struct AwsSts {
 impl AwsSts {
     /// Loads the SDK configuration. Fails when no region can be found: STS endpoints are
     /// regional (kiam#190, #368) and the global one is never used silently.
-    pub async fn from_env(region: Option<String>, timeout: Duration) -> anyhow::Result<Self> {
+    pub async fn from_env(
+        region: Option<String>,
+        endpoint: StsEndpoint,
+        timeout: Duration,
+    ) -> anyhow::Result<Self> {
         use aws_config::BehaviorVersion;
         use aws_config::retry::RetryConfig;
         use aws_config::timeout::TimeoutConfig;
@@ -123,8 +171,12 @@ impl AwsSts {
                 "no AWS region for STS: set --region (MESHIAM_REGION) or AWS_REGION, or run where the node's metadata service tells it"
             );
         }
+        let mut sts_conf = aws_sdk_sts::config::Builder::from(&conf);
+        if endpoint == StsEndpoint::Global {
+            sts_conf = sts_conf.endpoint_resolver(GlobalStsEndpoint::default());
+        }
         Ok(Self {
-            client: aws_sdk_sts::Client::new(&conf),
+            client: aws_sdk_sts::Client::from_conf(sts_conf.build()),
             clock: Clock::System,
         })
     }
@@ -225,5 +277,50 @@ impl StsApi for AwsSts {
                 .map(str::to_string)
                 .ok_or_else(|| StsError::new(StsErrorKind::Unavailable, "no-arn"))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aws_sdk_sts::config::endpoint::{DefaultResolver, Params, ResolveEndpoint};
+
+    async fn url(r: &dyn ResolveEndpoint, region: &str, endpoint: Option<&str>) -> String {
+        let p = Params::builder()
+            .region(region)
+            .use_fips(false)
+            .use_dual_stack(false)
+            .set_endpoint(endpoint.map(str::to_string))
+            .build()
+            .unwrap();
+        r.resolve_endpoint(&p).await.unwrap().url().to_string()
+    }
+
+    #[tokio::test]
+    async fn regional_by_default_global_on_request() {
+        let (regional, global) = (DefaultResolver::new(), GlobalStsEndpoint::default());
+        // aws-sdk-sts's default: the regional endpoint, us-east-1 included.
+        for region in ["us-east-1", "eu-west-1", "ap-east-1"] {
+            assert_eq!(
+                url(&regional, region, None).await,
+                format!("https://sts.{region}.amazonaws.com")
+            );
+        }
+        for region in ["us-east-1", "eu-west-1", "ap-southeast-2"] {
+            assert_eq!(
+                url(&global, region, None).await,
+                "https://sts.amazonaws.com"
+            );
+        }
+        // A region opened after the global endpoint has only its own.
+        assert_eq!(
+            url(&global, "ap-east-1", None).await,
+            "https://sts.ap-east-1.amazonaws.com"
+        );
+        // AWS_ENDPOINT_URL_STS wins either way.
+        assert_eq!(
+            url(&global, "eu-west-1", Some("http://127.0.0.1:5000")).await,
+            "http://127.0.0.1:5000"
+        );
     }
 }
