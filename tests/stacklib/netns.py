@@ -41,6 +41,8 @@ def guard_rules(ns):
 
 
 def make_pod_netns(state, entry):
+    """The pod's namespace on the node's bridge. A pod without a sidecar gets no capture, only
+    the guard: its IMDS traffic is refused, as a node's IMDS refuses pods (IMDSv2, hop limit 1)."""
     ns, ip, veth = entry["netns"], entry["ip"], entry["veth"]
     run("ip", "netns", "add", ns)
     run("ip", "-n", ns, "link", "set", "lo", "up")
@@ -49,7 +51,8 @@ def make_pod_netns(state, entry):
     run("ip", "-n", ns, "addr", "add", f"{ip}/{POD_PREFIX_LEN}", "dev", "eth0")
     run("ip", "-n", ns, "link", "set", "eth0", "up")
     run("ip", "-n", ns, "route", "add", "default", "via", NODE_IP)
-    capture_rules(ns)
+    if entry.get("sidecar", True):
+        capture_rules(ns)
     guard_rules(ns)
 
 

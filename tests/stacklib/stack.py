@@ -7,6 +7,11 @@ iptables capturing its port-80 traffic to 169.254.169.254 into that Envoy, as Is
 The namespaces are linked only to each other (a bridge in the node namespace) and addressed
 from 198.18.0.0/15: nothing routes to the machine's real network.
 
+A pod annotated `sidecar.istio.io/inject: "false"` (Istio's opt-out) gets no Envoy and no
+capture: it is a pod without a sidecar, whose environment points its SDKs at the broker
+(`AWS_EC2_METADATA_SERVICE_ENDPOINT`, as docs/install.md tells operators to set it). Such
+pods need the network namespaces (root).
+
 Without root the same components run on loopback: each pod's Envoy listens on its own port
 and reaches the broker from its own 127.1.0.x address, and the filter matches the metadata
 host by the Host header.
@@ -53,6 +58,14 @@ def read_pods(path):
         if not p["ips"]:
             raise StackError(f"{path}: pod {p['namespace']}/{p['name']} has no 'ips': the stack needs its address")
     return pods, namespaces
+
+
+NO_SIDECAR = "sidecar.istio.io/inject"
+
+
+def has_sidecar(spec):
+    """False for pods annotated `sidecar.istio.io/inject: "false"`, as Istio reads it."""
+    return (spec.get("annotations") or {}).get(NO_SIDECAR, "").strip().lower() != "false"
 
 
 def short(idx):
@@ -143,7 +156,10 @@ def add_pod(state, p, register=True):
         raise StackError(f"pod {key} is already in the stack")
     idx = state["next_index"]
     state["next_index"] = idx + 1
-    entry = {"index": idx, "spec": p, "registered": False}
+    entry = {"index": idx, "spec": p, "registered": False, "sidecar": has_sidecar(p)}
+    if not entry["sidecar"] and state["mode"] != "netns":
+        raise StackError(f"pod {key} has no sidecar ({NO_SIDECAR}: \"false\"): on loopback its calls would "
+                         "come from the machine's address, not its own; pods without a sidecar need root")
     if state["mode"] == "netns":
         entry.update(netns=short(idx), veth=f"mshv{idx}", ip=p["ips"][0])
     else:
@@ -157,7 +173,8 @@ def add_pod(state, p, register=True):
     save_state(state)
     if state["mode"] == "netns":
         make_pod_netns(state, entry)
-    start_envoy(state, key)
+    if entry["sidecar"]:
+        start_envoy(state, key)
     if register:
         register_pod(state, key)
     return entry
@@ -286,6 +303,7 @@ def print_status(state):
         role = (entry["spec"].get("annotations") or {}).get("iam.amazonaws.com/role", "")
         extra = f" IMDS_URL=http://127.0.0.1:{entry['port']}" if entry.get("port") else ""
         extra += f" NETNS={entry['netns']}" if entry.get("netns") else ""
+        extra += "" if entry.get("sidecar", True) else " SIDECAR=none"
         print(f"POD={key} IP={entry['ip']} ROLE={role}{extra}")
 
 
@@ -315,7 +333,13 @@ def pod_env(state, entry):
         "POD_NAME": entry["spec"]["name"],
         "POD_NAMESPACE": entry["spec"]["namespace"],
     }
-    if state["mode"] == "loopback":
+    if not entry.get("sidecar", True):
+        # What an operator sets in the pod template of a pod without a sidecar: the node's
+        # broker (169.254.170.52:8787 in the manifests) as the metadata endpoint.
+        broker = f"http://{node_addr(state)}:{port(state, 'broker')}"
+        env["AWS_EC2_METADATA_SERVICE_ENDPOINT"] = broker
+        env["MESHIAM_IMDS_URL"] = broker
+    elif state["mode"] == "loopback":
         env["AWS_EC2_METADATA_SERVICE_ENDPOINT"] = f"http://127.0.0.1:{entry['port']}"
         env["MESHIAM_IMDS_URL"] = f"http://127.0.0.1:{entry['port']}"
     else:
