@@ -181,8 +181,8 @@ pub struct Config {
     pub region: Option<String>,
 
     /// `regional` (sts.<region>.amazonaws.com) or `global` (sts.amazonaws.com for the
-    /// regions that had it, signed for us-east-1; kube2iam without
-    /// --use-regional-sts-endpoint). AWS_ENDPOINT_URL_STS overrides both.
+    /// regions that had it, signed for us-east-1; kube2iam's default). AWS_ENDPOINT_URL_STS
+    /// overrides both.
     #[arg(long, env = "MESHIAM_STS_ENDPOINT", value_enum, default_value_t = StsEndpoint::Regional)]
     pub sts_endpoint: StsEndpoint,
 
