@@ -1008,11 +1008,21 @@ mod tests {
         assert!(glob_match("team/*", "team/sub/app"));
     }
 
-    /// kube2iam's `TestCheckRoleForNamespace` (mappings/mapper_test.go), row by row: name,
-    /// format, default role, namespace annotation, the pod's role ARN, expected.
+    /// A row of kube2iam's `TestCheckRoleForNamespace`: name, format, default role,
+    /// namespace annotation, the pod's role ARN, expected.
+    type Kube2iamCase = (
+        &'static str,
+        RestrictionFormat,
+        &'static str,
+        Option<&'static str>,
+        &'static str,
+        bool,
+    );
+
+    /// kube2iam's `TestCheckRoleForNamespace` (mappings/mapper_test.go), row by row.
     #[test]
     fn kube2iam_check_role_for_namespace() {
-        const RESTRICTED: &[(&str, RestrictionFormat, &str, Option<&str>, &str, bool)] = {
+        const RESTRICTED: &[Kube2iamCase] = {
             use RestrictionFormat::{Glob, Regexp};
             &[
                 (
