@@ -202,6 +202,23 @@ def link_type(ns):
 
 
 @needs_root
+def test_link_takes_an_ipv6_address_usable_at_once(netns):
+    """IPv6-only clusters: the broker binds the node-local IPv6 address right after `up`."""
+    env = dict(os.environ, MESHIAM_LINK_NAME="meshiam0", MESHIAM_LINK_ADDRESS="fd6d:7368::52/128",
+               MESHIAM_LINK_TYPE=link_type(netns))
+    nsrun(netns, "bash", str(LINK_SH), "up", env=env)
+    nsrun(netns, "bash", str(LINK_SH), "up", env=env)  # idempotent
+    nsrun(netns, "bash", str(LINK_SH), "check", env=env)
+    addrs = nsrun(netns, "ip", "-o", "addr", "show", "dev", "meshiam0").stdout
+    ours = [line for line in addrs.splitlines() if "fd6d:7368::52/128" in line]
+    assert len(ours) == 1 and "tentative" not in ours[0], addrs
+    bind = "import socket; s = socket.socket(socket.AF_INET6); s.bind(('fd6d:7368::52', 8787)); print('bound')"
+    assert nsrun(netns, sys.executable, "-c", bind).stdout.strip() == "bound"
+    nsrun(netns, "bash", str(LINK_SH), "down", env=env)
+    assert nsrun(netns, "ip", "link", "show", "meshiam0", check=False).returncode != 0
+
+
+@needs_root
 def test_link_up_check_down_and_hold(netns):
     kind = link_type(netns)
     env = dict(os.environ, MESHIAM_LINK_NAME="meshiam0", MESHIAM_LINK_ADDRESS="169.254.170.52/32",
