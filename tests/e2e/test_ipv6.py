@@ -19,14 +19,14 @@ import pytest
 from conftest import NODE_MARKERS, ROOT, Body, stack
 
 sys.path.insert(0, str(ROOT))
-from tests.stacklib.netns import redirect_rule  # noqa: E402
-from tests.stacklib.state import ENVOY_ADMIN, METADATA_V6  # noqa: E402
+from tests.stacklib.state import ENVOY_ADMIN  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0, reason="needs root: IPv6 capture needs the netns stack (network namespaces, ip6tables)")
 
 IMDS6 = "fd00:ec2::254"
 CONTAINER6 = "fd00:ec2::23"
+METADATA_V6 = [IMDS6, CONTAINER6]
 MYAPP = "default/myapp"
 ROLE_LIST = "/latest/meta-data/iam/security-credentials/"
 SDK_CLIENT = ROOT / "target/release/examples/sdk_client"
@@ -39,8 +39,13 @@ TOKEN_HEADER = re.compile(r"(?i)^(x-aws-ec2-metadata-token:\s*).+$")
 
 @pytest.fixture(scope="module")
 def s(default_stack):
-    s = default_stack
-    assert s.netns, "the stack did not come up in netns mode"
+    assert default_stack.netns, "the stack did not come up in netns mode"
+    return default_stack
+
+
+@pytest.fixture(scope="module")
+def v6only(s):
+    """A pod with an IPv6 address only, added to the running stack."""
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         f.write(f"""pods:
   - namespace: default
@@ -55,7 +60,13 @@ def s(default_stack):
     finally:
         os.unlink(f.name)
     s.refresh()
-    return s
+    return V6ONLY
+
+
+def redirect_rule(addr):
+    """The pod's ip6tables nat OUTPUT rule for addr, as tests/stacklib/netns.py installs it."""
+    return ["OUTPUT", "-p", "tcp", "-d", addr, "--dport", "80", "-m", "owner", "!", "--uid-owner", "1337",
+            "-j", "REDIRECT", "--to-ports", "15001"]
 
 
 def ns_of(s, pod):
@@ -168,7 +179,7 @@ def test_sdks_in_ipv6_endpoint_mode_get_the_pods_role(s):
     assert res.returncode == 0 and res.stdout.strip() == "None", (res.stdout, res.stderr[-300:])
 
 
-def test_an_ipv6_only_pod_reaches_the_broker_over_ipv6(s):
+def test_an_ipv6_only_pod_reaches_the_broker_over_ipv6(s, v6only):
     assert "IP6" in s.pods[V6ONLY] and s.pods[V6ONLY]["IP"] == V6ONLY_IP
     res = s.caller_identity(V6ONLY, env=IPV6_MODE)
     print("boto3 (IPv6-only pod):", res.returncode, res.stdout.strip(), res.stderr.strip()[-300:])
