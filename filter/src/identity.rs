@@ -458,6 +458,45 @@ mod tests {
     }
 
     #[test]
+    fn dual_stack_sources_and_forwarded_for_over_ipv6() {
+        let v6 = |s: &str| s.parse::<IpAddr>().unwrap_or_else(|e| panic!("{e}"));
+        let pod = [IpAddr::from([10, 1, 0, 7]), v6("fd00:198:18::7")];
+        let check = |xff: Option<&str>, addr: &str| {
+            let mut h = source(addr);
+            if let Some(x) = xff {
+                h = h.header("x-forwarded-for", x);
+            }
+            check_source(&h, Some(&pod)).map_err(|e| e.0)
+        };
+        // Either address of the pod is the pod, in any spelling Envoy may render.
+        assert_eq!(check(None, "[fd00:198:18::7]:4000"), Ok(pod[1]));
+        assert_eq!(check(None, "[fd00:198:18:0:0:0:0:7]:4000"), Ok(pod[1]));
+        assert_eq!(check(None, "10.1.0.7:4000"), Ok(pod[0]));
+        assert_eq!(check(None, "[::ffff:10.1.0.7]:4000"), Ok(pod[0]));
+        assert_eq!(
+            check(None, "[fd00:198:18::8]:4000"),
+            Err(SourceRefusal::NotPod)
+        );
+        // X-Forwarded-For naming the IPv6 source, however written: refused.
+        let forwarded = Err(SourceRefusal::Forwarded);
+        for xff in [
+            "fd00:198:18::7",
+            "FD00:198:18:0::7",
+            "[fd00:198:18::7]:80",
+            "192.0.2.1, fd00:198:18::7",
+            "[fd00:198:18::7]",
+        ] {
+            assert_eq!(check(Some(xff), "[fd00:198:18::7]:5"), forwarded, "{xff}");
+        }
+        // Another address named: the header did not make the source.
+        assert_eq!(
+            check(Some("fd00:198:18::8"), "[fd00:198:18::7]:5"),
+            Ok(pod[1])
+        );
+        assert_eq!(check(Some("10.1.0.7"), "[fd00:198:18::7]:5"), Ok(pod[1]));
+    }
+
+    #[test]
     fn pod_ips_from_config_or_instance_ips() {
         let cfg = Config::default();
         let key = ["xds", "node", "metadata", "INSTANCE_IPS"];
