@@ -10,6 +10,8 @@ a value, or a --set for a name the template does not use, is an error, so a typo
 renders silently. PLUGIN_CONFIG is the filter's JSON configuration: it is inserted as a
 quoted string, so pass plain JSON. POD_IPS is the pod's addresses, comma-separated (or one
 @MARKER@ filled in per pod later); POD_IP_RANGES is derived from it, never set.
+CAPTURE_ADDRESS_V6 and HEALTH_ADDRESS_V6 are the listeners' IPv6 addresses (empty: none);
+CAPTURE_ADDITIONAL_ADDRESSES and HEALTH_ADDITIONAL_ADDRESSES are derived from them.
 
 From Python (tests):  from render import render; text = render(path, CAPTURE_PORT=15001)
 """
@@ -32,9 +34,14 @@ DEFAULTS = {
     "ADMIN_PORT": "15000",
     "CAPTURE_ADDRESS": "127.0.0.1",
     "CAPTURE_PORT": "15001",
+    # Where an ip6tables REDIRECT lands (IPv6 metadata addresses); empty: no IPv6 listener
+    # (a pod whose kernel has IPv6 disabled has no ::1 to bind).
+    "CAPTURE_ADDRESS_V6": "::1",
     # The kubelet's probe port (as Istio's 15021); 0 picks a free one (several Envoys on one host).
     "HEALTH_ADDRESS": "0.0.0.0",
     "HEALTH_PORT": "15021",
+    # The kubelet probes a pod's first address, IPv6 in IPv6-first clusters; empty: none.
+    "HEALTH_ADDRESS_V6": "::",
     "BROKER_ADDRESS": "127.0.0.1",
     "BROKER_PORT": "8181",
     "WASM_PATH": os.path.join(ROOT, "target/wasm32-wasip1/release/meshiam_filter.wasm"),
@@ -53,6 +60,10 @@ DEFAULTS = {
 
 # Values inserted as YAML/JSON string literals rather than verbatim.
 QUOTED = {"PLUGIN_CONFIG"}
+
+# Settable names that are no placeholder themselves: derived placeholders are made of them.
+INPUTS = {"CAPTURE_ADDRESS_V6": "CAPTURE_ADDITIONAL_ADDRESSES", "HEALTH_ADDRESS_V6": "HEALTH_ADDITIONAL_ADDRESSES"}
+DERIVED = {"POD_IP_RANGES", *INPUTS.values()}
 
 PLACEHOLDER = re.compile(r"\$\{([A-Z0-9_]+)\}")
 MARKER = re.compile(r"@([A-Z0-9_]+)@")
@@ -75,17 +86,33 @@ def pod_ip_ranges(pod_ips):
     return "".join(out)
 
 
+def additional_addresses(address, port):
+    """A listener's `additional_addresses` (a YAML flow list): [address]:port, or none when
+    address is empty."""
+    if not address:
+        return "[]"
+    try:
+        ipaddress.IPv6Address(address)
+    except ValueError:
+        raise KeyError(f"{address!r} is not an IPv6 address") from None
+    return f'[{{ address: {{ socket_address: {{ address: "{address}", port_value: {port} }} }} }}]'
+
+
 def render(template_path, **overrides):
     with open(template_path, encoding="utf-8") as f:
         text = f.read()
     used = set(PLACEHOLDER.findall(text))
-    unknown = set(overrides) - used
+    unknown = set(overrides) - used - {k for k, v in INPUTS.items() if v in used}
     if unknown:
         raise KeyError(f"{os.path.basename(template_path)} has no placeholder {sorted(unknown)}")
-    if "POD_IP_RANGES" in overrides:
-        raise KeyError("POD_IP_RANGES is derived from POD_IPS; set POD_IPS")
+    derived = set(overrides) & DERIVED
+    if derived:
+        raise KeyError(f"{sorted(derived)} are derived (from POD_IPS, CAPTURE_ADDRESS_V6, HEALTH_ADDRESS_V6): "
+                       "set those")
     values = {**DEFAULTS, **{k: str(v) for k, v in overrides.items()}}
     values["POD_IP_RANGES"] = pod_ip_ranges(values["POD_IPS"])
+    values["CAPTURE_ADDITIONAL_ADDRESSES"] = additional_addresses(values["CAPTURE_ADDRESS_V6"], values["CAPTURE_PORT"])
+    values["HEALTH_ADDITIONAL_ADDRESSES"] = additional_addresses(values["HEALTH_ADDRESS_V6"], values["HEALTH_PORT"])
 
     def sub(m):
         name = m.group(1)

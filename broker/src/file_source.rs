@@ -28,7 +28,7 @@ use std::time::{Duration, SystemTime};
 use serde::Deserialize;
 use thiserror::Error;
 
-use crate::pods::{Namespace, Pod, PodPhase, PodStore};
+use crate::pods::{Namespace, Pod, PodPhase, PodStore, canonical};
 
 #[derive(Debug, Error)]
 pub enum FileError {
@@ -127,7 +127,8 @@ pub fn parse(
             uid: format!("file:{}/{}", p.namespace, p.name),
             namespace: p.namespace,
             name: p.name,
-            ips: p.ips,
+            // As the store looks callers up: `::ffff:198.18.1.10` is 198.18.1.10.
+            ips: p.ips.into_iter().map(canonical).collect(),
             service_account: p.service_account,
             node: p.node.unwrap_or_default(),
             host_network: p.host_network,
@@ -258,6 +259,26 @@ namespaces:
         assert_eq!(ns[0].name, "restricted");
         let (all, _) = parse(p, GOOD, None).unwrap();
         assert_eq!(all.len(), 3);
+    }
+
+    #[test]
+    fn a_dual_stack_pod_is_found_by_either_address_in_any_spelling() {
+        let text = r#"pods: [{namespace: default, name: myapp, ips: ["::ffff:198.18.1.10", "FD00:198:18::1:10"],
+                       annotations: {iam.amazonaws.com/role: myapp-iam-role}}]"#;
+        let (pods, _) = parse(Path::new("pods.yaml"), text, None).unwrap();
+        let store = PodStore::new();
+        store.replace_pods(pods);
+        for caller in [
+            "198.18.1.10",
+            "::ffff:198.18.1.10",
+            "fd00:198:18::1:10",
+            "fd00:198:18:0:0:0:1:10",
+        ] {
+            match store.lookup_ip(caller.parse().unwrap()) {
+                crate::pods::IpLookup::Pod(p) => assert_eq!(p.name, "myapp", "{caller}"),
+                other => panic!("{caller}: {other:?}"),
+            }
+        }
     }
 
     #[test]

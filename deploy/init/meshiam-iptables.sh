@@ -6,9 +6,11 @@
 #   meshiam-iptables.sh --clean    remove every rule and chain this script adds
 #   meshiam-iptables.sh --print    show what is installed (iptables-save of our chains)
 #
-# Rules, IPv4 (and IPv6 with ip6tables, for IMDS's fd00:ec2::254, when the kernel has it):
+# Rules, IPv4 (and IPv6 with ip6tables, for IMDS's fd00:ec2::254 and the container-credentials
+# endpoint's fd00:ec2::23, when the kernel has it):
 #   nat    OUTPUT -> MESHIAM_OUTPUT: TCP to IMDS:80 from any UID but Envoy's is REDIRECTed
-#          to Envoy's capture port. Envoy's own connections are never recaptured.
+#          to Envoy's capture port (an IPv6 REDIRECT lands on [::1], where the sidecar
+#          listens too). Envoy's own connections are never recaptured.
 #   filter OUTPUT -> MESHIAM_GUARD: anything else to the IMDS address is refused, whoever
 #          sends it (other ports, UDP, and Envoy itself). Redirected traffic does not
 #          match: nat OUTPUT has already rewritten its destination to the loopback.
@@ -17,7 +19,8 @@
 #          real IMDS: the meshiam filter answers every request itself or from the broker.
 #
 # Environment (defaults as Istio's): MESHIAM_PROXY_UID=1337, MESHIAM_PROXY_PORT=15001,
-# MESHIAM_IMDS_V4=169.254.169.254, MESHIAM_IMDS_V6=fd00:ec2::254, MESHIAM_IMDS_PORT=80,
+# MESHIAM_IMDS_V4=169.254.169.254, MESHIAM_IMDS_V6=fd00:ec2::254,
+# MESHIAM_CONTAINER_V6=fd00:ec2::23 (empty: not captured), MESHIAM_IMDS_PORT=80,
 # MESHIAM_IPV6=auto|on|off (auto: only if ip6tables can use the nat table).
 set -euo pipefail
 
@@ -25,6 +28,7 @@ proxy_uid=${MESHIAM_PROXY_UID:-1337}
 proxy_port=${MESHIAM_PROXY_PORT:-15001}
 imds_v4=${MESHIAM_IMDS_V4:-169.254.169.254}
 imds_v6=${MESHIAM_IMDS_V6:-fd00:ec2::254}
+container_v6=${MESHIAM_CONTAINER_V6-fd00:ec2::23}
 imds_port=${MESHIAM_IMDS_PORT:-80}
 ipv6=${MESHIAM_IPV6:-auto}
 
@@ -46,18 +50,20 @@ ensure_jump() {
   fi
 }
 
-apply_family() { # TOOL IMDS_ADDRESS REJECT_OTHER
-  local t=$1 addr=$2 reject_other=$3
+apply_family() { # TOOL REJECT_OTHER ADDRESS...
+  local t=$1 reject_other=$2 addr
+  shift 2
   ensure_chain "$t" nat "$NAT_CHAIN"
-  "$t" -w -t nat -A "$NAT_CHAIN" -d "$addr" -p tcp --dport "$imds_port" \
-    -m owner --uid-owner "$proxy_uid" -j RETURN
-  "$t" -w -t nat -A "$NAT_CHAIN" -d "$addr" -p tcp --dport "$imds_port" \
-    -j REDIRECT --to-ports "$proxy_port"
-  ensure_jump "$t" nat "$NAT_CHAIN"
-
   ensure_chain "$t" filter "$GUARD_CHAIN"
-  "$t" -w -t filter -A "$GUARD_CHAIN" -d "$addr" -p tcp -j REJECT --reject-with tcp-reset
-  "$t" -w -t filter -A "$GUARD_CHAIN" -d "$addr" -j REJECT --reject-with "$reject_other"
+  for addr in "$@"; do
+    "$t" -w -t nat -A "$NAT_CHAIN" -d "$addr" -p tcp --dport "$imds_port" \
+      -m owner --uid-owner "$proxy_uid" -j RETURN
+    "$t" -w -t nat -A "$NAT_CHAIN" -d "$addr" -p tcp --dport "$imds_port" \
+      -j REDIRECT --to-ports "$proxy_port"
+    "$t" -w -t filter -A "$GUARD_CHAIN" -d "$addr" -p tcp -j REJECT --reject-with tcp-reset
+    "$t" -w -t filter -A "$GUARD_CHAIN" -d "$addr" -j REJECT --reject-with "$reject_other"
+  done
+  ensure_jump "$t" nat "$NAT_CHAIN"
   ensure_jump "$t" filter "$GUARD_CHAIN"
 }
 
@@ -86,11 +92,13 @@ print_rules() {
 
 case "${1:-}" in
   "")
-    apply_family iptables "$imds_v4/32" icmp-port-unreachable
+    apply_family iptables icmp-port-unreachable "$imds_v4/32"
     log "IPv4: $imds_v4:$imds_port -> :$proxy_port (except uid $proxy_uid), rest to $imds_v4 refused"
     if ipv6_usable; then
-      apply_family ip6tables "$imds_v6/128" icmp6-port-unreachable
-      log "IPv6: [$imds_v6]:$imds_port -> :$proxy_port (except uid $proxy_uid), rest refused"
+      v6=("$imds_v6/128")
+      [[ -n $container_v6 ]] && v6+=("$container_v6/128")
+      apply_family ip6tables icmp6-port-unreachable "${v6[@]}"
+      log "IPv6: ${v6[*]%/128} port $imds_port -> [::1]:$proxy_port (except uid $proxy_uid), rest refused"
     else
       log "IPv6: ip6tables nat unavailable, skipped"
     fi
@@ -101,6 +109,6 @@ case "${1:-}" in
     log "removed"
     ;;
   --print) print_rules ;;
-  -h|--help) sed -n '2,25p' "$0" ;;
+  -h|--help) sed -n '2,24p' "$0" ;;
   *) echo "usage: $0 [--clean|--print|--help]" >&2; exit 2 ;;
 esac

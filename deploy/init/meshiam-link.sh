@@ -11,7 +11,8 @@
 #                        broker pod and nothing is left behind on uninstall.
 #
 # Environment: MESHIAM_LINK_NAME (default meshiam0), MESHIAM_LINK_ADDRESS (default
-# 169.254.170.52/32), MESHIAM_LINK_TYPE (default dummy; any link type that holds an
+# 169.254.170.52/32; IPv6-only clusters: an IPv6 /128 of a prefix routed nowhere, e.g.
+# fd6d:7368::52/128, see docs/install.md), MESHIAM_LINK_TYPE (default dummy; any link type that holds an
 # address without traffic, e.g. bridge on kernels built without the dummy driver).
 # Needs CAP_NET_ADMIN in the node's network namespace, nothing else.
 set -euo pipefail
@@ -36,8 +37,12 @@ up() {
     log "created $name ($link_type)"
   fi
   if ! has_address; then
-    # noprefixroute: the /32 needs no route beyond the local one the kernel adds.
-    ip addr add "$address" dev "$name" noprefixroute
+    # noprefixroute: the /32 needs no route beyond the local one the kernel adds. An IPv6
+    # address (IPv6-only clusters) without duplicate address detection, so the broker can
+    # bind it at once rather than fail on a "tentative" address.
+    local extra=()
+    [[ $address == *:* ]] && extra=(nodad)
+    ip addr add "$address" dev "$name" noprefixroute "${extra[@]}"
     log "added $address to $name"
   fi
   ip link set dev "$name" up

@@ -216,9 +216,8 @@ pub fn parse(bytes: &[u8]) -> Result<Config, ConfigError> {
     let mut metadata_hosts = Vec::new();
     for h in raw_hosts.unwrap_or(d.metadata_hosts) {
         match crate::identity::authority_host(&h.to_ascii_lowercase()) {
-            Some(host) if !host.is_empty() && is_token(host) => {
-                metadata_hosts.push(host.to_string())
-            }
+            Some(host) if !host.is_empty() && is_token(host) => metadata_hosts
+                .push(crate::identity::canonical_host(host).unwrap_or_else(|| host.to_string())),
             _ => {
                 return err(format!(
                     "metadataHosts entry {h:?} is not a host (port 80 only)"
@@ -226,10 +225,14 @@ pub fn parse(bytes: &[u8]) -> Result<Config, ConfigError> {
             }
         }
     }
-    let metadata_addresses = raw_addresses.unwrap_or(d.metadata_addresses);
-    for a in &metadata_addresses {
+    let mut metadata_addresses = raw_addresses.unwrap_or(d.metadata_addresses);
+    for a in &mut metadata_addresses {
         if a.is_empty() || !is_token(a) || !a.contains(':') {
             return err(format!("metadataAddresses entry {a:?} is not address:port"));
+        }
+        // As Envoy renders destination.address, so `[FD00:EC2:0::254]:80` matches too.
+        if let Some(c) = crate::identity::canonical_address(a) {
+            *a = c;
         }
     }
     if metadata_hosts.is_empty() && metadata_addresses.is_empty() {
@@ -337,6 +340,20 @@ mod tests {
         assert_eq!(d.stale_min_remaining_seconds, 300);
         assert!(!d.require_imdsv2);
         assert!(d.allow_paths.is_empty());
+    }
+
+    #[test]
+    fn ipv6_metadata_hosts_and_addresses_are_kept_in_one_spelling() {
+        let c = parse(
+            br#"{"metadataHosts":["[FD00:EC2:0::254]:80","[fd00:ec2::23]"],
+                "metadataAddresses":["[FD00:EC2:0:0:0:0:0:254]:80","[::ffff:169.254.169.254]:80"]}"#,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.metadata_hosts, ["[fd00:ec2::254]", "[fd00:ec2::23]"]);
+        assert_eq!(
+            c.metadata_addresses,
+            ["[fd00:ec2::254]:80", "169.254.169.254:80"]
+        );
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use alloc::string::String;
 use alloc::vec::Vec;
-use core::net::{IpAddr, Ipv4Addr, SocketAddr};
+use core::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use meshiam_imds::headers::FORWARDED_FOR;
 
@@ -32,27 +32,50 @@ pub fn authority_host(authority: &str) -> Option<&str> {
     }
 }
 
+/// A bracketed IPv6 host in the one form the filter compares: RFC 5952 text
+/// (`[FD00:EC2:0:0:0:0:0:254]` → `[fd00:ec2::254]`), an IPv4-mapped address as its IPv4
+/// address (`[::ffff:169.254.169.254]` → `169.254.169.254`). `None` for anything else
+/// (names, IPv4, zones), which is compared as written.
+pub fn canonical_host(host: &str) -> Option<String> {
+    let ip: Ipv6Addr = host.strip_prefix('[')?.strip_suffix(']')?.parse().ok()?;
+    Some(match ip.to_ipv4_mapped() {
+        Some(v4) => v4.to_string(),
+        None => alloc::format!("[{ip}]"),
+    })
+}
+
+/// An `address:port` in the form Envoy renders `destination.address` (`[fd00:ec2::254]:80`,
+/// IPv4-mapped as IPv4); `None` when it is not one.
+pub fn canonical_address(s: &str) -> Option<String> {
+    let a: SocketAddr = s.parse().ok()?;
+    Some(SocketAddr::new(a.ip().to_canonical(), a.port()).to_string())
+}
+
 /// True when the request is addressed to the instance-metadata service.
 ///
 /// Cheap on the common path: the `:authority` is checked first (the host an SDK or curl
-/// writes for IMDS), and the original destination is read only when the authority did not
-/// match, to catch clients that send some other `Host` to 169.254.169.254.
+/// writes for IMDS; an IPv6 literal in any spelling), and the original destination is read
+/// only when the authority did not match, to catch clients that send some other `Host` to
+/// 169.254.169.254.
 pub fn is_metadata_request<H: Host>(h: &H, cfg: &Config) -> bool {
     if let Some(authority) = h.request_header(":authority") {
         let lower = authority.to_ascii_lowercase();
-        if let Some(host) = authority_host(&lower)
-            && cfg.metadata_hosts.iter().any(|m| m == host)
-        {
-            return true;
+        if let Some(host) = authority_host(&lower) {
+            let listed = |x: &str| cfg.metadata_hosts.iter().any(|m| m == x);
+            if listed(host) || canonical_host(host).is_some_and(|c| listed(&c)) {
+                return true;
+            }
         }
     }
     if cfg.metadata_addresses.is_empty() {
         return false;
     }
     // An ORIGINAL_DST cluster configured to route by header would send the request to the
-    // address named there: treat that address like the connection's own destination.
+    // address named there, in whatever spelling Envoy can parse: treat that address like the
+    // connection's own destination.
     if let Some(dst) = h.request_header("x-envoy-original-dst-host")
-        && cfg.metadata_addresses.contains(&dst)
+        && (cfg.metadata_addresses.contains(&dst)
+            || canonical_address(&dst).is_some_and(|c| cfg.metadata_addresses.contains(&c)))
     {
         return true;
     }
@@ -268,6 +291,40 @@ mod tests {
     }
 
     #[test]
+    fn recognises_every_spelling_of_an_ipv6_metadata_host() {
+        let cfg = Config::default();
+        for a in [
+            "[fd00:ec2::254]",
+            "[fd00:ec2::254]:80",
+            "[FD00:EC2::254]",
+            "[fd00:ec2:0:0:0:0:0:254]",
+            "[fd00:0ec2:0000::0254]:80",
+            "[::ffff:169.254.169.254]",
+            "[::ffff:a9fe:a9fe]:80",
+        ] {
+            let h = MockHost::new().header(":authority", a);
+            assert!(is_metadata_request(&h, &cfg), "{a}");
+            assert_eq!(h.property_reads(), 0, "{a}");
+        }
+        // Not IMDS, another port, a zone, not an address: left to the destination check.
+        for a in [
+            "[fd00:ec2::253]",
+            "[fd00:ec2::254]:8080",
+            "[fe80::254%25eth0]",
+            "[fd00:ec2::254",
+            "[metadata]",
+        ] {
+            let h = MockHost::new().header(":authority", a);
+            assert!(!is_metadata_request(&h, &cfg), "{a}");
+        }
+        assert_eq!(
+            canonical_host("[FD00:EC2::0254]").as_deref(),
+            Some("[fd00:ec2::254]")
+        );
+        assert_eq!(canonical_host("169.254.169.254"), None);
+    }
+
+    #[test]
     fn recognises_metadata_by_original_destination() {
         let cfg = Config::default();
         let h = MockHost::new()
@@ -282,6 +339,12 @@ mod tests {
             .header(":authority", "x")
             .header("x-envoy-original-dst-host", "169.254.169.254:80");
         assert!(is_metadata_request(&h, &cfg));
+        for dst in ["[FD00:EC2:0::254]:80", "[::ffff:169.254.169.254]:80"] {
+            let h = MockHost::new()
+                .header(":authority", "x")
+                .header("x-envoy-original-dst-host", dst);
+            assert!(is_metadata_request(&h, &cfg), "{dst}");
+        }
     }
 
     #[test]
@@ -392,6 +455,45 @@ mod tests {
             refused("192.0.2.1", "192.0.2.9:5"),
             Err(SourceRefusal::NotPod)
         );
+    }
+
+    #[test]
+    fn dual_stack_sources_and_forwarded_for_over_ipv6() {
+        let v6 = |s: &str| s.parse::<IpAddr>().unwrap_or_else(|e| panic!("{e}"));
+        let pod = [IpAddr::from([10, 1, 0, 7]), v6("fd00:198:18::7")];
+        let check = |xff: Option<&str>, addr: &str| {
+            let mut h = source(addr);
+            if let Some(x) = xff {
+                h = h.header("x-forwarded-for", x);
+            }
+            check_source(&h, Some(&pod)).map_err(|e| e.0)
+        };
+        // Either address of the pod is the pod, in any spelling Envoy may render.
+        assert_eq!(check(None, "[fd00:198:18::7]:4000"), Ok(pod[1]));
+        assert_eq!(check(None, "[fd00:198:18:0:0:0:0:7]:4000"), Ok(pod[1]));
+        assert_eq!(check(None, "10.1.0.7:4000"), Ok(pod[0]));
+        assert_eq!(check(None, "[::ffff:10.1.0.7]:4000"), Ok(pod[0]));
+        assert_eq!(
+            check(None, "[fd00:198:18::8]:4000"),
+            Err(SourceRefusal::NotPod)
+        );
+        // X-Forwarded-For naming the IPv6 source, however written: refused.
+        let forwarded = Err(SourceRefusal::Forwarded);
+        for xff in [
+            "fd00:198:18::7",
+            "FD00:198:18:0::7",
+            "[fd00:198:18::7]:80",
+            "192.0.2.1, fd00:198:18::7",
+            "[fd00:198:18::7]",
+        ] {
+            assert_eq!(check(Some(xff), "[fd00:198:18::7]:5"), forwarded, "{xff}");
+        }
+        // Another address named: the header did not make the source.
+        assert_eq!(
+            check(Some("fd00:198:18::8"), "[fd00:198:18::7]:5"),
+            Ok(pod[1])
+        );
+        assert_eq!(check(Some("10.1.0.7"), "[fd00:198:18::7]:5"), Ok(pod[1]));
     }
 
     #[test]

@@ -174,7 +174,7 @@ def test_istio_wires_filter_to_broker():
     (plugin,) = [o for o in objs if o["kind"] == "WasmPlugin"]
 
     imds = entries["meshiam-imds"]["spec"]
-    assert imds["addresses"] == ["169.254.169.254/32"]
+    assert imds["addresses"] == ["169.254.169.254/32", "fd00:ec2::254/128"]  # IPv4 and IPv6 IMDS
     assert imds["ports"] == [{"number": 80, "name": "http-imds", "protocol": "HTTP"}]
     assert imds["location"] == "MESH_EXTERNAL"
     # Anything that gets past the filter goes to the broker, never to the real IMDS.
@@ -223,16 +223,19 @@ def test_no_collateral_listeners():
     """Nothing meshiam ships changes how other traffic is routed: no wildcard listener on
     the broker's port (protocol TCP on one /32 address: Istio builds a listener for that
     address alone), HTTP only for the metadata address on port 80, no ServiceEntry without
-    addresses (which would match every destination on its port)."""
+    addresses (which would match every destination on its port); single hosts only (/32,
+    /128 for IPv6)."""
     for o in render(ENABLE):
         if o["kind"] != "ServiceEntry":
             continue
         spec = o["spec"]
-        assert spec["addresses"] and all(a.endswith("/32") for a in spec["addresses"]), o["metadata"]["name"]
+        assert spec["addresses"] and all(a.endswith("/32") or (":" in a and a.endswith("/128"))
+                                         for a in spec["addresses"]), o["metadata"]["name"]
         for p in spec["ports"]:
             if p["protocol"] != "TCP":
-                assert (p["protocol"], p["number"], spec["addresses"]) == ("HTTP", 80, ["169.254.169.254/32"]), \
-                    f"{o['metadata']['name']}: {p}"
+                assert (p["protocol"], p["number"]) == ("HTTP", 80), f"{o['metadata']['name']}: {p}"
+                assert set(spec["addresses"]) <= {"169.254.169.254/32", "fd00:ec2::254/128"}, \
+                    f"{o['metadata']['name']}: {spec['addresses']}"
     broker = {o["metadata"]["name"]: o for o in render(ENABLE) if o["kind"] == "ServiceEntry"}["meshiam-broker"]
     assert broker["spec"]["ports"] == [{"number": 8787, "name": "tcp-broker", "protocol": "TCP"}]
 

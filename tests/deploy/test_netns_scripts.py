@@ -59,7 +59,7 @@ CLIENT = textwrap.dedent("""
     host, port, uid = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     if uid:
         os.setgid(uid); os.setuid(uid)
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     s.settimeout(1.5)
     try:
         s.connect((host, port))
@@ -71,14 +71,17 @@ CLIENT = textwrap.dedent("""
         print("timeout")
 """)
 
-# Stands in for Envoy's capture listener.
+# Stands in for Envoy's capture listener (on [::1] too: where an ip6tables REDIRECT lands).
 LISTENER = textwrap.dedent("""
-    import socket
-    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(("127.0.0.1", 15001)); s.listen(8)
+    import select, socket
+    socks = []
+    for fam, addr in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+        s = socket.socket(fam); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((addr, 15001)); s.listen(8); socks.append(s)
     print("ready", flush=True)
     while True:
-        c, _ = s.accept(); c.recv(100); c.sendall(b"captured"); c.close()
+        for s in select.select(socks, [], [])[0]:
+            c, _ = s.accept(); c.recv(100); c.sendall(b"captured"); c.close()
 """)
 
 
@@ -106,7 +109,9 @@ def test_iptables_apply_idempotent_and_clean(netns):
 
     v6 = meshiam_lines(save(netns, "ip6tables-save"))
     if v6:  # the kernel has ip6tables nat
-        assert any("fd00:ec2::254/128" in line and "REDIRECT --to-ports 15001" in line for line in v6)
+        for addr in ("fd00:ec2::254/128", "fd00:ec2::23/128"):
+            assert any(addr in line and "REDIRECT --to-ports 15001" in line for line in v6), addr
+            assert any(addr in line and "MESHIAM_GUARD" in line and "tcp-reset" in line for line in v6), addr
 
     nsrun(netns, "bash", str(IPTABLES_SH), "--clean")
     assert meshiam_lines(save(netns)) == []
@@ -146,6 +151,47 @@ def test_iptables_captures_and_guards_traffic(netns):
         listener.wait()
 
 
+def ip6tables_nat(ns):
+    return shutil.which("ip6tables") is not None and \
+        nsrun(ns, "ip6tables", "-w", "-t", "nat", "-S", "OUTPUT", check=False).returncode == 0
+
+
+@needs_root
+def test_iptables_captures_and_guards_ipv6_traffic(netns):
+    """IMDS's and the container endpoint's IPv6 addresses, as the IPv4 one (which also
+    checks what is not captured before the rules and for other addresses)."""
+    if not ip6tables_nat(netns):
+        pytest.skip("the kernel has no ip6tables nat table")
+    nsrun(netns, "ip", "link", "set", "lo", "up")
+    nsrun(netns, "ip", "link", "add", "d0", "type", "veth", "peer", "name", "d1")
+    nsrun(netns, "ip", "addr", "add", "fd00:fe::2/64", "dev", "d0", "nodad")
+    nsrun(netns, "ip", "link", "set", "d0", "up")
+    nsrun(netns, "ip", "link", "set", "d1", "up")
+    nsrun(netns, "ip", "-6", "route", "add", "default", "dev", "d0")
+    listener = subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, "-c", LISTENER],
+                                stdout=subprocess.PIPE, text=True)
+    try:
+        assert listener.stdout.readline().strip() == "ready"
+
+        nsrun(netns, "bash", str(IPTABLES_SH))
+        for addr in ("fd00:ec2::254", "fd00:ec2::23"):
+            assert connect(netns, addr, 80) == "captured", addr
+            assert connect(netns, addr, 80, uid=4242) == "captured", addr
+            assert connect(netns, addr, 81) == "refused", addr
+            assert connect(netns, addr, 80, uid=1337) == "refused", addr
+
+        # Without the container address: only IMDS is captured, and only IMDS guarded.
+        nsrun(netns, "bash", str(IPTABLES_SH), env=dict(os.environ, MESHIAM_CONTAINER_V6=""))
+        assert connect(netns, "fd00:ec2::254", 80) == "captured"
+        assert connect(netns, "fd00:ec2::23", 80) != "captured"
+
+        nsrun(netns, "bash", str(IPTABLES_SH), "--clean")
+        assert connect(netns, "fd00:ec2::254", 80) != "captured"
+    finally:
+        listener.kill()
+        listener.wait()
+
+
 def link_type(ns):
     """dummy, as on nodes; bridge where the kernel was built without the dummy driver."""
     probe = nsrun(ns, "ip", "link", "add", "probe0", "type", "dummy", check=False)
@@ -153,6 +199,23 @@ def link_type(ns):
         nsrun(ns, "ip", "link", "del", "probe0")
         return "dummy"
     return "bridge"
+
+
+@needs_root
+def test_link_takes_an_ipv6_address_usable_at_once(netns):
+    """IPv6-only clusters: the broker binds the node-local IPv6 address right after `up`."""
+    env = dict(os.environ, MESHIAM_LINK_NAME="meshiam0", MESHIAM_LINK_ADDRESS="fd6d:7368::52/128",
+               MESHIAM_LINK_TYPE=link_type(netns))
+    nsrun(netns, "bash", str(LINK_SH), "up", env=env)
+    nsrun(netns, "bash", str(LINK_SH), "up", env=env)  # idempotent
+    nsrun(netns, "bash", str(LINK_SH), "check", env=env)
+    addrs = nsrun(netns, "ip", "-o", "addr", "show", "dev", "meshiam0").stdout
+    ours = [line for line in addrs.splitlines() if "fd6d:7368::52/128" in line]
+    assert len(ours) == 1 and "tentative" not in ours[0], addrs
+    bind = "import socket; s = socket.socket(socket.AF_INET6); s.bind(('fd6d:7368::52', 8787)); print('bound')"
+    assert nsrun(netns, sys.executable, "-c", bind).stdout.strip() == "bound"
+    nsrun(netns, "bash", str(LINK_SH), "down", env=env)
+    assert nsrun(netns, "ip", "link", "show", "meshiam0", check=False).returncode != 0
 
 
 @needs_root

@@ -7,7 +7,7 @@ import yaml
 
 from tests.stacklib.procs import http_ok, spawn, wait_until
 from tests.stacklib.state import (ENVOY_ADMIN, ENVOY_LISTEN, ENVOY_UID, ROOT, STATE_DIR, VENV, WASM, StackError,
-                                  node_addr, port)
+                                  families, node_addr, port)
 
 
 def plugin_config(state, entry):
@@ -53,7 +53,9 @@ def render_envoy(state, entry):
         "HEALTH_PORT": 0 if loop else 15021,
         # The sources besides loopback the sidecar answers metadata to.
         "POD_IPS": ",".join(spec["ips"]),
-        "BROKER_ADDRESS": node_addr(state),
+        # Over IPv4 when the pod has an IPv4 address, else over IPv6 (the broker listens on
+        # both): its source address is one of the pod's either way.
+        "BROKER_ADDRESS": node_addr(state, 4 if 4 in families(spec["ips"]) else 6),
         "BROKER_PORT": port(state, "broker"),
         "WASM_PATH": WASM,
         "PLUGIN_CONFIG": json.dumps(plugin_config(state, entry), separators=(",", ":")),

@@ -5,7 +5,10 @@ be slowed down), a stand-in for the node's own IMDS and the Kubernetes API test 
 pod is a network namespace of its own with an Envoy sidecar carrying the meshiam filter, and
 iptables capturing its port-80 traffic to 169.254.169.254 into that Envoy, as Istio does.
 The namespaces are linked only to each other (a bridge in the node namespace) and addressed
-from 198.18.0.0/15: nothing routes to the machine's real network.
+from 198.18.0.0/15 and, for pods listed with an IPv6 address, fd00:198:18::/64 (dual stack:
+ip6tables captures [fd00:ec2::254]:80 and [fd00:ec2::23]:80 the same way): nothing routes to
+the machine's real network. The broker listens on both families; a pod with an IPv4
+address reaches it over IPv4, an IPv6-only pod over IPv6.
 
 A pod annotated `sidecar.istio.io/inject: "false"` (Istio's opt-out) gets no Envoy and no
 capture: it is a pod without a sidecar, whose environment points its SDKs at the broker
@@ -44,7 +47,7 @@ from tests.stacklib.state import ENVOY_ADMIN, ENVOY_UID  # noqa: F401  used by t
 from tests.stacklib.state import (ACCOUNT, BROKER_BIN, COMPONENTS, DEFAULT_PODS, KUBE_DOUBLE_BIN, LOGS,
                                   LOOP_ADMIN_BASE, LOOP_ENVOY_BASE, NODE_ACCESS_KEY, NODE_NAME, NODE_NS,
                                   NODE_SECRET_KEY, REGION, ROOT, STATE_DIR, STATE_FILE, VENV, WASM, StackError,
-                                  load_state, need_state, node_addr, port, save_state, say)
+                                  families, load_state, need_state, node_addr, port, save_state, say, url_host)
 
 
 def read_pods(path):
@@ -80,11 +83,15 @@ def broker_argv(state):
         "users": [{"name": "stack", "user": {}}],
         "contexts": [{"name": "stack", "context": {"cluster": "stack", "user": "stack"}}],
     }))
-    listen = "0.0.0.0" if state["mode"] == "netns" else "127.0.0.1"
+    netns = state["mode"] == "netns"
+    # Both families on one socket (IPv4 callers arrive as ::ffff:198.18.x.y, which the broker
+    # reads as the IPv4 address): dual-stack pods call it over IPv4, IPv6-only pods over IPv6.
+    listen = "[::]" if netns else "127.0.0.1"
+    admin_listen = "0.0.0.0" if netns else "127.0.0.1"
     argv = [
         BROKER_BIN,
         "--listen", f"{listen}:{port(state, 'broker')}",
-        "--admin-listen", f"{listen}:{port(state, 'admin')}",
+        "--admin-listen", f"{admin_listen}:{port(state, 'admin')}",
         "--pod-source", "kube",
         "--node-name", NODE_NAME,
         "--base-role-arn", f"arn:aws:iam::{ACCOUNT}:role/",
@@ -120,7 +127,9 @@ def start_component(state, name):
         control = STATE_DIR / "sts-control.json"
         if not control.exists():
             control.write_text('{"delay_ms": 0}')
-        spawn(state, "sts", [VENV / "bin/python", "-m", "tests.stacklib.stsproxy", host_any, port(state, "sts"),
+        # Both families: IPv6-only pods reach STS over IPv6.
+        sts_hosts = "0.0.0.0,::" if mode == "netns" else host_any
+        spawn(state, "sts", [VENV / "bin/python", "-m", "tests.stacklib.stsproxy", sts_hosts, port(state, "sts"),
                              "127.0.0.1", port(state, "moto"), control], netns=ns)
         wait_until("the STS proxy", lambda: http_ok(state, ns, f"http://127.0.0.1:{port(state, 'sts')}/moto-api/"))
     elif name == "nodeimds":
@@ -302,6 +311,8 @@ def print_status(state):
     for key, entry in sorted(state["pods"].items()):
         role = (entry["spec"].get("annotations") or {}).get("iam.amazonaws.com/role", "")
         extra = f" IMDS_URL=http://127.0.0.1:{entry['port']}" if entry.get("port") else ""
+        v6 = [ip for ip in entry["spec"]["ips"] if ":" in ip] if entry.get("netns") else []
+        extra += f" IP6={v6[0]}" if v6 else ""
         extra += f" NETNS={entry['netns']}" if entry.get("netns") else ""
         extra += "" if entry.get("sidecar", True) else " SIDECAR=none"
         print(f"POD={key} IP={entry['ip']} ROLE={role}{extra}")
@@ -322,11 +333,12 @@ def pod_env(state, entry):
     one)."""
     home = STATE_DIR / "home" / str(entry["index"])
     home.mkdir(parents=True, exist_ok=True)
+    family = 4 if 4 in families(entry["spec"]["ips"]) else 6
     env = {
         "PATH": f"{VENV}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
         "HOME": str(home),
         "LANG": "C.UTF-8",
-        "AWS_ENDPOINT_URL_STS": f"http://{node_addr(state)}:{port(state, 'sts')}",
+        "AWS_ENDPOINT_URL_STS": f"http://{url_host(node_addr(state, family))}:{port(state, 'sts')}",
         # As most pod specs set it: botocore and the AWS CLI do not take the region from IMDS
         # (aws-sdk-rust does; the tests run it with this unset).
         "AWS_DEFAULT_REGION": REGION,

@@ -20,6 +20,15 @@ BRIDGE = "mshbr0"
 BRIDGE_MAC = "02:6d:73:68:00:01"  # locally administered
 NODE_IP = "198.18.0.1"
 POD_PREFIX_LEN = 16
+# Dual stack: a unique-local prefix that is never routed anywhere (RFC 4193; the stack's
+# namespaces are linked only to each other anyway). Pods listed with an IPv6 address get it
+# on eth0 with a route via the node's, as IPv4.
+NODE_IP6 = "fd00:198:18::1"
+POD_PREFIX_LEN6 = 64
+# What the capture sends to the sidecar (and the guard refuses otherwise), per family: IMDS
+# and the container-credentials endpoint (EKS Pod Identity's addresses).
+METADATA_V4 = ["169.254.169.254"]
+METADATA_V6 = ["fd00:ec2::254", "fd00:ec2::23"]
 ENVOY_UID = 1337
 NODE_NAME = "node-1"
 ACCOUNT = "123456789012"
@@ -78,5 +87,19 @@ def port(state, name):
     return PORTS[name][0 if state["mode"] == "netns" else 1]
 
 
-def node_addr(state):
-    return NODE_IP if state["mode"] == "netns" else "127.0.0.1"
+def node_addr(state, family=4):
+    """The node's address as pods reach it (the broker, STS); family 6 in netns mode is its
+    IPv6 address, for pods without an IPv4 one."""
+    if state["mode"] != "netns":
+        return "127.0.0.1"
+    return NODE_IP6 if family == 6 else NODE_IP
+
+
+def url_host(addr):
+    """An address as the host part of a URL (IPv6 in brackets)."""
+    return f"[{addr}]" if ":" in addr else addr
+
+
+def families(ips):
+    """The IP families (4, 6) among a pod's addresses."""
+    return {6 if ":" in ip else 4 for ip in ips}

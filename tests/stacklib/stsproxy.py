@@ -4,7 +4,7 @@ The stack points the broker (and the pods) at this proxy rather than at moto its
 test can add latency without touching moto: the delay, in milliseconds, is read from a
 control file at every new connection. Stopping the proxy makes STS unreachable.
 
-    python -m tests.stacklib.stsproxy LISTEN_HOST LISTEN_PORT UPSTREAM_HOST UPSTREAM_PORT CONTROL_FILE
+    python -m tests.stacklib.stsproxy LISTEN_HOST[,HOST…] LISTEN_PORT UPSTREAM_HOST UPSTREAM_PORT CONTROL_FILE
 """
 import asyncio
 import json
@@ -42,7 +42,7 @@ async def main(listen_host, listen_port, up_host, up_port, control):
             return
         await asyncio.gather(pipe(client_r, up_w), pipe(up_r, client_w))
 
-    server = await asyncio.start_server(handle, listen_host, listen_port)
+    server = await asyncio.start_server(handle, listen_host.split(","), listen_port)
     print(f"sts proxy on {listen_host}:{listen_port} -> {up_host}:{up_port}", flush=True)
     async with server:
         await server.serve_forever()
