@@ -18,6 +18,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from tests.stacklib import artifacts  # noqa: E402  where the build puts the binaries
 from tests.stacklib import procs as proclib  # noqa: E402  the shared process harness
 from tests.stacklib.procs import free_port, http_get  # noqa: E402,F401
 
@@ -25,9 +26,9 @@ BENCH = os.path.join(ROOT, "bench")
 VENV_BIN = os.path.join(ROOT, ".venv", "bin")
 ENVOY_BIN = os.path.join(VENV_BIN, "envoy")
 PYTHON = os.path.join(VENV_BIN, "python")
-BROKER_BIN = os.path.join(ROOT, "target", "release", "meshiam-broker")
-FLOOR_BIN = os.path.join(ROOT, "target", "release", "examples", "bench_floor")
-WASM = os.path.join(ROOT, "target", "wasm32-wasip1", "release", "meshiam_filter.wasm")
+BROKER_BIN = str(artifacts.BROKER_BIN)
+FLOOR_BIN = str(artifacts.FLOOR_BIN)
+WASM = str(artifacts.WASM)
 WRK_LUA = os.path.join(BENCH, "wrk_report.lua")
 
 # Envoy (and the servers under test) on one core, the load generator on the other.

@@ -12,6 +12,11 @@ use meshiam_broker::{
 };
 use tracing_subscriber::EnvFilter;
 
+// The static (musl) build's allocator: musl's malloc is slow under load (Cargo.toml).
+#[cfg(target_env = "musl")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn init_logging(cfg: &Config) -> Result<(), String> {
     let filter = EnvFilter::try_new(&cfg.log).map_err(|e| format!("--log {:?}: {e}", cfg.log))?;
     let builder = tracing_subscriber::fmt().with_env_filter(filter);

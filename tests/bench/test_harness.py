@@ -10,22 +10,18 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-ARTEFACTS = [
-    "target/wasm32-wasip1/release/meshiam_filter.wasm",
-    "target/release/meshiam-broker",
-    "target/release/examples/bench_floor",
-]
+sys.path.insert(0, ROOT)
+from tests.stacklib.artifacts import BROKER_BIN, FLOOR_BIN, WASM  # noqa: E402
+
+ARTEFACTS = [WASM, BROKER_BIN, FLOOR_BIN]
 LATENCY_KEYS = {"1", "5", "10", "25", "50", "75", "90", "95", "99", "99.9"}
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    if not all(os.path.exists(os.path.join(ROOT, a)) for a in ARTEFACTS):
+    if not all(os.path.exists(a) for a in ARTEFACTS):
         # What `make build` builds.
-        subprocess.run(["cargo", "build", "--release", "--target", "wasm32-wasip1", "-p", "meshiam-filter"],
-                       cwd=ROOT, check=True)
-        subprocess.run(["cargo", "build", "--release", "-p", "meshiam-broker", "-p", "meshiam-kube-double",
-                        "--bins", "--example", "sdk_client", "--example", "bench_floor"], cwd=ROOT, check=True)
+        subprocess.run(["make", "build"], cwd=ROOT, check=True)
     out = tmp_path_factory.mktemp("bench")
     run = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "run.py"), "--quick", "--out", str(out)],
                          cwd=ROOT, capture_output=True, text=True, timeout=240)

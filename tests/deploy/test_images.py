@@ -1,19 +1,28 @@
 """The images build offline with buildah (vfs) and are what they claim: the filter image is
 plugin.wasm alone in one layer (the form Istio's WasmPlugin pulls), the broker image the
 binary alone, run as UID 65532 through its entrypoint; both carry version and commit labels.
-The broker image holds the real static musl binary when `make broker-static` has built it
-(then the image's architecture and the binary's ELF machine must agree, and the binary must
-be static: no interpreter), a stand-in otherwise (the image's shape is checked either way)."""
+The broker image holds the real static musl binary of the release build (`make build`, which
+`make test` runs): the binary in the image's layer is static (no interpreter: it runs on
+scratch), its ELF machine matches the image's architecture, and it runs as the image's user.
+With both architectures built (`make broker-static`), the arm64 image's binary runs too,
+under qemu-user when this machine is not arm64."""
 
 import json
+import platform
 import shutil
 import struct
 import subprocess
+import sys
 import tarfile
+import tempfile
+from pathlib import Path
 
 import pytest
 
 from conftest import REPO, needs_root
+
+sys.path.insert(0, str(REPO))
+from tests.stacklib.artifacts import BROKER_BIN, RELEASE_TARGET  # noqa: E402
 
 BUILD = REPO / "images" / "build.sh"
 WASM = b"\0asm\x01\0\0\0meshiam-test"  # a valid Wasm header, enough for an image test
@@ -21,6 +30,7 @@ PREFIX = "localhost/meshiam-test"
 STATIC = {"amd64": REPO / "target" / "x86_64-unknown-linux-musl" / "release" / "meshiam-broker",
           "arm64": REPO / "target" / "aarch64-unknown-linux-musl" / "release" / "meshiam-broker"}
 ELF_MACHINE = {"amd64": 0x3E, "arm64": 0xB7}
+HOST_ARCH = {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), platform.machine())
 
 pytestmark = [
     needs_root,
@@ -35,19 +45,15 @@ def test_build_script_syntax():
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("images")
-    wasm, broker = tmp / "filter.wasm", tmp / "broker"
+    wasm = tmp / "filter.wasm"
     wasm.write_bytes(WASM)
-    if STATIC["amd64"].exists():
-        broker = STATIC["amd64"]
-        print(f"broker image from the real static binary {broker}")
-    else:
-        broker.write_bytes(b"\x7fELF stand-in for the static broker")
-        broker.chmod(0o755)
-        print("no static broker (make broker-static): the broker image holds a stand-in")
+    assert BROKER_BIN.exists(), f"{BROKER_BIN} missing: build it with `make build`"
+    assert HOST_ARCH == "amd64", "build.sh's single-architecture image is amd64"
+    print(f"broker image from the release build's static binary {BROKER_BIN} ({RELEASE_TARGET})")
     env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
            "BUILDAH_ROOT": str(tmp / "root"), "BUILDAH_RUNROOT": str(tmp / "run"),
            "HOME": str(tmp)}
-    out = subprocess.run([str(BUILD), "--broker-bin", str(broker), "--wasm", str(wasm),
+    out = subprocess.run([str(BUILD), "--broker-bin", str(BROKER_BIN), "--wasm", str(wasm),
                           "--tag-prefix", PREFIX], capture_output=True, text=True, env=env,
                          timeout=120)
     assert out.returncode == 0, out.stderr
@@ -124,6 +130,30 @@ def test_broker_image_runs_the_binary_as_nonroot(built):
     assert labels["org.opencontainers.image.revision"].startswith(commit or "unknown")
     layers = _layer_members(bh, tmp, ref, "broker")
     assert len(layers) == 1 and list(layers[0]) == ["meshiam-broker"]
+    binary = layers[0]["meshiam-broker"]
+    assert binary == BROKER_BIN.read_bytes()
+    machine, interp = elf_info(binary)
+    assert machine == ELF_MACHINE[info["OCIv1"]["architecture"]] and not interp, "not a static binary"
+    run_as_image_user(binary, version)
+
+
+def run_as_image_user(binary, version, emulator=()):
+    """The image's binary, copied out of its layer, runs as the image's user (65532) with an
+    empty environment, as on scratch: it parses its flags and prints its version."""
+    where = Path(tempfile.mkdtemp(prefix="meshiam-image-"))  # pytest's tmp is 0700 under root's
+    try:
+        where.chmod(0o755)
+        exe = where / "meshiam-broker"
+        exe.write_bytes(binary)
+        exe.chmod(0o755)
+        argv = ["setpriv", "--reuid", "65532", "--regid", "65532", "--clear-groups", *emulator, str(exe)]
+        out = subprocess.run(argv + ["--version"], capture_output=True, text=True, env={}, timeout=60)
+        print(f"{' '.join(argv[6:])} --version: {out.stdout.strip()} {out.stderr.strip()}")
+        assert out.returncode == 0 and version in out.stdout, out.stderr
+        out = subprocess.run(argv + ["--help"], capture_output=True, text=True, env={}, timeout=60)
+        assert out.returncode == 0 and "--listen" in out.stdout, out.stderr
+    finally:
+        shutil.rmtree(where, ignore_errors=True)
 
 
 def elf_info(data):
@@ -171,5 +201,11 @@ def test_broker_images_hold_static_binaries_per_arch(tmp_path):
             machine, interp = elf_info(binary)
             print(f"{arch}: ELF machine {machine:#x}, interpreter: {interp}, {len(binary)} bytes")
             assert machine == ELF_MACHINE[arch] and not interp
+            if arch == HOST_ARCH:
+                run_as_image_user(binary, version)
+            elif arch == "arm64" and shutil.which("qemu-aarch64"):
+                run_as_image_user(binary, version, emulator=[shutil.which("qemu-aarch64")])
+            else:
+                print(f"{arch}: not run (no qemu-user for it here: apt-get install qemu-user)")
     finally:
         subprocess.run(bh + ["rmi", "--all", "--force"], capture_output=True)

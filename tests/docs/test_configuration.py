@@ -2,11 +2,14 @@
 filter plugin option the filter parses is documented there, and nothing documented is gone."""
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+from tests.stacklib.artifacts import BROKER_BIN as BROKER  # noqa: E402
+
 DOC = (ROOT / "docs/configuration.md").read_text()
-BROKER = ROOT / "target/release/meshiam-broker"
 
 
 def broker_flags():

@@ -27,7 +27,8 @@ ROLE_LIST = "/latest/meta-data/iam/security-credentials/"
 CREDS = ROLE_LIST + "myapp-iam-role"
 TOKEN_PATH = "/latest/api/token"
 MARKER = ("x-meshiam-filter", "0.1.0")
-BROKER_BIN = ROOT / "target/release/meshiam-broker"
+sys.path.insert(0, str(ROOT))
+from tests.stacklib.artifacts import BROKER_BIN  # noqa: E402
 
 
 def shown(headers):

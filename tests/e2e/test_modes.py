@@ -1,11 +1,15 @@
 """Scenarios that need a stack with another configuration: IMDSv2 required, and credential
 rotation with a session duration shortened for the test."""
 import json
+import sys
 import time
 
 import pytest
 
 from conftest import ROOT, Stack, bring_up, creds_of, parse_time, stack
+
+sys.path.insert(0, str(ROOT))
+from tests.stacklib.artifacts import SDK_CLIENT_BIN  # noqa: E402
 
 ROLE_LIST = "/latest/meta-data/iam/security-credentials/"
 MYAPP = "default/myapp"
@@ -49,7 +53,7 @@ def test_imdsv2_required(v2_stack):
 
 SHORT_SESSION = 60  # seconds the test's STS sessions last (STS's own minimum is 900)
 MIN_LEFT = 30       # the broker refreshes ahead so every answer has this much left
-SDK_CLIENT = ROOT / "target/release/examples/sdk_client"
+SDK_CLIENT = SDK_CLIENT_BIN
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,7 @@ STATE_DIR = Path(os.environ.get("MESHIAM_STACK_DIR", ROOT / ".stack"))
 STATE_FILE = STATE_DIR / "state.json"
 LOGS = STATE_DIR / "logs"
 VENV = ROOT / ".venv"
-WASM = ROOT / "target/wasm32-wasip1/release/meshiam_filter.wasm"
-BROKER_BIN = ROOT / "target/release/meshiam-broker"
-KUBE_DOUBLE_BIN = ROOT / "target/release/meshiam-kube-double"
+from tests.stacklib.artifacts import BROKER_BIN, KUBE_DOUBLE_BIN, WASM  # noqa: E402,F401
 DEFAULT_PODS = ROOT / "tests/pods.yaml"
 
 NODE_NS = "msh-node"
