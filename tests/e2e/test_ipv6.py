@@ -29,7 +29,7 @@ CONTAINER6 = "fd00:ec2::23"
 METADATA_V6 = [IMDS6, CONTAINER6]
 MYAPP = "default/myapp"
 ROLE_LIST = "/latest/meta-data/iam/security-credentials/"
-SDK_CLIENT = ROOT / "target/release/examples/sdk_client"
+from tests.stacklib.artifacts import SDK_CLIENT_BIN as SDK_CLIENT  # noqa: E402
 IPV6_MODE = {"AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE": "IPv6"}
 # A pod with an IPv6 address only: its sidecar calls the broker over IPv6.
 V6ONLY = "default/v6only"

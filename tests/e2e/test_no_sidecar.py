@@ -38,7 +38,8 @@ ROLE_LIST = "/latest/meta-data/iam/security-credentials/"
 TOKEN_PATH = "/latest/api/token"
 TTL = ("X-aws-ec2-metadata-token-ttl-seconds", "300")
 MAX_STALENESS = 2  # seconds (--max-staleness for this stack)
-SDK_CLIENT = ROOT / "target/release/examples/sdk_client"
+sys.path.insert(0, str(ROOT))
+from tests.stacklib.artifacts import SDK_CLIENT_BIN as SDK_CLIENT  # noqa: E402
 
 NO_SIDECAR = {"sidecar.istio.io/inject": "false"}
 PODS = {
