@@ -7,7 +7,7 @@
 #
 # Defaults: the release artefacts under target/, tags ghcr.io/meshiam/meshiam-{broker,filter}
 # :VERSION (VERSION from the workspace Cargo.toml). The broker binaries are the static musl
-# builds of `make broker-static` (x86_64, and aarch64 with --broker-bin-arm64): with an arm64
+# builds: x86_64 from `make build`, aarch64 (--broker-bin-arm64) from `make broker-static`. With an arm64
 # binary the broker is built once per architecture (meshiam-broker:VERSION-amd64, -arm64) and
 # meshiam-broker:VERSION is a manifest list of both. Each image is labelled with the version
 # and the git commit (org.opencontainers.image.{version,revision}). Prints one line per

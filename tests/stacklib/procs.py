@@ -48,13 +48,20 @@ def start(argv, log_path, env=None, append=False, banner=False, new_session=True
 
 
 def alive(pid):
+    """True while pid runs. A zombie is not alive: the stack's processes outlive the
+    `tests/stack up` that started them, so their parent is PID 1, which may reap them late
+    (here, seconds later: every stop waited for it)."""
     try:
         os.kill(pid, 0)
-        return True
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def _running(pid, proc):
