@@ -719,6 +719,189 @@ mod tests {
         }
     }
 
+    const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/mtls/");
+
+    fn fixture(name: &str) -> Vec<u8> {
+        std::fs::read(format!("{FIXTURES}{name}")).unwrap()
+    }
+
+    fn roots(names: &[&str]) -> Arc<TrustRoots> {
+        let r = Arc::new(TrustRoots::default());
+        let pem: Vec<u8> = names.iter().flat_map(|n| fixture(n)).collect();
+        r.replace(TrustRoots::parse(&pem).unwrap());
+        r
+    }
+
+    fn peer(leaf: &str, roots: &Arc<TrustRoots>) -> TlsPeer {
+        TlsPeer {
+            chain: CertificateDer::pem_slice_iter(&fixture(leaf))
+                .map(Result::unwrap)
+                .collect(),
+            roots: roots.clone(),
+            trust_domain: Arc::from("cluster.local"),
+            provider: Arc::new(rustls::crypto::ring::default_provider()),
+            verdict: OnceLock::new(),
+        }
+    }
+
+    fn pod(ns: &str, sa: &str) -> Pod {
+        Pod {
+            namespace: ns.into(),
+            name: "p".into(),
+            uid: "u".into(),
+            ips: vec![],
+            service_account: sa.into(),
+            node: "n".into(),
+            host_network: false,
+            phase: crate::pods::PodPhase::Running,
+            annotations: Default::default(),
+        }
+    }
+
+    fn reason(r: Result<Option<SpiffeId>, BrokerError>) -> &'static str {
+        match r {
+            Ok(Some(_)) => "verified",
+            Ok(None) => "plain-allowed",
+            Err(e) => e.reason(),
+        }
+    }
+
+    #[test]
+    fn workload_certificates_are_verified_against_the_roots() {
+        let mesh = roots(&["root.pem"]);
+        let id = peer("myapp.pem", &mesh).verify().unwrap();
+        assert_eq!(id.to_string(), "spiffe://cluster.local/ns/default/sa/myapp");
+        for (leaf, why) in [
+            ("foreign-myapp.pem", "chain does not verify"),
+            ("other-domain.pem", "not in trust domain cluster.local"),
+            ("no-spiffe.pem", "0 SPIFFE IDs"),
+            ("two-spiffe.pem", "2 SPIFFE IDs"),
+        ] {
+            match peer(leaf, &mesh).verify() {
+                Err(PeerCertError::Invalid(d)) => assert!(d.contains(why), "{leaf}: {d}"),
+                other => panic!("{leaf}: {other:?}"),
+            }
+        }
+        // Both roots trusted (a root rotation's middle step): both verify.
+        let both = roots(&["root.pem", "foreign-root.pem"]);
+        assert!(peer("foreign-myapp.pem", &both).verify().is_ok());
+        let empty = TlsPeer {
+            chain: vec![],
+            ..peer("myapp.pem", &mesh)
+        };
+        assert_eq!(empty.verify(), Err(PeerCertError::Missing));
+    }
+
+    #[test]
+    fn a_verdict_outlives_no_root_change() {
+        let mesh = roots(&["root.pem"]);
+        let p = peer("myapp.pem", &mesh);
+        assert!(!p.due_for_reverification(), "not judged yet");
+        assert!(p.verify().is_ok());
+        assert!(!p.due_for_reverification());
+        mesh.replace(TrustRoots::parse(&fixture("foreign-root.pem")).unwrap());
+        // The connection keeps its verdict for the answer in flight, then closes.
+        assert!(p.verify().is_ok());
+        assert!(p.due_for_reverification());
+        // Its next connection is judged by the new roots.
+        assert!(matches!(
+            peer("myapp.pem", &mesh).verify(),
+            Err(PeerCertError::Invalid(_))
+        ));
+        assert!(TrustRoots::parse(b"").is_err());
+        assert!(TrustRoots::parse(b"-----BEGIN CERTIFICATE-----\nnot base64\n").is_err());
+    }
+
+    #[test]
+    fn the_rule_per_mode() {
+        let mesh = roots(&["root.pem"]);
+        let tls = |leaf| Transport::Tls(Arc::new(peer(leaf, &mesh)));
+        let policy = |mode| MtlsPolicy {
+            mode,
+            ..MtlsPolicy::default()
+        };
+        let myapp = pod("default", "myapp");
+        let other = pod("default", "other");
+        let open = Namespace::new(
+            "default",
+            [(PLAIN_CALLERS_ANNOTATION.to_string(), "true".to_string())].into(),
+        );
+        let closed = Namespace::new("default", Default::default());
+        use MtlsMode::*;
+        let cases: &[(MtlsMode, Option<Transport>, &Pod, Option<&Namespace>, &str)] = &[
+            (
+                Off,
+                Some(tls("foreign-myapp.pem")),
+                &myapp,
+                None,
+                "plain-allowed",
+            ),
+            (Preferred, None, &myapp, None, "plain-allowed"),
+            (
+                Preferred,
+                Some(Transport::Plain),
+                &myapp,
+                Some(&closed),
+                "plain-allowed",
+            ),
+            (Preferred, Some(tls("myapp.pem")), &myapp, None, "verified"),
+            (
+                Preferred,
+                Some(tls("myapp.pem")),
+                &other,
+                None,
+                "peer-identity-mismatch",
+            ),
+            (
+                Preferred,
+                Some(tls("foreign-myapp.pem")),
+                &myapp,
+                None,
+                "peer-certificate-invalid",
+            ),
+            (
+                Required,
+                Some(Transport::Plain),
+                &myapp,
+                Some(&closed),
+                "peer-certificate-missing",
+            ),
+            (Required, None, &myapp, None, "peer-certificate-missing"),
+            (
+                Required,
+                Some(Transport::Plain),
+                &myapp,
+                Some(&open),
+                "plain-allowed",
+            ),
+            (
+                Required,
+                Some(tls("myapp.pem")),
+                &myapp,
+                Some(&closed),
+                "verified",
+            ),
+            (
+                Required,
+                Some(tls("myapp.pem")),
+                &other,
+                Some(&open),
+                "peer-identity-mismatch",
+            ),
+            (
+                Required,
+                Some(tls("no-spiffe.pem")),
+                &myapp,
+                Some(&open),
+                "peer-certificate-invalid",
+            ),
+        ];
+        for (i, (mode, transport, pod, ns, want)) in cases.iter().enumerate() {
+            let got = reason(check(&policy(*mode), transport.as_ref(), pod, *ns));
+            assert_eq!(got, *want, "case {i}: {mode:?}");
+        }
+    }
+
     #[test]
     fn der_lengths_are_bounded() {
         assert_eq!(
