@@ -344,8 +344,9 @@ async fn serve(
             identity::identify(&broker.store, &ctx.waiters, caller, broker.serve.ip_wait).await?;
         fresh(broker)?;
         trail.pod = Some(pod.clone());
-        identity::cross_check(&pod, req_headers)?;
+        // The workload certificate first: it is proof, the claimed identity a cross-check.
         peer_check(broker, trail, transport, &pod)?;
+        identity::cross_check(&pod, req_headers)?;
         let token = broker
             .issuer
             .issue(now, ttl, &token_binding(&pod), &Broker::token_nonce());
@@ -363,9 +364,10 @@ async fn serve(
     // The wait for an unknown address may have outlasted the bound.
     fresh(broker)?;
     trail.pod = Some(pod.clone());
-    identity::cross_check(&pod, req_headers)?;
-    // The workload certificate, when --mtls asks for one: it must name this pod.
+    // The workload certificate, when --mtls asks for one: it must name this pod. Checked
+    // before the claimed identity, which proves nothing by itself.
     peer_check(broker, trail, transport, &pod)?;
+    identity::cross_check(&pod, req_headers)?;
 
     // The token rule, the same for every read: checked against the pod at the address now,
     // so a token issued to a pod that is gone is refused for the pod that took its address.
