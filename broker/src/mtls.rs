@@ -828,7 +828,14 @@ mod tests {
         );
         let closed = Namespace::new("default", Default::default());
         use MtlsMode::*;
-        let cases: &[(MtlsMode, Option<Transport>, &Pod, Option<&Namespace>, &str)] = &[
+        type Case<'a> = (
+            MtlsMode,
+            Option<Transport>,
+            &'a Pod,
+            Option<&'a Namespace>,
+            &'a str,
+        );
+        let cases: &[Case] = &[
             (
                 Off,
                 Some(tls("foreign-myapp.pem")),
