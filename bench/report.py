@@ -57,13 +57,13 @@ def targets(results):
         add(8, f"broker RSS {r['after_s']} s after the attack, minus before", grew, "≤ 10 MB", grew <= 10, "MB")
         v = x["p99_ratio"]
         add(8, "another pod's call-out p99, attacked / unattacked", v, "≤ 3×", v is not None and v <= 3, "×")
-    v = _get(b, "10_mtls", "p50_ratio")
-    add(10, "broker-cache hit p50 over mTLS / plain HTTP", v, "≤ 1.2×", v is not None and v <= 1.2, "×")
     x = b.get("9_unknown_address_flood")
     if x:
         v = x["p99_ratio"]
         add(9, "a known pod's call-out p99, attacked / unattacked", v, "≤ 3×", v is not None and v <= 3, "×")
         add(9, "5xx to the known pod during the attack", x["victim_5xx"], "= 0", x["victim_5xx"] == 0, "")
+    v = _get(b, "10_mtls", "p50_ratio")
+    add(10, "broker-cache hit p50 over mTLS / plain HTTP", v, "≤ 1.2×", v is not None and v <= 1.2, "×")
     return t
 
 
