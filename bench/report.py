@@ -62,6 +62,8 @@ def targets(results):
         v = x["p99_ratio"]
         add(9, "a known pod's call-out p99, attacked / unattacked", v, "≤ 3×", v is not None and v <= 3, "×")
         add(9, "5xx to the known pod during the attack", x["victim_5xx"], "= 0", x["victim_5xx"] == 0, "")
+    v = _get(b, "10_mtls", "p50_ratio")
+    add(10, "broker-cache hit p50 over mTLS / plain HTTP", v, "≤ 1.2×", v is not None and v <= 1.2, "×")
     return t
 
 
@@ -73,6 +75,20 @@ def _fmt(v, unit):
             return f"{v:.1f} MB"
         return f"{v:,.0f} {unit}".strip()
     return f"{v:,} {unit}".strip()
+
+
+def _mtls_rows(b):
+    x = b.get("10_mtls")
+    if not x:
+        return []
+    m, p = x["latency"]["mtls"]["latency_us"], x["latency"]["plain"]["latency_us"]
+    tm, tp = x["throughput"]["mtls"], x["throughput"]["plain"]
+    return [
+        ("10 mTLS call-out", "broker-cache hit (every request a call-out): p50 / p99 µs, wrk -c1",
+         f"{m['50']:.0f} / {m['99']:.0f}", f"{p['50']:.0f} / {p['99']:.0f} (plain HTTP)", f"{x['p50_ratio']:.2f}× p50"),
+        ("", "same, req/s through the sidecar, wrk -c16", f"{tm['rps']:,.0f}", f"{tp['rps']:,.0f} (plain HTTP)",
+         f"{x['throughput_ratio']:.3f}"),
+    ]
 
 
 def rows(results):
@@ -179,6 +195,7 @@ def rows(results):
         out.append(("", "attacker's answers" + ("; requests waiting for the address at most" if w is not None else ""),
                     f"{a['answered']:,} ({a['answers_per_s']:,}/s)" + (f"; {w:,.0f}" if w is not None else ""), "",
                     _outcomes(a["answers"])))
+    out.extend(_mtls_rows(b))
     return out
 
 

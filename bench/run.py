@@ -26,6 +26,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import benchmarks as B  # noqa: E402
+import mtlsbench  # noqa: E402
 import report  # noqa: E402
 import stackbench  # noqa: E402
 import stsmodel  # noqa: E402
@@ -79,7 +80,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="brief runs that only check the harness (CI)")
     ap.add_argument("--out", default=None, help="results directory (default bench/ for full, bench/out/quick)")
-    ap.add_argument("--only", default="1,2,3,4,5,6,7,8,9", help="benchmarks to run, e.g. 1,2,7")
+    ap.add_argument("--only", default="1,2,3,4,5,6,7,8,9,10", help="benchmarks to run, e.g. 1,2,7")
     ap.add_argument("--merge", action="store_true",
                     help="keep the benchmarks not in --only from bench/results.json (full mode) and note "
                          "this partial run in BENCHMARKS.md")
@@ -140,7 +141,7 @@ def main():
     bm = results["benchmarks"]
     try:
         stack = B.Stack(procs, cfg)
-        if only & {1, 2, 3, 4, 5, 6}:
+        if only & {1, 2, 3, 4, 5, 6, 10}:
             stack.start_moto()
         if only & {1, 2, 3, 6}:
             broker = stack.start_broker("broker", [B.SIDECAR_POD, B.DIRECT_POD])
@@ -160,6 +161,8 @@ def main():
             bm["4_broker_memory"] = B.bench_broker_memory(stack, cfg)
         if 5 in only:
             bm["5_cold_start"] = B.bench_cold_start(stack, cfg)
+        if 10 in only:
+            bm["10_mtls"] = mtlsbench.bench_mtls(stack, cfg)
         procs.stop_all()
         if only & {8, 9}:
             b8, b9 = stackbench.bench_hostile(cfg, os.path.join(log_dir, "stack"), only & {8, 9})

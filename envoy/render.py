@@ -48,6 +48,11 @@ DEFAULTS = {
     "PASSTHROUGH_USE_HEADER": "false",
     # None known: the sidecar answers metadata to loopback connections only.
     "POD_IPS": "",
+    # Empty: plain HTTP to the broker (its --mtls off). A directory: the call-out presents the
+    # pod's workload certificate from there (see broker_tls below).
+    "BROKER_CERT_DIR": "",
+    # The SPIFFE ID the broker's certificate must carry when BROKER_CERT_DIR is set.
+    "BROKER_IDENTITY": "spiffe://cluster.local/ns/meshiam-system/sa/meshiam-broker",
     "PLUGIN_CONFIG": json.dumps(
         {
             "brokerCluster": "meshiam_broker",
@@ -62,7 +67,8 @@ DEFAULTS = {
 QUOTED = {"PLUGIN_CONFIG"}
 
 # Settable names that are no placeholder themselves: derived placeholders are made of them.
-INPUTS = {"CAPTURE_ADDRESS_V6": "CAPTURE_ADDITIONAL_ADDRESSES", "HEALTH_ADDRESS_V6": "HEALTH_ADDITIONAL_ADDRESSES"}
+INPUTS = {"CAPTURE_ADDRESS_V6": "CAPTURE_ADDITIONAL_ADDRESSES", "HEALTH_ADDRESS_V6": "HEALTH_ADDITIONAL_ADDRESSES",
+          "BROKER_CERT_DIR": "BROKER_TLS", "BROKER_IDENTITY": "BROKER_TLS"}
 DERIVED = {"POD_IP_RANGES", *INPUTS.values()}
 
 PLACEHOLDER = re.compile(r"\$\{([A-Z0-9_]+)\}")
@@ -98,6 +104,51 @@ def additional_addresses(address, port):
     return f'[{{ address: {{ socket_address: {{ address: "{address}", port_value: {port} }} }} }}]'
 
 
+# The files a BROKER_CERT_DIR holds. The certificate files are what Istio's agent writes with
+# OUTPUT_CERTS; the two SDS files (sds_files() below) point Envoy at them.
+CERT_FILES = ("cert-chain.pem", "key.pem", "root-cert.pem")
+
+
+def sds_files(cert_dir):
+    """The file-based SDS resources for a BROKER_CERT_DIR, as {file name: YAML text}: the
+    workload certificate and the mesh root. Envoy watches cert_dir and reloads both when an
+    entry is moved into it, so a writer that swaps a `..data` symlink (as the kubelet does for
+    mounted volumes) or renames new files into place rotates them without a restart."""
+    def res(name, body):
+        return json.dumps({"resources": [{
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret",
+            "name": name, **body}]}, indent=1) + "\n"
+    return {
+        "sds-workload.yaml": res("workload", {"tls_certificate": {
+            "certificate_chain": {"filename": os.path.join(cert_dir, "cert-chain.pem")},
+            "private_key": {"filename": os.path.join(cert_dir, "key.pem")},
+            "watched_directory": {"path": cert_dir}}}),
+        "sds-root.yaml": res("mesh-root", {"validation_context": {
+            "trusted_ca": {"filename": os.path.join(cert_dir, "root-cert.pem")},
+            "watched_directory": {"path": cert_dir}}}),
+    }
+
+
+def broker_tls(cert_dir, identity):
+    """The meshiam_broker cluster's transport_socket line (one YAML flow mapping), or a comment
+    for plain HTTP: TLS presenting the pod's workload certificate, verifying the broker's
+    certificate against the mesh root and its SPIFFE ID."""
+    if not cert_dir:
+        return "# (BROKER_CERT_DIR unset: plain HTTP)"
+    def sds(name, file):
+        return {"name": name, "sds_config": {"path_config_source": {
+            "path": os.path.join(cert_dir, file), "watched_directory": {"path": cert_dir}}}}
+    sock = {"name": "envoy.transport_sockets.tls", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+        "common_tls_context": {
+            "tls_certificate_sds_secret_configs": [sds("workload", "sds-workload.yaml")],
+            "combined_validation_context": {
+                "default_validation_context": {"match_typed_subject_alt_names": [
+                    {"san_type": "URI", "matcher": {"exact": identity}}]},
+                "validation_context_sds_secret_config": sds("mesh-root", "sds-root.yaml")}}}}
+    return "transport_socket: " + json.dumps(sock, separators=(",", ":"))
+
+
 def render(template_path, **overrides):
     with open(template_path, encoding="utf-8") as f:
         text = f.read()
@@ -107,12 +158,13 @@ def render(template_path, **overrides):
         raise KeyError(f"{os.path.basename(template_path)} has no placeholder {sorted(unknown)}")
     derived = set(overrides) & DERIVED
     if derived:
-        raise KeyError(f"{sorted(derived)} are derived (from POD_IPS, CAPTURE_ADDRESS_V6, HEALTH_ADDRESS_V6): "
+        raise KeyError(f"{sorted(derived)} are derived (from POD_IPS, CAPTURE_ADDRESS_V6, HEALTH_ADDRESS_V6, BROKER_CERT_DIR): "
                        "set those")
     values = {**DEFAULTS, **{k: str(v) for k, v in overrides.items()}}
     values["POD_IP_RANGES"] = pod_ip_ranges(values["POD_IPS"])
     values["CAPTURE_ADDITIONAL_ADDRESSES"] = additional_addresses(values["CAPTURE_ADDRESS_V6"], values["CAPTURE_PORT"])
     values["HEALTH_ADDITIONAL_ADDRESSES"] = additional_addresses(values["HEALTH_ADDRESS_V6"], values["HEALTH_PORT"])
+    values["BROKER_TLS"] = broker_tls(values["BROKER_CERT_DIR"], values["BROKER_IDENTITY"])
 
     def sub(m):
         name = m.group(1)

@@ -19,6 +19,9 @@ pub struct AuditEvent<'a> {
     /// The `x-meshiam-filter` version the caller sent (sanitised), empty when absent.
     /// Informational only: any caller can send it, and it changes no rule.
     pub claimed_filter: &'a str,
+    /// The SPIFFE ID of the verified workload certificate on the connection (`--mtls`),
+    /// empty for plain callers.
+    pub peer_identity: Option<&'a str>,
     pub detail: Option<String>,
 }
 
@@ -35,6 +38,7 @@ pub fn record(e: &AuditEvent<'_>) {
         outcome = e.outcome,
         status = e.status,
         claimed_filter = e.claimed_filter,
+        peer_identity = e.peer_identity.unwrap_or(""),
         detail = e.detail.as_deref().unwrap_or(""),
         "audit"
     );
@@ -48,5 +52,16 @@ pub fn identity_mismatch(caller: IpAddr, detail: &str) {
         caller = %caller,
         detail,
         "security event: claimed identity does not match the caller's address"
+    );
+}
+
+/// A workload certificate that is invalid or names another pod than the caller's address.
+pub fn peer_certificate_refused(caller: IpAddr, reason: &str, detail: &str) {
+    tracing::warn!(
+        target: "meshiam::security",
+        event = reason,
+        caller = %caller,
+        detail,
+        "security event: workload certificate refused"
     );
 }

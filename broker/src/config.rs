@@ -10,6 +10,7 @@ use clap::{ArgAction, Parser, ValueEnum};
 use crate::ServeConfig;
 use crate::cache::CacheConfig;
 use crate::imds::DirectMode;
+use crate::mtls::{MtlsFiles, MtlsMode, MtlsPolicy};
 use crate::policy::{BaseArn, PolicyConfig, ROLE, Restriction, RestrictionFormat, RolePolicy};
 use crate::server::ConnLimits;
 use crate::sts::StsEndpoint;
@@ -306,6 +307,39 @@ pub struct Config {
     #[arg(long, env = "MESHIAM_MAX_POD_WAITERS_PER_PEER", default_value_t = 8)]
     pub max_pod_waiters_per_peer: usize,
 
+    /// Mutual TLS on the IMDS port, for call-outs that carry the pod's workload certificate:
+    /// `off` (plain HTTP only), `preferred` (TLS and plain HTTP on the same port; a presented
+    /// certificate must be valid and name the pod at the caller's address) or `required`
+    /// (no answer without such a certificate, except to plain callers of namespaces
+    /// annotated `meshiam.io/allow-plain-callers: "true"`).
+    #[arg(long, env = "MESHIAM_MTLS", value_enum, default_value_t = MtlsMode::Off)]
+    pub mtls: MtlsMode,
+
+    /// The SPIFFE trust domain of workload certificates
+    /// (`spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`); Istio's default is
+    /// `cluster.local`.
+    #[arg(
+        long,
+        env = "MESHIAM_MTLS_TRUST_DOMAIN",
+        default_value = "cluster.local"
+    )]
+    pub mtls_trust_domain: String,
+
+    /// The mesh's root certificate(s), PEM: a file, or a directory whose files are all read
+    /// (a mounted `istio-ca-root-cert` ConfigMap). Read again every second; a change that
+    /// does not parse is skipped. Needed unless `--mtls off`.
+    #[arg(long, env = "MESHIAM_MTLS_ROOTS")]
+    pub mtls_roots: Option<PathBuf>,
+
+    /// The broker's own certificate chain, PEM, issued by the mesh CA (the sidecar verifies
+    /// it). Reloaded on change. Needed unless `--mtls off`.
+    #[arg(long, env = "MESHIAM_MTLS_CERT")]
+    pub mtls_cert: Option<PathBuf>,
+
+    /// The private key of --mtls-cert, PEM. Reloaded on change.
+    #[arg(long, env = "MESHIAM_MTLS_KEY")]
+    pub mtls_key: Option<PathBuf>,
+
     /// Log format: `text` or `json`.
     #[arg(long, env = "MESHIAM_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -417,7 +451,34 @@ impl Config {
                 ));
             }
         }
+        if self.mtls != MtlsMode::Off {
+            if self.mtls_files().is_none() {
+                return Err(format!(
+                    "--mtls {} needs --mtls-roots, --mtls-cert and --mtls-key",
+                    self.mtls.as_str()
+                ));
+            }
+            let td = self.mtls_trust_domain.as_str();
+            if td.is_empty()
+                || !td.bytes().all(|b| {
+                    b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'.' | b'_')
+                })
+            {
+                return Err(format!(
+                    "--mtls-trust-domain {td:?} is not a SPIFFE trust domain (lowercase letters, digits, '-', '.', '_')"
+                ));
+            }
+        }
         Ok(())
+    }
+
+    /// The TLS material's paths, when all three are given.
+    pub fn mtls_files(&self) -> Option<MtlsFiles> {
+        Some(MtlsFiles {
+            roots: self.mtls_roots.clone()?,
+            cert: self.mtls_cert.clone()?,
+            key: self.mtls_key.clone()?,
+        })
     }
 
     pub fn policy_config(&self) -> PolicyConfig {
@@ -466,6 +527,10 @@ impl Config {
             max_staleness: self.max_staleness,
             max_pod_waiters: self.max_pod_waiters,
             max_pod_waiters_per_peer: self.max_pod_waiters_per_peer,
+            mtls: MtlsPolicy {
+                mode: self.mtls,
+                trust_domain: self.mtls_trust_domain.clone(),
+            },
         }
     }
 
@@ -612,6 +677,22 @@ mod tests {
             ),
             (&["--sts-rate", "0"], "--sts-rate"),
             (&["--ip-wait", "1h"], "--request-timeout"),
+            (&["--mtls", "required"], "--mtls-roots"),
+            (
+                &[
+                    "--mtls",
+                    "preferred",
+                    "--mtls-roots",
+                    "/r",
+                    "--mtls-cert",
+                    "/c",
+                    "--mtls-key",
+                    "/k",
+                    "--mtls-trust-domain",
+                    "Bad Domain",
+                ],
+                "--mtls-trust-domain",
+            ),
         ];
         for (args, needle) in cases {
             let e = parse(args).unwrap_err();

@@ -45,6 +45,12 @@ pub enum BrokerError {
     NodeImds(String),
     #[error("IMDS rule refused the request ({})", .0.reason)]
     Imds(Refusal),
+    #[error("no workload certificate on the connection ({0}) and --mtls required")]
+    PeerCertificateMissing(&'static str),
+    #[error("workload certificate refused: {0}")]
+    PeerCertificateInvalid(String),
+    #[error("workload certificate names {peer} but the caller's address is pod {pod}")]
+    PeerIdentityMismatch { peer: String, pod: String },
 }
 
 impl BrokerError {
@@ -52,9 +58,13 @@ impl BrokerError {
         use BrokerError::*;
         match self {
             PodStoreStale(_) | PodWaitLimit { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            UnknownPod(_) | HostNetwork(_) | AmbiguousIp { .. } | IdentityMismatch { .. } => {
-                StatusCode::FORBIDDEN
-            }
+            UnknownPod(_)
+            | HostNetwork(_)
+            | AmbiguousIp { .. }
+            | IdentityMismatch { .. }
+            | PeerCertificateMissing(_)
+            | PeerCertificateInvalid(_)
+            | PeerIdentityMismatch { .. } => StatusCode::FORBIDDEN,
             Policy(PolicyError::NoRole) => StatusCode::NOT_FOUND,
             Policy(PolicyError::InvalidAnnotation { .. }) => StatusCode::FORBIDDEN,
             Policy(PolicyError::NotPermitted { .. }) => StatusCode::FORBIDDEN,
@@ -96,6 +106,9 @@ impl BrokerError {
             },
             NodeImds(_) => "node-imds-unavailable",
             Imds(refusal) => refusal.reason,
+            PeerCertificateMissing(_) => "peer-certificate-missing",
+            PeerCertificateInvalid(_) => "peer-certificate-invalid",
+            PeerIdentityMismatch { .. } => "peer-identity-mismatch",
         }
     }
 }

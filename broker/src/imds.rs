@@ -27,6 +27,7 @@ use crate::audit::{self, AuditEvent};
 use crate::cache::{Purpose, Served};
 use crate::error::BrokerError;
 use crate::identity;
+use crate::mtls::{self, Transport};
 use crate::pods::{Pod, canonical};
 use crate::policy::{Decision, PolicyError};
 
@@ -142,6 +143,8 @@ struct Trail {
     decision: Option<Decision>,
     access_key_id: Option<String>,
     served: Option<Served>,
+    /// The verified SPIFFE ID of the connection's workload certificate.
+    peer_identity: Option<String>,
 }
 
 async fn handle(
@@ -150,6 +153,8 @@ async fn handle(
     req: Request,
 ) -> Response {
     let (parts, _body) = req.into_parts();
+    // Set by the IMDS listener; absent (a plain caller) when the router is driven directly.
+    let transport = parts.extensions.get::<Transport>().cloned();
     let path = parts
         .uri
         .path_and_query()
@@ -169,6 +174,7 @@ async fn handle(
         &class,
         &parts.headers,
         caller,
+        transport.as_ref(),
     )
     .await;
     let label = class.label();
@@ -195,9 +201,16 @@ async fn handle(
         Err(e) => {
             let reason = e.reason();
             broker.metrics.request(label, reason);
-            if let BrokerError::IdentityMismatch { .. } = e {
-                broker.metrics.identity_mismatch();
-                audit::identity_mismatch(caller, &e.to_string());
+            match e {
+                BrokerError::IdentityMismatch { .. } => {
+                    broker.metrics.identity_mismatch();
+                    audit::identity_mismatch(caller, &e.to_string());
+                }
+                BrokerError::PeerCertificateInvalid(_)
+                | BrokerError::PeerIdentityMismatch { .. } => {
+                    audit::peer_certificate_refused(caller, reason, &e.to_string());
+                }
+                _ => {}
             }
             let status = e.status().as_u16();
             audit::record(&event(
@@ -214,6 +227,15 @@ async fn handle(
     };
     if parts.method == Method::HEAD {
         *response.body_mut() = Body::empty();
+    }
+    // A TLS connection judged before the roots changed, or long ago: this answer is its
+    // last, the client reconnects and is judged again.
+    if let Some(Transport::Tls(peer)) = &transport
+        && peer.due_for_reverification()
+    {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     response
 }
@@ -238,6 +260,7 @@ fn event<'a>(
         outcome,
         status,
         claimed_filter,
+        peer_identity: t.peer_identity.as_deref(),
         detail,
     }
 }
@@ -300,6 +323,7 @@ async fn serve(
     class: &PathClass<'_>,
     req_headers: &HeaderMap,
     caller: std::net::IpAddr,
+    transport: Option<&Transport>,
 ) -> Result<Response, BrokerError> {
     let broker = &*ctx.broker;
     let header = |name: &str| req_headers.get(name).and_then(|v| v.to_str().ok());
@@ -320,6 +344,8 @@ async fn serve(
             identity::identify(&broker.store, &ctx.waiters, caller, broker.serve.ip_wait).await?;
         fresh(broker)?;
         trail.pod = Some(pod.clone());
+        // The workload certificate first: it is proof, the claimed identity a cross-check.
+        peer_check(broker, trail, transport, &pod)?;
         identity::cross_check(&pod, req_headers)?;
         let token = broker
             .issuer
@@ -338,6 +364,9 @@ async fn serve(
     // The wait for an unknown address may have outlasted the bound.
     fresh(broker)?;
     trail.pod = Some(pod.clone());
+    // The workload certificate, when --mtls asks for one: it must name this pod. Checked
+    // before the claimed identity, which proves nothing by itself.
+    peer_check(broker, trail, transport, &pod)?;
     identity::cross_check(&pod, req_headers)?;
 
     // The token rule, the same for every read: checked against the pod at the address now,
@@ -403,6 +432,33 @@ async fn serve(
         }
         // Answered from the node's IMDS above.
         Resource::Allowed(_) => Err(BrokerError::Imds(rules::NOT_FOUND)),
+    }
+}
+
+fn peer_check(
+    broker: &Broker,
+    trail: &mut Trail,
+    transport: Option<&Transport>,
+    pod: &Pod,
+) -> Result<(), BrokerError> {
+    if broker.serve.mtls.mode == mtls::MtlsMode::Off {
+        return Ok(());
+    }
+    let ns = broker.store.namespace(&pod.namespace);
+    match mtls::check(&broker.serve.mtls, transport, pod, ns.as_deref()) {
+        Ok(Some(id)) => {
+            broker.metrics.mtls_check("verified");
+            trail.peer_identity = Some(id.to_string());
+            Ok(())
+        }
+        Ok(None) => {
+            broker.metrics.mtls_check("plain-allowed");
+            Ok(())
+        }
+        Err(e) => {
+            broker.metrics.mtls_check(e.reason());
+            Err(e)
+        }
     }
 }
 

@@ -19,6 +19,7 @@ pub mod kube_source;
 pub mod limiter;
 pub mod limits;
 pub mod metrics;
+pub mod mtls;
 pub mod node_imds;
 pub mod pods;
 pub mod policy;
@@ -67,6 +68,8 @@ pub struct ServeConfig {
     /// Requests waiting for unknown addresses, in all and per address.
     pub max_pod_waiters: usize,
     pub max_pod_waiters_per_peer: usize,
+    /// What the call-out's transport must prove (`--mtls`, `--mtls-trust-domain`).
+    pub mtls: mtls::MtlsPolicy,
 }
 
 impl Default for ServeConfig {
@@ -82,6 +85,7 @@ impl Default for ServeConfig {
             max_staleness: Duration::from_secs(5),
             max_pod_waiters: 128,
             max_pod_waiters_per_peer: 8,
+            mtls: mtls::MtlsPolicy::default(),
         }
     }
 }

@@ -117,7 +117,9 @@ async fn main() {
             };
             let kcfg = KubeSourceConfig {
                 node_name: cfg.node_name.clone().unwrap_or_default(),
-                watch_namespaces: cfg.namespace_restriction != policy::Restriction::Off,
+                // Restrictions, and --mtls required's per-namespace exception for plain callers.
+                watch_namespaces: cfg.namespace_restriction != policy::Restriction::Off
+                    || cfg.mtls == meshiam_broker::mtls::MtlsMode::Required,
                 idle_timeout: cfg.watch_idle_timeout,
             };
             let store = store.clone();
@@ -145,6 +147,20 @@ async fn main() {
         cfg.prefetch,
     ));
 
+    // TLS on the IMDS port (--mtls): the roots and the broker's certificate must load now.
+    let tls = match cfg.mtls_files() {
+        Some(files) if cfg.mtls != meshiam_broker::mtls::MtlsMode::Off => {
+            match meshiam_broker::mtls::TlsTerminator::load(files, &cfg.mtls_trust_domain) {
+                Ok(t) => {
+                    tokio::spawn(t.clone().watch(broker.metrics.clone()));
+                    Some(t)
+                }
+                Err(e) => fail(e),
+            }
+        }
+        _ => None,
+    };
+
     let imds_listener = match tokio::net::TcpListener::bind(cfg.listen).await {
         Ok(l) => l,
         Err(e) => fail(format!("--listen {}: {e}", cfg.listen)),
@@ -162,6 +178,8 @@ async fn main() {
         header_read_timeout = ?cfg.header_read_timeout,
         max_connections = cfg.max_connections,
         max_connections_per_peer = cfg.max_connections_per_peer,
+        mtls = cfg.mtls.as_str(),
+        mtls_trust_domain = %cfg.mtls_trust_domain,
         "serving"
     );
 
@@ -169,11 +187,12 @@ async fn main() {
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let imds = meshiam_broker::server::serve(
+    let imds = meshiam_broker::server::serve_with_tls(
         imds_listener,
         meshiam_broker::router(broker.clone()),
         cfg.conn_limits(),
         broker.metrics.clone(),
+        tls,
         stopped(stop_rx.clone()),
     );
     let admin = axum::serve(

@@ -36,6 +36,19 @@ pub struct LimitLabels {
     pub limit: String,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReloadLabels {
+    /// `roots` or `certificate`.
+    pub what: String,
+    /// `ok` or `invalid`.
+    pub result: String,
+}
+
 struct Inner {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
@@ -52,6 +65,10 @@ struct Inner {
     connections: Gauge,
     connections_refused: Family<LimitLabels, Counter>,
     pod_waiters: Gauge,
+    mtls_connections: Family<ResultLabels, Counter>,
+    mtls_checks: Family<ResultLabels, Counter>,
+    mtls_reloads: Family<ReloadLabels, Counter>,
+    mtls_roots: Gauge,
 }
 
 /// Every metric the broker keeps. Cheap to clone.
@@ -159,6 +176,30 @@ impl Metrics {
             "Requests waiting (up to --ip-wait) for their caller's address to appear in the pod store",
             pod_waiters.clone(),
         );
+        let mtls_connections = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "mtls_connections",
+            "Connections to the IMDS listener under --mtls preferred|required, by how they began: tls (handshake done), plain, handshake-failed, handshake-timeout",
+            mtls_connections.clone(),
+        );
+        let mtls_checks = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "mtls_checks",
+            "Requests checked under --mtls, by result: verified, plain-allowed, or the refusal's reason code (peer-certificate-missing, peer-certificate-invalid, peer-identity-mismatch)",
+            mtls_checks.clone(),
+        );
+        let mtls_reloads = Family::<ReloadLabels, Counter>::default();
+        registry.register(
+            "mtls_reloads",
+            "Changes of --mtls-roots (what=roots) or --mtls-cert/--mtls-key (what=certificate) seen, by result (ok, or invalid: kept the last good one)",
+            mtls_reloads.clone(),
+        );
+        let mtls_roots = Gauge::default();
+        registry.register(
+            "mtls_root_certificates",
+            "Root certificates workload certificates are verified against (--mtls-roots)",
+            mtls_roots.clone(),
+        );
         Self {
             inner: Arc::new(Inner {
                 registry,
@@ -176,6 +217,10 @@ impl Metrics {
                 connections,
                 connections_refused,
                 pod_waiters,
+                mtls_connections,
+                mtls_checks,
+                mtls_reloads,
+                mtls_roots,
             }),
         }
     }
@@ -261,6 +306,38 @@ impl Metrics {
 
     pub fn set_pod_waiters(&self, n: usize) {
         self.inner.pod_waiters.set(n as i64);
+    }
+
+    pub fn mtls_connection(&self, result: &str) {
+        self.inner
+            .mtls_connections
+            .get_or_create(&ResultLabels {
+                result: result.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn mtls_check(&self, result: &str) {
+        self.inner
+            .mtls_checks
+            .get_or_create(&ResultLabels {
+                result: result.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn mtls_reload(&self, what: &str, result: &str) {
+        self.inner
+            .mtls_reloads
+            .get_or_create(&ReloadLabels {
+                what: what.to_string(),
+                result: result.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn set_mtls_roots(&self, n: usize) {
+        self.inner.mtls_roots.set(n as i64);
     }
 
     /// The text exposition format.

@@ -42,7 +42,7 @@ def test_top_level(results):
     assert results["mode"] == "quick" and results["command"] == "make bench-quick"
     assert results["machine"]["nproc"] >= 1 and results["machine"]["cpu_model"]
     assert results["date"] and results["elapsed_s"] > 0
-    assert {t["benchmark"] for t in results["targets"]} == {1, 2, 3, 4, 5, 6, 7, 8, 9}
+    assert {t["benchmark"] for t in results["targets"]} == {1, 2, 3, 4, 5, 6, 7, 8, 9, 10}
     assert all(isinstance(t["met"], bool) for t in results["targets"])
 
 
@@ -120,3 +120,13 @@ def test_hostile_load(results):
     assert b9["attacker"]["answered"] > 0
     # No answer to an address no pod has is ever credentials.
     assert not any(k.startswith("200") for k in b9["attacker"]["answers"])
+
+
+def test_mtls_call_out(results):
+    x = results["benchmarks"]["10_mtls"]
+    for side in ("plain", "mtls"):
+        run_shape(x["latency"][side])
+        run_shape(x["throughput"][side])
+    assert x["p50_ratio"] > 0 and x["throughput_ratio"] > 0
+    # The mTLS sidecar's call-outs were verified by the broker, over few connections.
+    assert x["verified_requests"] > 0 and 1 <= x["tls_connections"] < x["verified_requests"]

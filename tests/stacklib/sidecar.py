@@ -60,6 +60,9 @@ def render_envoy(state, entry):
         "WASM_PATH": WASM,
         "PLUGIN_CONFIG": json.dumps(plugin_config(state, entry), separators=(",", ":")),
     }
+    if state.get("mtls", "off") != "off":
+        from tests.stacklib.meshca import pod_dir
+        values["BROKER_CERT_DIR"] = str(pod_dir(entry))
     text = render(str(ROOT / "envoy/sidecar.yaml"), **values)
     if loop:
         # The broker knows a pod by its address: on loopback each sidecar calls it from the

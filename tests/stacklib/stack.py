@@ -38,7 +38,7 @@ import time
 
 import yaml
 
-from tests.stacklib import podsfile
+from tests.stacklib import meshca, podsfile
 from tests.stacklib.kubeapi import api_add_namespace, api_add_pod, api_delete_pod, k8s_pod, kube_request, pod_key  # noqa: F401
 from tests.stacklib.netns import delete_netns, make_node_netns, make_pod_netns  # noqa: F401
 from tests.stacklib.procs import alive, http_ok, in_ns, run, spawn, stop_proc, wait_until  # noqa: F401
@@ -98,8 +98,12 @@ def broker_argv(state):
         "--namespace-restriction", "allowed-roles",
         "--region", REGION,
         "--node-imds-url", f"http://127.0.0.1:{port(state, 'nodeimds')}",
-        *state.get("broker_args", []),
     ]
+    if state.get("mtls", "off") != "off":
+        files = meshca.broker_files()
+        argv += ["--mtls", state["mtls"], "--mtls-roots", files["roots"], "--mtls-cert", files["cert"],
+                 "--mtls-key", files["key"]]
+    argv += state.get("broker_args", [])
     env = {
         "KUBECONFIG": str(kubeconfig),
         # The node's own credentials (fake, marked): the broker assumes pod roles with them.
@@ -150,6 +154,8 @@ def start_component(state, name):
         for entry in state["pods"].values():
             if entry.get("registered"):
                 api_add_pod(state, entry["spec"])
+    elif name == "meshca":
+        spawn(state, "meshca", [VENV / "bin/python", "-m", "tests.stacklib.meshca", "rotate-loop"])
     elif name == "broker":
         argv, env = broker_argv(state)
         spawn(state, "broker", argv, netns=ns, env=env)
@@ -183,6 +189,10 @@ def add_pod(state, p, register=True):
     if state["mode"] == "netns":
         make_pod_netns(state, entry)
     if entry["sidecar"]:
+        if state.get("mtls", "off") != "off":
+            # The pod's workload certificate, before its sidecar starts (as the mesh's agent
+            # has it ready before the application).
+            meshca.issue_pod(state, entry)
         start_envoy(state, key)
     if register:
         register_pod(state, key)
@@ -233,6 +243,7 @@ def delete_pod(state, key, api=True):
     stop_proc(state, envoy_name(entry))
     if entry["netns"]:
         delete_netns(entry["netns"])
+    shutil.rmtree(meshca.pod_dir(entry), ignore_errors=True)
     state["pods"].pop(key, None)
     save_state(state)
 
@@ -254,12 +265,17 @@ def cmd_up(args):
     STATE_DIR.mkdir(parents=True)
     state = {"mode": mode, "procs": {}, "pods": {}, "next_index": 0,
              "broker_args": args.broker_arg or [], "kube_args": args.kube_arg or [],
-             "filter_options": args.filter_option or [],
+             "filter_options": args.filter_option or [], "mtls": args.mtls,
              "namespaces": namespaces, "started": time.time()}
     save_state(state)
     try:
         if mode == "netns":
             make_node_netns()
+        if args.mtls != "off":
+            say(f"mesh CA: root, broker certificate (broker --mtls {args.mtls})")
+            meshca.init(state)
+            save_state(state)
+            start_component(state, "meshca")
         for c in COMPONENTS:
             say(f"starting {c}")
             start_component(state, c)
@@ -432,6 +448,25 @@ def cmd_sts_delay(args):
     return 0
 
 
+def cmd_mesh(args):
+    state = need_state()
+    if "mesh" not in state:
+        raise StackError("the stack runs without a mesh CA (tests/stack up --mtls preferred|required)")
+    if args.mesh_cmd == "rotate":
+        meshca.rotate(state, root=args.root)
+    elif args.mesh_cmd == "issue":
+        entry = state["pods"].get(args.pod)
+        if entry is None:
+            raise StackError(f"no pod {args.pod} in the stack")
+        ca = None
+        if args.foreign_ca:
+            if not (meshca.MESH / "ca" / "foreign.pem").exists():
+                meshca.new_root("foreign")
+            ca = "foreign"
+        meshca.issue_pod(state, entry, spiffe_id=args.spiffe, ca=ca)
+    return 0
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="tests/stack", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -444,6 +479,9 @@ def main(argv=None):
                     help="extra API double argument, e.g. --kube-arg=--bookmark-interval-ms=1000 (repeatable)")
     up.add_argument("--filter-option", action="append", metavar="KEY=JSON",
                     help="override a filter plugin option, e.g. --filter-option requireImdsv2=true")
+    up.add_argument("--mtls", choices=["off", "preferred", "required"], default="off",
+                    help="the broker's --mtls; not off: a mesh CA issues each pod a workload certificate its "
+                         "sidecar presents on the call-out")
     down = sub.add_parser("down", help="stop everything and remove every namespace (safe to run twice)")
     down.add_argument("--keep-logs", action="store_true")
     sub.add_parser("status", help="KEY=value lines: STS_URL, BROKER_URL, KUBE_API_URL, one POD= line per pod")
@@ -473,11 +511,20 @@ def main(argv=None):
     st.add_argument("--kill", action="store_true", help="SIGKILL instead of SIGTERM")
     sa = sub.add_parser("start", help="start a stopped component")
     sa.add_argument("component")
+    ms = sub.add_parser("mesh", help="the mesh CA of a stack started with --mtls")
+    msub = ms.add_subparsers(dest="mesh_cmd", required=True)
+    mr = msub.add_parser("rotate", help="re-issue every certificate now")
+    mr.add_argument("--root", action="store_true",
+                    help="with a new root: trusted next to the old one, then issuing, then the old one dropped")
+    mi = msub.add_parser("issue", help="re-issue one pod's workload certificate")
+    mi.add_argument("pod")
+    mi.add_argument("--spiffe", help="another SPIFFE ID than the pod's own")
+    mi.add_argument("--foreign-ca", action="store_true", help="from a CA the broker does not trust")
     sd = sub.add_parser("sts-delay", help="delay every new STS connection by MS milliseconds")
     sd.add_argument("ms", type=int)
     args = ap.parse_args(argv)
     handlers = {"up": cmd_up, "down": cmd_down, "status": cmd_status, "exec": cmd_exec, "logs": cmd_logs,
-                "pod": cmd_pod, "stop": cmd_stop, "start": cmd_start, "sts-delay": cmd_sts_delay}
+                "pod": cmd_pod, "mesh": cmd_mesh, "stop": cmd_stop, "start": cmd_start, "sts-delay": cmd_sts_delay}
     try:
         return handlers[args.cmd](args) or 0
     except StackError as e:
