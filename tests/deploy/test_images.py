@@ -15,6 +15,9 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -23,6 +26,7 @@ from conftest import REPO, needs_root
 
 sys.path.insert(0, str(REPO))
 from tests.stacklib.artifacts import BROKER_BIN, RELEASE_TARGET  # noqa: E402
+from tests.stacklib.procs import free_port  # noqa: E402
 
 BUILD = REPO / "images" / "build.sh"
 WASM = b"\0asm\x01\0\0\0meshiam-test"  # a valid Wasm header, enough for an image test
@@ -139,7 +143,9 @@ def test_broker_image_runs_the_binary_as_nonroot(built):
 
 def run_as_image_user(binary, version, emulator=()):
     """The image's binary, copied out of its layer, runs as the image's user (65532) with an
-    empty environment, as on scratch: it parses its flags and prints its version."""
+    empty environment, as on scratch: it prints its version, parses its flags, and serves:
+    with an empty pods file, a credentials request from an address that is no pod gets the
+    broker's own refusal, `403 unknown-pod`."""
     where = Path(tempfile.mkdtemp(prefix="meshiam-image-"))  # pytest's tmp is 0700 under root's
     try:
         where.chmod(0o755)
@@ -152,6 +158,33 @@ def run_as_image_user(binary, version, emulator=()):
         assert out.returncode == 0 and version in out.stdout, out.stderr
         out = subprocess.run(argv + ["--help"], capture_output=True, text=True, env={}, timeout=60)
         assert out.returncode == 0 and "--listen" in out.stdout, out.stderr
+        pods = where / "pods.yaml"
+        pods.write_text("pods: []\n")
+        pods.chmod(0o644)
+        port, admin = free_port(), free_port()
+        env = {"AWS_REGION": "us-east-1", "AWS_ACCESS_KEY_ID": "AKIAIMAGETEST0000000",
+               "AWS_SECRET_ACCESS_KEY": "image-test-not-a-secret", "AWS_ENDPOINT_URL_STS": "http://127.0.0.1:9"}
+        proc = subprocess.Popen(argv + ["--pods-file", str(pods), "--listen", f"127.0.0.1:{port}",
+                                        "--admin-listen", f"127.0.0.1:{admin}", "--node-name", "image-test"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        try:
+            url = f"http://127.0.0.1:{port}/latest/meta-data/iam/security-credentials/"
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    urllib.request.urlopen(url, timeout=15)  # unknown addresses wait --ip-wait
+                    raise AssertionError("a request from no pod was answered")
+                except urllib.error.HTTPError as e:
+                    reason = e.headers.get("x-meshiam-reason")
+                    print(f"served: {e.code} {reason}")
+                    assert (e.code, reason) == (403, "unknown-pod")
+                    break
+                except (urllib.error.URLError, OSError):
+                    assert proc.poll() is None and time.monotonic() < deadline, "the broker did not serve"
+                    time.sleep(0.2)
+        finally:
+            proc.kill()
+            proc.wait()
     finally:
         shutil.rmtree(where, ignore_errors=True)
 
