@@ -11,6 +11,7 @@ use meshiam_imds::headers;
 use meshiam_imds::rules::Refusal;
 use thiserror::Error;
 
+use crate::container::ContainerError;
 use crate::limits::LimitHit;
 use crate::pods::Stale;
 use crate::policy::PolicyError;
@@ -45,6 +46,8 @@ pub enum BrokerError {
     NodeImds(String),
     #[error("IMDS rule refused the request ({})", .0.reason)]
     Imds(Refusal),
+    #[error("container credentials: {0}")]
+    Container(#[from] ContainerError),
 }
 
 impl BrokerError {
@@ -69,6 +72,7 @@ impl BrokerError {
             },
             NodeImds(_) => StatusCode::BAD_GATEWAY,
             Imds(refusal) => StatusCode::from_u16(refusal.status).unwrap_or(StatusCode::FORBIDDEN),
+            Container(e) => StatusCode::from_u16(e.status()).unwrap_or(StatusCode::FORBIDDEN),
         }
     }
 
@@ -96,6 +100,7 @@ impl BrokerError {
             },
             NodeImds(_) => "node-imds-unavailable",
             Imds(refusal) => refusal.reason,
+            Container(e) => e.reason(),
         }
     }
 }
