@@ -504,10 +504,8 @@ async fn serve_container(
     trail.served = Some(served);
     let body = container::render(&c, container::account_of(decision.role_arn.as_str()));
     let mut r = json(body);
-    r.headers_mut().insert(
-        container::TOKEN_EXPIRES,
-        HeaderValue::from(reviewed.until),
-    );
+    r.headers_mut()
+        .insert(container::TOKEN_EXPIRES, HeaderValue::from(reviewed.until));
     Ok(r)
 }
 

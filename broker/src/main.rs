@@ -8,7 +8,8 @@ use meshiam_broker::config::{Config, LogFormat, PodSource};
 use meshiam_broker::kube_source::{self, KubeSourceConfig};
 use meshiam_broker::sts::{AwsSts, StsApi};
 use meshiam_broker::{
-    Broker, admin, background, cache, clock, container, file_source, metrics, node_imds, pods, policy,
+    Broker, admin, background, cache, clock, container, file_source, metrics, node_imds, pods,
+    policy,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -101,10 +102,7 @@ async fn main() {
         metrics,
         clock,
         serve: cfg.serve_config(),
-        container: container::ContainerAuth::new(
-            cfg.container_token_audience.clone(),
-            reviewer,
-        ),
+        container: container::ContainerAuth::new(cfg.container_token_audience.clone(), reviewer),
     });
 
     // The pod source. The file must be valid at start; later bad versions are skipped.

@@ -134,7 +134,8 @@ impl Setup {
         let uid = self.broker.store.pods_snapshot_uid(pod);
         let mut spec = serde_json::json!({"audiences": [audience], "expirationSeconds": 3600});
         if bound {
-            spec["boundObjectRef"] = serde_json::json!({"kind": "Pod", "apiVersion": "v1", "name": pod, "uid": uid});
+            spec["boundObjectRef"] =
+                serde_json::json!({"kind": "Pod", "apiVersion": "v1", "name": pod, "uid": uid});
         }
         let body = serde_json::json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": spec});
         let req = http::Request::post(format!(
@@ -309,9 +310,7 @@ async fn missing_invalid_and_other_pods_tokens_are_refused() {
         (a.status, a.reason()),
         (StatusCode::UNAUTHORIZED, "token-required")
     );
-    let a = s
-        .call(s.myapp_ip, Method::POST, container::PATH, &[])
-        .await;
+    let a = s.call(s.myapp_ip, Method::POST, container::PATH, &[]).await;
     assert_eq!(a.status, StatusCode::METHOD_NOT_ALLOWED);
 }
 

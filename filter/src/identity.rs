@@ -32,34 +32,58 @@ pub fn authority_host(authority: &str) -> Option<&str> {
     }
 }
 
-/// True when the request is addressed to the instance-metadata service.
+/// Which metadata door a request came through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Door {
+    /// The instance-metadata service (`169.254.169.254`, `[fd00:ec2::254]`).
+    Imds,
+    /// The container-credentials endpoint (`169.254.170.23`, `[fd00:ec2::23]`).
+    Container,
+}
+
+/// True when the request is addressed to the instance-metadata service or the
+/// container-credentials endpoint.
+pub fn is_metadata_request<H: Host>(h: &H, cfg: &Config) -> bool {
+    door(h, cfg).is_some()
+}
+
+/// The door a request is addressed to, if any.
 ///
 /// Cheap on the common path: the `:authority` is checked first (the host an SDK or curl
-/// writes for IMDS), and the original destination is read only when the authority did not
-/// match, to catch clients that send some other `Host` to 169.254.169.254.
-pub fn is_metadata_request<H: Host>(h: &H, cfg: &Config) -> bool {
+/// writes), and the original destination is read only when the authority did not match, to
+/// catch clients that send some other `Host` to a metadata address.
+pub fn door<H: Host>(h: &H, cfg: &Config) -> Option<Door> {
     if let Some(authority) = h.request_header(":authority") {
         let lower = authority.to_ascii_lowercase();
-        if let Some(host) = authority_host(&lower)
-            && cfg.metadata_hosts.iter().any(|m| m == host)
-        {
-            return true;
+        if let Some(host) = authority_host(&lower) {
+            if cfg.metadata_hosts.iter().any(|m| m == host) {
+                return Some(Door::Imds);
+            }
+            if cfg.container_hosts.iter().any(|m| m == host) {
+                return Some(Door::Container);
+            }
         }
     }
-    if cfg.metadata_addresses.is_empty() {
-        return false;
+    if cfg.metadata_addresses.is_empty() && cfg.container_addresses.is_empty() {
+        return None;
     }
+    let by_address = |addr: &[u8]| {
+        if cfg.metadata_addresses.iter().any(|a| a.as_bytes() == addr) {
+            Some(Door::Imds)
+        } else if cfg.container_addresses.iter().any(|a| a.as_bytes() == addr) {
+            Some(Door::Container)
+        } else {
+            None
+        }
+    };
     // An ORIGINAL_DST cluster configured to route by header would send the request to the
     // address named there: treat that address like the connection's own destination.
     if let Some(dst) = h.request_header("x-envoy-original-dst-host")
-        && cfg.metadata_addresses.contains(&dst)
+        && let Some(d) = by_address(dst.as_bytes())
     {
-        return true;
+        return Some(d);
     }
-    match h.property(&["destination", "address"]) {
-        Some(addr) => cfg.metadata_addresses.iter().any(|a| a.as_bytes() == addr),
-        None => false,
-    }
+    by_address(&h.property(&["destination", "address"])?)
 }
 
 /// An IP literal without port, prefix or zone; an IPv4-mapped IPv6 address as IPv4.

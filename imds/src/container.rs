@@ -49,11 +49,9 @@ pub const NOT_FOUND: Refusal = Refusal::new(404, "Not Found", "invalid-path");
 /// No `Authorization` header, or an empty one.
 pub const TOKEN_MISSING: Refusal = Refusal::new(401, "Unauthorized", "container-token-missing");
 /// `Authorization` sent more than once.
-pub const TOKEN_REPEATED: Refusal =
-    Refusal::new(400, "Bad Request", "container-token-repeated");
+pub const TOKEN_REPEATED: Refusal = Refusal::new(400, "Bad Request", "container-token-repeated");
 /// A token that is not a header-safe string of at most [`MAX_TOKEN_LEN`] bytes.
-pub const TOKEN_MALFORMED: Refusal =
-    Refusal::new(401, "Unauthorized", "container-token-invalid");
+pub const TOKEN_MALFORMED: Refusal = Refusal::new(401, "Unauthorized", "container-token-invalid");
 
 /// The reason codes of the broker's refusals of the pod's token. A `401` carrying one of
 /// these is about the pod's token, not about the filter's own broker session.
@@ -201,14 +199,23 @@ mod tests {
         assert_eq!(c.token, "tok\"en");
         assert_eq!(c.expiration, 1_767_229_200);
         assert_eq!(acct.as_deref(), Some("123456789012"));
-        assert_eq!(parse("{}").err(), Some(JsonError::MissingField("Expiration")));
+        assert_eq!(
+            parse("{}").err(),
+            Some(JsonError::MissingField("Expiration"))
+        );
         assert_eq!(parse("[]").err(), Some(JsonError::Syntax));
     }
 
     #[test]
     fn path_and_token_rules() {
         assert!(is_path("/v1/credentials"));
-        for p in ["/v1/credentials/", "/v1/credentials?x", "/v1", "/", "/v2/credentials"] {
+        for p in [
+            "/v1/credentials/",
+            "/v1/credentials?x",
+            "/v1",
+            "/",
+            "/v2/credentials",
+        ] {
             assert!(!is_path(p), "{p}");
         }
         assert_eq!(token(""), Err(TOKEN_MISSING));

@@ -141,7 +141,10 @@ pub(crate) async fn request_token(
         let name = bound["name"].as_str().unwrap_or_default().to_string();
         let key = ObjKey::new(Kind::Pod, &ns, &name);
         let obj = s.db().get(&key).ok_or_else(|| ApiError::not_found(&key))?;
-        let uid = obj["metadata"]["uid"].as_str().unwrap_or_default().to_string();
+        let uid = obj["metadata"]["uid"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
         if let Some(want) = bound["uid"].as_str()
             && !want.is_empty()
             && want != uid
@@ -149,7 +152,9 @@ pub(crate) async fn request_token(
             return Err(ApiError::new(
                 409,
                 "Conflict",
-                format!("the UID in the bound object reference ({want}) does not match the UID in record ({uid})"),
+                format!(
+                    "the UID in the bound object reference ({want}) does not match the UID in record ({uid})"
+                ),
             ));
         }
         let pod_sa = obj["spec"]["serviceAccountName"]
@@ -166,7 +171,11 @@ pub(crate) async fn request_token(
     let expires = iat + ttl;
     let mut tokens = lock(&s.tokens);
     tokens.serial += 1;
-    let id = format!("kube-double-{:08x}-{}", tokens.serial, b64url(&random_bytes()[..6]));
+    let id = format!(
+        "kube-double-{:08x}-{}",
+        tokens.serial,
+        b64url(&random_bytes()[..6])
+    );
     let mut k8s = json!({
         "namespace": ns,
         "serviceaccount": {"name": sa, "uid": format!("sa-{ns}-{sa}")},
@@ -237,7 +246,10 @@ fn httpdate(unix: u64) -> String {
 }
 
 /// `POST /apis/authentication.k8s.io/v1/tokenreviews`.
-pub(crate) async fn review(State(s): State<Arc<Shared>>, body: Bytes) -> Result<Response, ApiError> {
+pub(crate) async fn review(
+    State(s): State<Arc<Shared>>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     let req = body_json(&body)?;
     let spec = req["spec"].clone();
     let token = spec["token"].as_str().unwrap_or_default();
