@@ -174,7 +174,8 @@ def test_istio_wires_filter_to_broker():
     (plugin,) = [o for o in objs if o["kind"] == "WasmPlugin"]
 
     imds = entries["meshiam-imds"]["spec"]
-    assert imds["addresses"] == ["169.254.169.254/32"]
+    # IMDS and the container-credentials endpoint (EKS Pod Identity's address).
+    assert imds["addresses"] == ["169.254.169.254/32", "169.254.170.23/32"]
     assert imds["ports"] == [{"number": 80, "name": "http-imds", "protocol": "HTTP"}]
     assert imds["location"] == "MESH_EXTERNAL"
     # Anything that gets past the filter goes to the broker, never to the real IMDS.
@@ -231,7 +232,8 @@ def test_no_collateral_listeners():
         assert spec["addresses"] and all(a.endswith("/32") for a in spec["addresses"]), o["metadata"]["name"]
         for p in spec["ports"]:
             if p["protocol"] != "TCP":
-                assert (p["protocol"], p["number"], spec["addresses"]) == ("HTTP", 80, ["169.254.169.254/32"]), \
+                assert (p["protocol"], p["number"], spec["addresses"]) == (
+                    "HTTP", 80, ["169.254.169.254/32", "169.254.170.23/32"]), \
                     f"{o['metadata']['name']}: {p}"
     broker = {o["metadata"]["name"]: o for o in render(ENABLE) if o["kind"] == "ServiceEntry"}["meshiam-broker"]
     assert broker["spec"]["ports"] == [{"number": 8787, "name": "tcp-broker", "protocol": "TCP"}]
