@@ -27,17 +27,20 @@ def capture_rules(ns, install=True):
     rejected, so a missing redirect fails closed."""
     op = "-A" if install else "-D"
     rules = [
-        ["-t", "nat", op, "OUTPUT", "-p", "tcp", "-d", "169.254.169.254", "--dport", "80",
-         "-m", "owner", "!", "--uid-owner", str(ENVOY_UID), "-j", "REDIRECT", "--to-ports", str(ENVOY_LISTEN)],
+        ["-t", "nat", op, "OUTPUT", "-p", "tcp", "-d", addr, "--dport", "80",
+         "-m", "owner", "!", "--uid-owner", str(ENVOY_UID), "-j", "REDIRECT", "--to-ports", str(ENVOY_LISTEN)]
+        # IMDS, and the container-credentials endpoint (EKS Pod Identity's address).
+        for addr in ("169.254.169.254", "169.254.170.23")
     ]
     for r in rules:
         run("ip", "netns", "exec", ns, "iptables", "-w", *r, check=install)
 
 
 def guard_rules(ns):
-    run("ip", "netns", "exec", ns, "iptables", "-w", "-A", "OUTPUT", "-d", "169.254.169.254",
-        "-j", "REJECT", "--reject-with", "tcp-reset", "-p", "tcp")
-    run("ip", "netns", "exec", ns, "iptables", "-w", "-A", "OUTPUT", "-d", "169.254.169.254", "-j", "DROP")
+    for addr in ("169.254.169.254", "169.254.170.23"):
+        run("ip", "netns", "exec", ns, "iptables", "-w", "-A", "OUTPUT", "-d", addr,
+            "-j", "REJECT", "--reject-with", "tcp-reset", "-p", "tcp")
+        run("ip", "netns", "exec", ns, "iptables", "-w", "-A", "OUTPUT", "-d", addr, "-j", "DROP")
 
 
 def make_pod_netns(state, entry):
