@@ -458,6 +458,9 @@ async fn serve_container(
             Err(r) if r == container::TOKEN_MISSING => {
                 return Err(ContainerError::TokenMissing.into());
             }
+            Err(r) if r == container::TOKEN_REPEATED => {
+                return Err(ContainerError::TokenRepeated.into());
+            }
             Err(_) => {
                 return Err(ContainerError::TokenInvalid("not a header-safe token".into()).into());
             }

@@ -75,10 +75,15 @@ pub fn is_path(path: &str) -> bool {
 }
 
 /// The token of a request's `Authorization` value: refused when empty, too long, or not
-/// visible ASCII (a header a proxy may rewrite or split).
+/// visible ASCII (a header a proxy may rewrite or split). A comma is a repeated header: Envoy
+/// joins the values of an `Authorization` sent twice with `,`, and no service-account token
+/// (a JWT: base64url and dots) has one.
 pub fn token(value: &str) -> Result<&str, Refusal> {
     if value.is_empty() {
         return Err(TOKEN_MISSING);
+    }
+    if value.contains(',') {
+        return Err(TOKEN_REPEATED);
     }
     if value.len() > MAX_TOKEN_LEN || !value.bytes().all(|c| c.is_ascii_graphic()) {
         return Err(TOKEN_MALFORMED);
@@ -221,6 +226,7 @@ mod tests {
         assert_eq!(token(""), Err(TOKEN_MISSING));
         assert_eq!(token("a b"), Err(TOKEN_MALFORMED));
         assert_eq!(token("eyJ.x\n"), Err(TOKEN_MALFORMED));
+        assert_eq!(token("a.b.c,a.b.c"), Err(TOKEN_REPEATED));
         assert_eq!(token(&"a".repeat(MAX_TOKEN_LEN + 1)), Err(TOKEN_MALFORMED));
         assert_eq!(token("eyJhbGciOi.eyJ.sig"), Ok("eyJhbGciOi.eyJ.sig"));
         assert!(is_token_reason("container-token-other-pod"));

@@ -9,12 +9,13 @@ sidecar, the filter asks the broker, and the broker checks the token with the Ku
 Without a token, with a bad one, or with another pod's, nothing.
 """
 import json
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import Body, ROOT
+from conftest import Body, ROOT, STACK
 
 sys.path.insert(0, str(ROOT))
 from tests.stacklib.state import STATE_FILE  # noqa: E402
@@ -143,3 +144,15 @@ def test_another_pod_cannot_use_the_door_for_myapps_role(st):
     assert res.returncode != 0
     assert "myapp-iam-role" not in res.stdout
     assert mine not in res.stdout + res.stderr, "the token must not be echoed"
+
+
+def test_no_token_in_any_log(st):
+    """The pods' tokens are secrets: no component logs them (broker, filter, Envoy, API double
+    aside, which issued them and logs no body)."""
+    tokens = [token_file(p).read_text() for p in ("default/myapp", "default/plain")]
+    logs = subprocess.run([STACK, "logs"], capture_output=True, text=True, timeout=60).stdout
+    for name in ("broker", "envoy"):
+        assert name in logs
+    for t in tokens:
+        # The signature part alone is enough to recognise a token.
+        assert t.rsplit(".", 1)[1] not in logs, "a service-account token reached a log"

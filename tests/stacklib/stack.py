@@ -184,8 +184,14 @@ def write_pod_token(state, entry):
     mount it: a file of its own, no trailing newline (SDKs send it verbatim). For
     AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE; the pod's `token_file` in the state."""
     path = token_file(entry["spec"])
+    try:
+        token = api_pod_token(state, entry["spec"])
+    except StackError as e:
+        # Only the container-credentials door needs it: say so, keep the pod.
+        say(f"warning: no service-account token for {pod_key(entry['spec'])}: {e}")
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(api_pod_token(state, entry["spec"]))
+    path.write_text(token)
     path.chmod(0o600)
     entry["token_file"] = str(path)
 
