@@ -191,6 +191,7 @@ mod tests {
             metrics,
             clock,
             serve: crate::ServeConfig::default(),
+            container: crate::container::ContainerAuth::disabled(),
         })
     }
 

@@ -269,6 +269,13 @@ pub struct Config {
     #[arg(long, env = "MESHIAM_METADATA_CACHE_TTL", default_value = "5m", value_parser = parse_duration)]
     pub metadata_cache_ttl: Duration,
 
+    /// The audience the pod's projected service-account token must have on the
+    /// container-credentials door (`/v1/credentials`, EKS Pod Identity's endpoint): the
+    /// broker checks the token with a Kubernetes TokenReview for this audience (needs
+    /// `--pod-source kube` and RBAC `create` on `tokenreviews`).
+    #[arg(long, env = "MESHIAM_CONTAINER_TOKEN_AUDIENCE", default_value = crate::container::DEFAULT_AUDIENCE)]
+    pub container_token_audience: String,
+
     /// Longest time a request may take (answered 504 after).
     #[arg(long, env = "MESHIAM_REQUEST_TIMEOUT", default_value = "15s", value_parser = parse_duration)]
     pub request_timeout: Duration,
@@ -352,6 +359,12 @@ pub struct Config {
 impl Config {
     /// Cross-field checks clap cannot do. The message names the flag.
     pub fn validate(&self) -> Result<(), String> {
+        let aud = &self.container_token_audience;
+        if aud.is_empty() || aud.len() > 253 || !aud.bytes().all(|c| c.is_ascii_graphic()) {
+            return Err(format!(
+                "--container-token-audience must be a non-empty audience without spaces, got {aud:?}"
+            ));
+        }
         let dur = self.session_duration.as_secs();
         let min = if self.allow_short_sessions { 60 } else { 900 };
         if !(min..=43_200).contains(&dur) {

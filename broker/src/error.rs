@@ -11,6 +11,7 @@ use meshiam_imds::headers;
 use meshiam_imds::rules::Refusal;
 use thiserror::Error;
 
+use crate::container::ContainerError;
 use crate::limits::LimitHit;
 use crate::pods::Stale;
 use crate::policy::PolicyError;
@@ -51,6 +52,8 @@ pub enum BrokerError {
     PeerCertificateInvalid(String),
     #[error("workload certificate names {peer} but the caller's address is pod {pod}")]
     PeerIdentityMismatch { peer: String, pod: String },
+    #[error("container credentials: {0}")]
+    Container(#[from] ContainerError),
 }
 
 impl BrokerError {
@@ -79,6 +82,7 @@ impl BrokerError {
             },
             NodeImds(_) => StatusCode::BAD_GATEWAY,
             Imds(refusal) => StatusCode::from_u16(refusal.status).unwrap_or(StatusCode::FORBIDDEN),
+            Container(e) => StatusCode::from_u16(e.status()).unwrap_or(StatusCode::FORBIDDEN),
         }
     }
 
@@ -109,6 +113,7 @@ impl BrokerError {
             PeerCertificateMissing(_) => "peer-certificate-missing",
             PeerCertificateInvalid(_) => "peer-certificate-invalid",
             PeerIdentityMismatch { .. } => "peer-identity-mismatch",
+            Container(e) => e.reason(),
         }
     }
 }

@@ -19,17 +19,23 @@ use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use meshiam_imds::rules::{self, Admission, ImdsHeaders, Seen};
-use meshiam_imds::{PathClass, Resource, admit, check_session, classify, creds, headers};
+use meshiam_imds::{
+    PathClass, Resource, admit, check_session, classify, container, creds, headers,
+};
 use serde::Serialize;
 
 use crate::Broker;
 use crate::audit::{self, AuditEvent};
 use crate::cache::{Purpose, Served};
+use crate::container::{ContainerError, Verdict as ContainerVerdict};
 use crate::error::BrokerError;
 use crate::identity;
 use crate::mtls::{self, Transport};
 use crate::pods::{Pod, canonical};
 use crate::policy::{Decision, PolicyError};
+
+/// The metrics and audit label of the container-credentials door.
+pub const CONTAINER_LABEL: &str = "container";
 
 /// The pod annotation with which a pod demands IMDSv2 at the broker: `required` (any other
 /// value than `optional` counts as `required`, so a typo never weakens it). Only tightens:
@@ -167,21 +173,39 @@ async fn handle(
     let claimed_filter = filter_claim(&parts.headers);
     let mut trail = Trail::default();
     let broker = &ctx.broker;
-    let result = serve(
-        &ctx,
-        &mut trail,
-        &parts.method,
-        &class,
-        &parts.headers,
-        caller,
-        transport.as_ref(),
-    )
-    .await;
-    let label = class.label();
+    // The container-credentials door (EKS Pod Identity's path) has rules of its own.
+    let container = container::is_path(&path);
+    let result = if container {
+        serve_container(
+            &ctx,
+            &mut trail,
+            &parts.method,
+            &parts.headers,
+            caller,
+            transport.as_ref(),
+        )
+        .await
+    } else {
+        serve(
+            &ctx,
+            &mut trail,
+            &parts.method,
+            &class,
+            &parts.headers,
+            caller,
+            transport.as_ref(),
+        )
+        .await
+    };
+    let label = if container {
+        CONTAINER_LABEL
+    } else {
+        class.label()
+    };
     let mut response = match result {
         Ok(r) => {
             broker.metrics.request(label, "ok");
-            if matches!(class, PathClass::RoleCredentials(_)) {
+            if container || matches!(class, PathClass::RoleCredentials(_)) {
                 let outcome = match trail.served {
                     Some(Served::Stale) => "issued-stale",
                     _ => "issued",
@@ -396,17 +420,7 @@ async fn serve(
         return Ok(text(StatusCode::OK, body));
     }
 
-    let ns = broker.store.namespace(&pod.namespace);
-    let decision = broker.policy.evaluate(&pod, ns.as_deref())?;
-    // Keep what we know for the audit line even when the restriction refuses.
-    trail.decision = Some(decision.clone());
-    if !decision.verdict.permitted {
-        return Err(PolicyError::NotPermitted {
-            role_arn: decision.role_arn.to_string(),
-            rule: decision.verdict.rule,
-        }
-        .into());
-    }
+    let decision = decide(broker, trail, &pod)?;
 
     match resource {
         Resource::RoleList => Ok(text(StatusCode::OK, decision.role_name().to_string())),
@@ -430,8 +444,10 @@ async fn serve(
             trail.served = Some(served);
             Ok(json(c.to_imds_json()))
         }
-        // Answered from the node's IMDS above.
-        Resource::Allowed(_) => Err(BrokerError::Imds(rules::NOT_FOUND)),
+        // Answered from the node's IMDS above; the container door is `serve_container`.
+        Resource::Allowed(_) | Resource::ContainerCredentials(_) => {
+            Err(BrokerError::Imds(rules::NOT_FOUND))
+        }
     }
 }
 
@@ -460,6 +476,107 @@ fn peer_check(
             Err(e)
         }
     }
+}
+
+/// The pod's role by the policy, refused when its namespace does not permit it.
+fn decide(broker: &Broker, trail: &mut Trail, pod: &Pod) -> Result<Decision, BrokerError> {
+    let ns = broker.store.namespace(&pod.namespace);
+    let decision = broker.policy.evaluate(pod, ns.as_deref())?;
+    // Keep what we know for the audit line even when the restriction refuses.
+    trail.decision = Some(decision.clone());
+    if !decision.verdict.permitted {
+        return Err(PolicyError::NotPermitted {
+            role_arn: decision.role_arn.to_string(),
+            rule: decision.verdict.rule,
+        }
+        .into());
+    }
+    Ok(decision)
+}
+
+/// `GET /v1/credentials`: the pod's role credentials in the container-credentials format
+/// (see [`meshiam_imds::container`]). The same caller, freshness, cross-check, broker-token
+/// rule, policy and credential cache as the IMDS credential path; on top, the request's
+/// `Authorization` must be the calling pod's own service-account token (see
+/// [`crate::container`]).
+async fn serve_container(
+    ctx: &Ctx,
+    trail: &mut Trail,
+    method: &Method,
+    req_headers: &HeaderMap,
+    caller: std::net::IpAddr,
+    transport: Option<&Transport>,
+) -> Result<Response, BrokerError> {
+    let broker = &*ctx.broker;
+    if method != Method::GET && method != Method::HEAD {
+        return Err(BrokerError::Imds(rules::METHOD_NOT_ALLOWED));
+    }
+    let session = seen(req_headers, headers::TOKEN);
+    if session == Seen::Repeated {
+        return Err(BrokerError::Imds(rules::REPEATED_HEADER));
+    }
+    let auth = match seen(req_headers, container::AUTHORIZATION) {
+        Seen::Repeated => return Err(ContainerError::TokenRepeated.into()),
+        Seen::Absent => return Err(ContainerError::TokenMissing.into()),
+        Seen::Once(v) => match container::token(v) {
+            Ok(t) => t,
+            Err(r) if r == container::TOKEN_MISSING => {
+                return Err(ContainerError::TokenMissing.into());
+            }
+            Err(r) if r == container::TOKEN_REPEATED => {
+                return Err(ContainerError::TokenRepeated.into());
+            }
+            Err(_) => {
+                return Err(ContainerError::TokenInvalid("not a header-safe token".into()).into());
+            }
+        },
+    };
+    fresh(broker)?;
+    let pod = identity::identify(&broker.store, &ctx.waiters, caller, broker.serve.ip_wait).await?;
+    fresh(broker)?;
+    trail.pod = Some(pod.clone());
+    // The workload certificate, when --mtls asks for one, as on the IMDS paths.
+    peer_check(broker, trail, transport, &pod)?;
+    identity::cross_check(&pod, req_headers)?;
+    let now = broker.clock.now();
+    let required = token_required(broker.serve.direct_mode, &pod);
+    check_session(
+        session.once(),
+        &broker.issuer,
+        now,
+        &token_binding(&pod),
+        required,
+    )
+    .map_err(BrokerError::Imds)?;
+
+    let _work = ctx
+        .work
+        .acquire()
+        .await
+        .map_err(|_| BrokerError::NodeImds("shutting down".into()))?;
+
+    let reviewed = match broker
+        .container
+        .review(auth, &broker.clock, &broker.metrics)
+        .await?
+    {
+        ContainerVerdict::Accepted(r) => r,
+        ContainerVerdict::Refused(why) => return Err(ContainerError::TokenInvalid(why).into()),
+    };
+    crate::container::check_pod(&reviewed, &pod)?;
+
+    let decision = decide(broker, trail, &pod)?;
+    let (c, served) = broker
+        .cache
+        .get(&decision.request, Purpose::Request)
+        .await?;
+    trail.access_key_id = Some(c.access_key_id.clone());
+    trail.served = Some(served);
+    let body = container::render(&c, container::account_of(decision.role_arn.as_str()));
+    let mut r = json(body);
+    r.headers_mut()
+        .insert(container::TOKEN_EXPIRES, HeaderValue::from(reviewed.until));
+    Ok(r)
 }
 
 fn fresh(broker: &Broker) -> Result<(), BrokerError> {

@@ -11,6 +11,7 @@ pub mod background;
 pub mod cache;
 pub mod clock;
 pub mod config;
+pub mod container;
 pub mod error;
 pub mod file_source;
 pub mod identity;
@@ -101,6 +102,8 @@ pub struct Broker {
     pub metrics: metrics::Metrics,
     pub clock: clock::Clock,
     pub serve: ServeConfig,
+    /// The token rule of the container-credentials door (`/v1/credentials`).
+    pub container: container::ContainerAuth,
 }
 
 impl Broker {

@@ -8,7 +8,8 @@ use meshiam_broker::config::{Config, LogFormat, PodSource};
 use meshiam_broker::kube_source::{self, KubeSourceConfig};
 use meshiam_broker::sts::{AwsSts, StsApi};
 use meshiam_broker::{
-    Broker, admin, background, cache, clock, file_source, metrics, node_imds, pods, policy,
+    Broker, admin, background, cache, clock, container, file_source, metrics, node_imds, pods,
+    policy,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -73,6 +74,19 @@ async fn main() {
     );
     let sts: Arc<dyn StsApi> = Arc::new(sts);
 
+    // One Kubernetes client for the pod source and the container door's TokenReviews.
+    let kube_client = match cfg.pod_source {
+        PodSource::File => None,
+        PodSource::Kube => match kube_source::client(cfg.watch_idle_timeout).await {
+            Ok(c) => Some(c),
+            Err(e) => fail(format!("Kubernetes client: {e}")),
+        },
+    };
+    let reviewer = match &kube_client {
+        Some(c) => container::Reviewer::Kube(c.clone()),
+        None => container::Reviewer::None,
+    };
+
     let store = pods::PodStore::new();
     let metrics = metrics::Metrics::new();
     let clock = clock::Clock::System;
@@ -94,11 +108,12 @@ async fn main() {
         metrics,
         clock,
         serve: cfg.serve_config(),
+        container: container::ContainerAuth::new(cfg.container_token_audience.clone(), reviewer),
     });
 
     // The pod source. The file must be valid at start; later bad versions are skipped.
-    match cfg.pod_source {
-        PodSource::File => {
+    match (cfg.pod_source, kube_client) {
+        (PodSource::File, _) => {
             if let Err(e) = file_source::load_into(&cfg.pods_file, cfg.node_name.as_deref(), &store)
             {
                 fail(e);
@@ -110,11 +125,8 @@ async fn main() {
                 store.clone(),
             ));
         }
-        PodSource::Kube => {
-            let client = match kube_source::client(cfg.watch_idle_timeout).await {
-                Ok(c) => c,
-                Err(e) => fail(format!("Kubernetes client: {e}")),
-            };
+        (PodSource::Kube, None) => fail("Kubernetes client missing"),
+        (PodSource::Kube, Some(client)) => {
             let kcfg = KubeSourceConfig {
                 node_name: cfg.node_name.clone().unwrap_or_default(),
                 // Restrictions, and --mtls required's per-namespace exception for plain callers.

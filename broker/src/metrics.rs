@@ -69,6 +69,7 @@ struct Inner {
     mtls_checks: Family<ResultLabels, Counter>,
     mtls_reloads: Family<ReloadLabels, Counter>,
     mtls_roots: Gauge,
+    token_reviews: Family<StsLabels, Counter>,
 }
 
 /// Every metric the broker keeps. Cheap to clone.
@@ -158,6 +159,13 @@ impl Metrics {
             "Call-outs whose claimed pod identity differed from the caller's address",
             identity_mismatches.clone(),
         );
+        let token_reviews = Family::<StsLabels, Counter>::default();
+        registry.register(
+            "token_reviews",
+            "Container-credentials tokens checked, by result: authenticated, refused (the API \
+             server said no), error (no verdict), cached (a verdict reused)",
+            token_reviews.clone(),
+        );
         let connections = Gauge::default();
         registry.register(
             "connections",
@@ -221,6 +229,7 @@ impl Metrics {
                 mtls_checks,
                 mtls_reloads,
                 mtls_roots,
+                token_reviews,
             }),
         }
     }
@@ -281,6 +290,16 @@ impl Metrics {
 
     pub fn set_pod_store_stale(&self, seconds: f64) {
         self.inner.pod_store_stale.set(seconds);
+    }
+
+    /// One container-credentials token check (`authenticated`, `refused`, `error`, `cached`).
+    pub fn token_review(&self, result: &str) {
+        self.inner
+            .token_reviews
+            .get_or_create(&StsLabels {
+                result: result.to_string(),
+            })
+            .inc();
     }
 
     pub fn identity_mismatch(&self) {

@@ -165,6 +165,7 @@ fn harness(o: Opts) -> Harness {
             max_pod_waiters_per_peer: o.max_pod_waiters_per_peer,
             ..ServeConfig::default()
         },
+        container: meshiam_broker::container::ContainerAuth::disabled(),
     });
     Harness { broker, sts, clock }
 }
@@ -1235,6 +1236,7 @@ async fn admin_health_readiness_and_explanations() {
         metrics: Metrics::new(),
         clock: Clock::System,
         serve: ServeConfig::default(),
+        container: meshiam_broker::container::ContainerAuth::disabled(),
     };
     let r = call_on(
         admin::router(Arc::new(b)),

@@ -6,8 +6,9 @@
 #   meshiam-iptables.sh --clean    remove every rule and chain this script adds
 #   meshiam-iptables.sh --print    show what is installed (iptables-save of our chains)
 #
-# Rules, IPv4 (and IPv6 with ip6tables, for IMDS's fd00:ec2::254 and the container-credentials
-# endpoint's fd00:ec2::23, when the kernel has it):
+# Rules, IPv4 (and IPv6 with ip6tables, for IMDS's fd00:ec2::254, when the kernel has it),
+# for the IMDS address and the container-credentials address (EKS Pod Identity's
+# 169.254.170.23 / fd00:ec2::23, which SDKs call when AWS_CONTAINER_CREDENTIALS_FULL_URI is set):
 #   nat    OUTPUT -> MESHIAM_OUTPUT: TCP to IMDS:80 from any UID but Envoy's is REDIRECTed
 #          to Envoy's capture port (an IPv6 REDIRECT lands on [::1], where the sidecar
 #          listens too). Envoy's own connections are never recaptured.
@@ -19,8 +20,8 @@
 #          real IMDS: the meshiam filter answers every request itself or from the broker.
 #
 # Environment (defaults as Istio's): MESHIAM_PROXY_UID=1337, MESHIAM_PROXY_PORT=15001,
-# MESHIAM_IMDS_V4=169.254.169.254, MESHIAM_IMDS_V6=fd00:ec2::254,
-# MESHIAM_CONTAINER_V6=fd00:ec2::23 (empty: not captured), MESHIAM_IMDS_PORT=80,
+# MESHIAM_IMDS_V4=169.254.169.254, MESHIAM_IMDS_V6=fd00:ec2::254, MESHIAM_IMDS_PORT=80,
+# MESHIAM_CONTAINER_V4=169.254.170.23, MESHIAM_CONTAINER_V6=fd00:ec2::23 (empty: not captured),
 # MESHIAM_IPV6=auto|on|off (auto: only if ip6tables can use the nat table).
 set -euo pipefail
 
@@ -28,8 +29,9 @@ proxy_uid=${MESHIAM_PROXY_UID:-1337}
 proxy_port=${MESHIAM_PROXY_PORT:-15001}
 imds_v4=${MESHIAM_IMDS_V4:-169.254.169.254}
 imds_v6=${MESHIAM_IMDS_V6:-fd00:ec2::254}
-container_v6=${MESHIAM_CONTAINER_V6-fd00:ec2::23}
 imds_port=${MESHIAM_IMDS_PORT:-80}
+container_v4=${MESHIAM_CONTAINER_V4-169.254.170.23}
+container_v6=${MESHIAM_CONTAINER_V6-fd00:ec2::23}
 ipv6=${MESHIAM_IPV6:-auto}
 
 NAT_CHAIN=MESHIAM_OUTPUT
@@ -50,12 +52,13 @@ ensure_jump() {
   fi
 }
 
-apply_family() { # TOOL REJECT_OTHER ADDRESS...
+apply_family() { # TOOL REJECT_OTHER ADDRESS... (empty addresses are skipped)
   local t=$1 reject_other=$2 addr
   shift 2
   ensure_chain "$t" nat "$NAT_CHAIN"
   ensure_chain "$t" filter "$GUARD_CHAIN"
   for addr in "$@"; do
+    case "$addr" in /*) continue ;; esac
     "$t" -w -t nat -A "$NAT_CHAIN" -d "$addr" -p tcp --dport "$imds_port" \
       -m owner --uid-owner "$proxy_uid" -j RETURN
     "$t" -w -t nat -A "$NAT_CHAIN" -d "$addr" -p tcp --dport "$imds_port" \
@@ -92,13 +95,11 @@ print_rules() {
 
 case "${1:-}" in
   "")
-    apply_family iptables icmp-port-unreachable "$imds_v4/32"
-    log "IPv4: $imds_v4:$imds_port -> :$proxy_port (except uid $proxy_uid), rest to $imds_v4 refused"
+    apply_family iptables icmp-port-unreachable "$imds_v4/32" "$container_v4/32"
+    log "IPv4: $imds_v4:$imds_port ${container_v4:+and $container_v4:$imds_port }-> :$proxy_port (except uid $proxy_uid), rest to them refused"
     if ipv6_usable; then
-      v6=("$imds_v6/128")
-      [[ -n $container_v6 ]] && v6+=("$container_v6/128")
-      apply_family ip6tables icmp6-port-unreachable "${v6[@]}"
-      log "IPv6: ${v6[*]%/128} port $imds_port -> [::1]:$proxy_port (except uid $proxy_uid), rest refused"
+      apply_family ip6tables icmp6-port-unreachable "$imds_v6/128" "$container_v6/128"
+      log "IPv6: [$imds_v6]:$imds_port ${container_v6:+and [$container_v6]:$imds_port }-> :$proxy_port (except uid $proxy_uid), rest refused"
     else
       log "IPv6: ip6tables nat unavailable, skipped"
     fi

@@ -119,6 +119,7 @@ mod tests {
             content_type: Some("text/plain".into()),
             reason: None,
             body: body.as_bytes().to_vec(),
+            ..Default::default()
         }
     }
 

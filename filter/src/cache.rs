@@ -27,6 +27,8 @@ fn shared_key(r: &Resource) -> String {
         Resource::Credentials(role) => format!("{PREFIX}credentials/{role}"),
         Resource::IamInfo => format!("{PREFIX}iam-info"),
         Resource::Allowed(rel) => format!("{PREFIX}other/{rel}"),
+        // By the token's digest: an answer only ever goes to the token it was given for.
+        Resource::ContainerCredentials(digest) => format!("{PREFIX}container/{digest}"),
     }
 }
 

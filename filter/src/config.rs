@@ -27,6 +27,9 @@ pub const DEFAULT_CACHE_FRESH_SECONDS: u64 = 3;
 pub const DEFAULT_STALE_MIN_REMAINING_SECONDS: u64 = 300;
 pub const DEFAULT_METADATA_HOSTS: [&str; 2] = ["169.254.169.254", "[fd00:ec2::254]"];
 pub const DEFAULT_METADATA_ADDRESSES: [&str; 2] = ["169.254.169.254:80", "[fd00:ec2::254]:80"];
+/// The container-credentials door (EKS Pod Identity's addresses, `/v1/credentials`).
+pub const DEFAULT_CONTAINER_HOSTS: [&str; 2] = ["169.254.170.23", "[fd00:ec2::23]"];
+pub const DEFAULT_CONTAINER_ADDRESSES: [&str; 2] = ["169.254.170.23:80", "[fd00:ec2::23]:80"];
 
 /// Where the filter learns which pod it serves.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,6 +50,11 @@ pub struct Config {
     pub metadata_hosts: Vec<String>,
     /// `address:port` as Envoy's `destination.address` renders it.
     pub metadata_addresses: Vec<String>,
+    /// Hosts of the container-credentials door (`169.254.170.23`, `[fd00:ec2::23]`); empty
+    /// with `container_addresses` empty: the door is not served.
+    pub container_hosts: Vec<String>,
+    /// `address:port` of the container-credentials door, as `destination.address` renders it.
+    pub container_addresses: Vec<String>,
     pub require_imdsv2: bool,
     pub allow_paths: AllowList,
     pub cache_fresh_seconds: u64,
@@ -67,6 +75,14 @@ impl Default for Config {
                 .map(|s| s.to_string())
                 .collect(),
             metadata_addresses: DEFAULT_METADATA_ADDRESSES
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            container_hosts: DEFAULT_CONTAINER_HOSTS
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            container_addresses: DEFAULT_CONTAINER_ADDRESSES
                 .iter()
                 .map(|s| s.to_string())
                 .collect(),
@@ -184,6 +200,8 @@ pub fn parse(bytes: &[u8]) -> Result<Config, ConfigError> {
     let raw_timeout = f.number("brokerTimeoutMs", 60_000)?;
     let raw_hosts = f.strings("metadataHosts")?;
     let raw_addresses = f.strings("metadataAddresses")?;
+    let raw_container_hosts = f.strings("containerHosts")?;
+    let raw_container_addresses = f.strings("containerAddresses")?;
     let require_imdsv2 = f.bool("requireImdsv2")?;
     let raw_allow = f.strings("allowPaths")?;
     let raw_fresh = f.number("cacheFreshSeconds", 3600)?;
@@ -213,27 +231,31 @@ pub fn parse(bytes: &[u8]) -> Result<Config, ConfigError> {
     if broker_timeout_ms == 0 {
         return err("brokerTimeoutMs must be a whole number from 1 to 60000");
     }
-    let mut metadata_hosts = Vec::new();
-    for h in raw_hosts.unwrap_or(d.metadata_hosts) {
-        match crate::identity::authority_host(&h.to_ascii_lowercase()) {
-            Some(host) if !host.is_empty() && is_token(host) => metadata_hosts
-                .push(crate::identity::canonical_host(host).unwrap_or_else(|| host.to_string())),
-            _ => {
-                return err(format!(
-                    "metadataHosts entry {h:?} is not a host (port 80 only)"
-                ));
-            }
-        }
+    let metadata_hosts = hosts("metadataHosts", raw_hosts.unwrap_or(d.metadata_hosts))?;
+    let metadata_addresses = addresses(
+        "metadataAddresses",
+        raw_addresses.unwrap_or(d.metadata_addresses),
+    )?;
+    let container_hosts = hosts(
+        "containerHosts",
+        raw_container_hosts.unwrap_or(d.container_hosts),
+    )?;
+    let container_addresses = addresses(
+        "containerAddresses",
+        raw_container_addresses.unwrap_or(d.container_addresses),
+    )?;
+    // One door per host: a host that were both would answer IMDS paths on the container
+    // address, or the other way round.
+    if let Some(h) = container_hosts.iter().find(|h| metadata_hosts.contains(h)) {
+        return err(format!("{h:?} is in both metadataHosts and containerHosts"));
     }
-    let mut metadata_addresses = raw_addresses.unwrap_or(d.metadata_addresses);
-    for a in &mut metadata_addresses {
-        if a.is_empty() || !is_token(a) || !a.contains(':') {
-            return err(format!("metadataAddresses entry {a:?} is not address:port"));
-        }
-        // As Envoy renders destination.address, so `[FD00:EC2:0::254]:80` matches too.
-        if let Some(c) = crate::identity::canonical_address(a) {
-            *a = c;
-        }
+    if let Some(a) = container_addresses
+        .iter()
+        .find(|a| metadata_addresses.contains(a))
+    {
+        return err(format!(
+            "{a:?} is in both metadataAddresses and containerAddresses"
+        ));
     }
     if metadata_hosts.is_empty() && metadata_addresses.is_empty() {
         return err("metadataHosts and metadataAddresses are both empty: nothing to serve");
@@ -297,6 +319,8 @@ pub fn parse(bytes: &[u8]) -> Result<Config, ConfigError> {
         broker_timeout_ms,
         metadata_hosts,
         metadata_addresses,
+        container_hosts,
+        container_addresses,
         require_imdsv2: require_imdsv2.unwrap_or(d.require_imdsv2),
         allow_paths,
         cache_fresh_seconds,
@@ -307,6 +331,35 @@ pub fn parse(bytes: &[u8]) -> Result<Config, ConfigError> {
 }
 
 /// Header-safe, no whitespace.
+/// Hosts without port (`:80` allowed), lowercased.
+fn hosts(field: &str, raw: Vec<String>) -> Result<Vec<String>, ConfigError> {
+    let mut out = Vec::with_capacity(raw.len());
+    for h in raw {
+        match crate::identity::authority_host(&h.to_ascii_lowercase()) {
+            // An IPv6 literal is kept in the one form the filter compares (identity.rs).
+            Some(host) if !host.is_empty() && is_token(host) => out.push(
+                crate::identity::canonical_host(host).unwrap_or_else(|| host.to_string()),
+            ),
+            _ => return err(format!("{field} entry {h:?} is not a host (port 80 only)")),
+        }
+    }
+    Ok(out)
+}
+
+/// `address:port` entries.
+fn addresses(field: &str, mut raw: Vec<String>) -> Result<Vec<String>, ConfigError> {
+    for a in &mut raw {
+        if a.is_empty() || !is_token(a) || !a.contains(':') {
+            return err(format!("{field} entry {a:?} is not address:port"));
+        }
+        // As Envoy renders destination.address, so `[FD00:EC2:0::254]:80` matches too.
+        if let Some(c) = crate::identity::canonical_address(a) {
+            *a = c;
+        }
+    }
+    Ok(raw)
+}
+
 fn is_token(s: &str) -> bool {
     s.bytes().all(|c| c.is_ascii_graphic())
 }

@@ -13,6 +13,7 @@ use alloc::vec::Vec;
 use core::cell::OnceCell;
 use core::net::IpAddr;
 
+use meshiam_imds::container;
 use meshiam_imds::headers::{
     self, APPLICATION_JSON, FILTER, POD_NAME, POD_NAMESPACE, REASON, TEXT_PLAIN, TOKEN, TOKEN_TTL,
 };
@@ -23,7 +24,7 @@ use meshiam_imds::{Credentials, PathClass, Resource, classify};
 use crate::cache::{self, Entry};
 use crate::config::Config;
 use crate::host::{Callout, CalloutResponse, Host, Level};
-use crate::identity::{self, Identity, SourceRefusal};
+use crate::identity::{self, Door, Identity, SourceRefusal};
 use crate::{broker_session, metrics, secret};
 
 /// The filter's version, sent to the broker in `x-meshiam-filter`.
@@ -97,12 +98,27 @@ impl Shared {
     }
 }
 
+/// The metrics label of the container-credentials door.
+pub const CONTAINER_LABEL: &str = "container";
+
+/// The pod's service-account token on its way to the broker (container door). `Debug` never
+/// shows it.
+struct PodToken(String);
+
+impl core::fmt::Debug for PodToken {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str("PodToken(<redacted>)")
+    }
+}
+
 /// A read's call-out on its way. `key` says what it is for, and where its answer is cached.
 #[derive(Debug)]
 struct Pending {
     key: Resource,
     label: &'static str,
     head: bool,
+    /// The pod's token for the container door, sent to the broker as `Authorization`.
+    auth: Option<PodToken>,
 }
 
 /// Which call-out of a read is on its way.
@@ -139,13 +155,17 @@ impl RequestFlow {
 
     pub fn on_request_headers<H: Host>(&mut self, h: &H) -> Action {
         let cfg = &self.shared.config;
-        if !identity::is_metadata_request(h, cfg) {
+        let Some(door) = identity::door(h, cfg) else {
             return Action::Continue;
-        }
+        };
         // Only the pod itself, before anything else: a connection from another pod or the
         // node gets neither a token nor a call-out made with this pod's identity.
         if let Err((why, ip)) = identity::check_source(h, self.shared.pod_ips(h)) {
-            refuse_source(h, why, ip);
+            refuse_source(h, why, ip, door);
+            return Action::Pause;
+        }
+        if door == Door::Container {
+            self.container(h);
             return Action::Pause;
         }
         let method = h.request_header(":method").unwrap_or_default();
@@ -182,6 +202,60 @@ impl RequestFlow {
             Ok(Admission::Read) => self.read(h, &path, class, head),
         }
         Action::Pause
+    }
+
+    /// The container-credentials door: `GET /v1/credentials` with the pod's token in
+    /// `Authorization`. The filter cannot check the token itself; the broker does
+    /// (TokenReview) on every call-out, and a cached answer is keyed by the token's digest, so
+    /// it only ever goes back to a request carrying the token the broker accepted.
+    fn container<H: Host>(&mut self, h: &H) {
+        let cfg = &self.shared.config;
+        let method = h.request_header(":method").unwrap_or_default();
+        let path = h.request_header(":path").unwrap_or_default();
+        let head = method == "HEAD";
+        let label = CONTAINER_LABEL;
+        if !container::is_path(&path) {
+            return refuse(h, label, container::NOT_FOUND, head);
+        }
+        if method != "GET" && !head {
+            return refuse(h, label, rules::METHOD_NOT_ALLOWED, head);
+        }
+        let values = h.request_header_values(container::AUTHORIZATION);
+        let auth = match values.as_deref() {
+            None => return refuse(h, label, container::TOKEN_REPEATED, head),
+            Some(v) => Seen::of(v.iter().map(String::as_str)),
+        };
+        let token = match auth {
+            Seen::Repeated => return refuse(h, label, container::TOKEN_REPEATED, head),
+            Seen::Absent => return refuse(h, label, container::TOKEN_MISSING, head),
+            Seen::Once(v) => match container::token(v) {
+                Ok(t) => t,
+                Err(r) => return refuse(h, label, r, head),
+            },
+        };
+        let key = Resource::ContainerCredentials(container::token_digest(token));
+        let now = h.now();
+        if let Some(e) = cache::get(h, &key)
+            && e.is_fresh(
+                now,
+                cfg.cache_fresh_seconds,
+                cfg.stale_min_remaining_seconds,
+            )
+        {
+            h.count(metrics::CACHE_HITS);
+            return answer(h, label, 200, &e.content_type, &e.body, head, Some("cache"));
+        }
+        let auth = Some(PodToken(String::from(token)));
+        self.call_broker(
+            h,
+            container::PATH,
+            Pending {
+                key,
+                label,
+                head,
+                auth,
+            },
+        );
     }
 
     fn issue_token<H: Host>(&self, h: &H, ttl: u32) {
@@ -265,7 +339,16 @@ impl RequestFlow {
             h.count(metrics::CACHE_HITS);
             return answer(h, label, 200, &e.content_type, &e.body, head, Some("cache"));
         }
-        self.call_broker(h, path, Pending { key, label, head });
+        self.call_broker(
+            h,
+            path,
+            Pending {
+                key,
+                label,
+                head,
+                auth: None,
+            },
+        );
     }
 
     /// Asks the broker, with the sidecar's broker token; gets one first when there is none
@@ -301,6 +384,9 @@ impl RequestFlow {
         let shared = self.shared.clone();
         let mut headers = call_headers(h, &shared, "GET", &path);
         headers.push((TOKEN, &token));
+        if let Some(PodToken(auth)) = &p.auth {
+            headers.push((container::AUTHORIZATION, auth));
+        }
         let started = start(h, &shared.config, headers);
         let stage = Stage::Read { token, retried };
         self.after_dispatch(h, started, InFlight { p, path, stage });
@@ -325,7 +411,15 @@ impl RequestFlow {
         };
         match f.stage {
             Stage::Token { retried } => self.on_token_answer(h, f.p, f.path, retried, resp),
-            Stage::Read { token, retried } if resp.status == Some(401) => {
+            // A 401 about the pod's own token (container door) is the application's answer,
+            // not a refusal of the sidecar's broker token.
+            Stage::Read { token, retried }
+                if resp.status == Some(401)
+                    && !resp
+                        .reason
+                        .as_deref()
+                        .is_some_and(container::is_token_reason) =>
+            {
                 // The broker no longer takes our token (it restarted: new secret). Get a
                 // new one and ask once more; a second 401 is a broker failure.
                 broker_session::forget(h, &token);
@@ -562,6 +656,21 @@ fn accept(p: &Pending, resp: &CalloutResponse, now: u64) -> Result<Entry, &'stat
             meshiam_imds::creds::parse_flat_object(text).map_err(|_| "unreadable iam/info")?;
             (APPLICATION_JSON, resp.body.clone(), 0)
         }
+        Resource::ContainerCredentials(_) => {
+            let (c, account) =
+                container::parse(text).map_err(|_| "unreadable container credentials")?;
+            if c.remaining(now) == 0 {
+                return Err("credentials already expired");
+            }
+            // Kept no longer than the broker's verdict on the token holds (no verdict: not
+            // reused at all).
+            let until = resp.token_expires.unwrap_or(now).min(c.expiration);
+            (
+                APPLICATION_JSON,
+                container::render(&c, account.as_deref()).into_bytes(),
+                until,
+            )
+        }
         Resource::Allowed(_) => {
             let ct = match resp.content_type.as_deref() {
                 Some(ct) if ct.starts_with(APPLICATION_JSON) => APPLICATION_JSON,
@@ -667,15 +776,22 @@ fn stale_entry<H: Host>(h: &H, cfg: &Config, p: &Pending) -> Option<Entry> {
             let role = core::str::from_utf8(&list.body).ok()?;
             valid_creds(role).map(|_| list)
         }
+        // Only to the same token, while the broker's verdict on it holds.
+        Resource::ContainerCredentials(_) => {
+            cache::get(h, &p.key).filter(|e| e.expiration != 0 && e.has_left(now, min))
+        }
         _ => None,
     }
 }
 
 /// A metadata request whose connection did not begin in the pod: 403 with the reason code,
 /// one warning line (the source address, never a header value), one counter.
-fn refuse_source<H: Host>(h: &H, why: SourceRefusal, ip: Option<IpAddr>) {
+fn refuse_source<H: Host>(h: &H, why: SourceRefusal, ip: Option<IpAddr>, door: Door) {
     let path = h.request_header(":path").unwrap_or_default();
-    let label = classify(&path).label();
+    let label = match door {
+        Door::Imds => classify(&path).label(),
+        Door::Container => CONTAINER_LABEL,
+    };
     let head = h.request_header(":method").as_deref() == Some("HEAD");
     let from = ip.map_or_else(|| String::from("unknown"), |ip| ip.to_string());
     h.log(

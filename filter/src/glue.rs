@@ -228,6 +228,8 @@ impl Context for Http {
             },
             content_type: find("content-type"),
             reason: find(meshiam_imds::headers::REASON),
+            token_expires: find(meshiam_imds::container::TOKEN_EXPIRES)
+                .and_then(|v| v.trim().parse().ok()),
             body: body.unwrap_or_default(),
         };
         flow.on_callout_response(&ProxyHost, resp);

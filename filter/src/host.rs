@@ -42,6 +42,9 @@ pub struct CalloutResponse {
     pub status: Option<u16>,
     pub content_type: Option<String>,
     pub reason: Option<String>,
+    /// `x-meshiam-token-expires` (container-credentials answers): until when the broker's
+    /// verdict on the pod's token holds, Unix seconds.
+    pub token_expires: Option<u64>,
     pub body: Vec<u8>,
 }
 

@@ -51,38 +51,66 @@ pub fn canonical_address(s: &str) -> Option<String> {
     Some(SocketAddr::new(a.ip().to_canonical(), a.port()).to_string())
 }
 
-/// True when the request is addressed to the instance-metadata service.
+/// Which metadata door a request came through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Door {
+    /// The instance-metadata service (`169.254.169.254`, `[fd00:ec2::254]`).
+    Imds,
+    /// The container-credentials endpoint (`169.254.170.23`, `[fd00:ec2::23]`).
+    Container,
+}
+
+/// True when the request is addressed to the instance-metadata service or the
+/// container-credentials endpoint.
+pub fn is_metadata_request<H: Host>(h: &H, cfg: &Config) -> bool {
+    door(h, cfg).is_some()
+}
+
+/// The door a request is addressed to, if any.
 ///
 /// Cheap on the common path: the `:authority` is checked first (the host an SDK or curl
-/// writes for IMDS; an IPv6 literal in any spelling), and the original destination is read
-/// only when the authority did not match, to catch clients that send some other `Host` to
-/// 169.254.169.254.
-pub fn is_metadata_request<H: Host>(h: &H, cfg: &Config) -> bool {
+/// writes), and the original destination is read only when the authority did not match, to
+/// catch clients that send some other `Host` to a metadata address.
+pub fn door<H: Host>(h: &H, cfg: &Config) -> Option<Door> {
     if let Some(authority) = h.request_header(":authority") {
         let lower = authority.to_ascii_lowercase();
         if let Some(host) = authority_host(&lower) {
-            let listed = |x: &str| cfg.metadata_hosts.iter().any(|m| m == x);
-            if listed(host) || canonical_host(host).is_some_and(|c| listed(&c)) {
-                return true;
+            // An IPv6 literal in any spelling is compared in its canonical form.
+            let canonical = canonical_host(host);
+            let listed = |list: &[String]| {
+                list.iter()
+                    .any(|m| m == host || canonical.as_deref() == Some(m.as_str()))
+            };
+            if listed(&cfg.metadata_hosts) {
+                return Some(Door::Imds);
+            }
+            if listed(&cfg.container_hosts) {
+                return Some(Door::Container);
             }
         }
     }
-    if cfg.metadata_addresses.is_empty() {
-        return false;
+    if cfg.metadata_addresses.is_empty() && cfg.container_addresses.is_empty() {
+        return None;
     }
+    let by_address = |addr: &[u8]| {
+        if cfg.metadata_addresses.iter().any(|a| a.as_bytes() == addr) {
+            Some(Door::Imds)
+        } else if cfg.container_addresses.iter().any(|a| a.as_bytes() == addr) {
+            Some(Door::Container)
+        } else {
+            None
+        }
+    };
     // An ORIGINAL_DST cluster configured to route by header would send the request to the
     // address named there, in whatever spelling Envoy can parse: treat that address like the
     // connection's own destination.
     if let Some(dst) = h.request_header("x-envoy-original-dst-host")
-        && (cfg.metadata_addresses.contains(&dst)
-            || canonical_address(&dst).is_some_and(|c| cfg.metadata_addresses.contains(&c)))
+        && let Some(d) = by_address(dst.as_bytes())
+            .or_else(|| canonical_address(&dst).and_then(|c| by_address(c.as_bytes())))
     {
-        return true;
+        return Some(d);
     }
-    match h.property(&["destination", "address"]) {
-        Some(addr) => cfg.metadata_addresses.iter().any(|a| a.as_bytes() == addr),
-        None => false,
-    }
+    by_address(&h.property(&["destination", "address"])?)
 }
 
 /// An IP literal without port, prefix or zone; an IPv4-mapped IPv6 address as IPv4.

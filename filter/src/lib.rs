@@ -25,6 +25,8 @@ pub mod secret;
 mod mock;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_container;
 
 proxy_wasm::main! {{
     glue::start();

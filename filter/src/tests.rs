@@ -88,6 +88,7 @@ mod decisions {
             content_type: Some(ct.into()),
             reason: None,
             body: body.as_bytes().to_vec(),
+            ..Default::default()
         }
     }
 
@@ -97,6 +98,7 @@ mod decisions {
             content_type: Some("text/plain".into()),
             reason: Some(reason.into()),
             body: b"short text".to_vec(),
+            ..Default::default()
         }
     }
 
@@ -824,6 +826,7 @@ mod decisions {
             content_type: Some("text/plain".into()),
             reason: None,
             body: token.as_bytes().to_vec(),
+            ..Default::default()
         }
     }
 

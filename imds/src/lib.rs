@@ -12,6 +12,7 @@
 //! - [`json`]: the small JSON reader both documents and configuration go through.
 //! - [`resource`]: what a served read asks for, the key both sides use.
 //! - [`allow`]: the allow-list of non-credential paths passed through to the node's IMDS.
+//! - [`container`]: the container-credentials endpoint (EKS Pod Identity's `/v1/credentials`).
 #![no_std]
 #![cfg_attr(
     not(test),
@@ -21,6 +22,7 @@
 extern crate alloc;
 
 pub mod allow;
+pub mod container;
 pub mod creds;
 pub mod headers;
 pub mod json;

@@ -20,6 +20,11 @@ pub enum Resource {
     IamInfo,
     /// An allow-listed path below the version, fetched from the node's IMDS.
     Allowed(String),
+    /// The pod's role credentials through the container-credentials endpoint
+    /// ([`crate::container`]), for the holder of the token with this digest
+    /// ([`crate::container::token_digest`]): an answer is only ever given again to a request
+    /// carrying the same token. Never the result of [`Resource::of`] (no IMDS path).
+    ContainerCredentials(String),
 }
 
 impl Resource {

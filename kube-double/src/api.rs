@@ -64,6 +64,14 @@ pub fn router(shared: Arc<Shared>) -> Router {
                 .put(put_pod_status)
                 .patch(patch_pod_status),
         )
+        .route(
+            "/api/v1/namespaces/{ns}/serviceaccounts/{sa}/token",
+            routing::post(crate::tokens::request_token),
+        )
+        .route(
+            "/apis/authentication.k8s.io/v1/tokenreviews",
+            routing::post(crate::tokens::review),
+        )
         .with_state(shared)
 }
 

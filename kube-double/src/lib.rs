@@ -18,6 +18,7 @@ pub mod error;
 pub mod podsfile;
 pub mod select;
 pub mod store;
+mod tokens;
 mod watch;
 
 use std::net::SocketAddr;
@@ -101,11 +102,13 @@ pub(crate) struct Shared {
     /// Which hang a timed release belongs to (a newer hang is not cut short by it).
     hang_gen: AtomicU64,
     faults: Mutex<Faults>,
+    /// Service-account tokens issued by the TokenRequest API (see [`tokens`]).
+    tokens: Mutex<tokens::Tokens>,
     stats: Counters,
     bookmark_interval: Duration,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Every write completes before anything can panic, so a poisoned lock is still consistent.
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -125,6 +128,7 @@ impl Shared {
             hang,
             hang_gen: AtomicU64::new(0),
             faults: Mutex::default(),
+            tokens: Mutex::default(),
             stats: Counters::default(),
             bookmark_interval: options.bookmark_interval.max(Duration::from_millis(10)),
         }

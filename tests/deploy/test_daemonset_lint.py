@@ -102,10 +102,13 @@ def test_rbac_is_read_only_pods_and_namespaces():
     objs = render(MANIFESTS / "base")
     roles = [o for o in objs if o["kind"] in ("ClusterRole", "Role")]
     assert len(roles) == 1
-    (rule,) = roles[0]["rules"]
+    (rule, review) = roles[0]["rules"]
     assert rule["apiGroups"] == [""]
     assert sorted(rule["resources"]) == ["namespaces", "pods"]
     assert sorted(rule["verbs"]) == ["get", "list", "watch"]
+    # TokenReview (the container-credentials endpoint's token check) creates no object.
+    assert review == {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"],
+                      "verbs": ["create"]}
     (binding,) = [o for o in objs if o["kind"] == "ClusterRoleBinding"]
     assert binding["subjects"] == [
         {"kind": "ServiceAccount", "name": "meshiam-broker", "namespace": "meshiam-system"}

@@ -174,7 +174,8 @@ def test_istio_wires_filter_to_broker():
     (plugin,) = [o for o in objs if o["kind"] == "WasmPlugin"]
 
     imds = entries["meshiam-imds"]["spec"]
-    assert imds["addresses"] == ["169.254.169.254/32", "fd00:ec2::254/128"]  # IPv4 and IPv6 IMDS
+    # IMDS and the container-credentials endpoint (EKS Pod Identity's address), IPv4 and IPv6.
+    assert imds["addresses"] == ["169.254.169.254/32", "169.254.170.23/32", "fd00:ec2::254/128", "fd00:ec2::23/128"]
     assert imds["ports"] == [{"number": 80, "name": "http-imds", "protocol": "HTTP"}]
     assert imds["location"] == "MESH_EXTERNAL"
     # Anything that gets past the filter goes to the broker, never to the real IMDS.
@@ -234,8 +235,8 @@ def test_no_collateral_listeners():
         for p in spec["ports"]:
             if p["protocol"] != "TCP":
                 assert (p["protocol"], p["number"]) == ("HTTP", 80), f"{o['metadata']['name']}: {p}"
-                assert set(spec["addresses"]) <= {"169.254.169.254/32", "fd00:ec2::254/128"}, \
-                    f"{o['metadata']['name']}: {spec['addresses']}"
+                assert set(spec["addresses"]) <= {"169.254.169.254/32", "169.254.170.23/32", "fd00:ec2::254/128",
+                                                  "fd00:ec2::23/128"}, f"{o['metadata']['name']}: {spec['addresses']}"
     broker = {o["metadata"]["name"]: o for o in render(ENABLE) if o["kind"] == "ServiceEntry"}["meshiam-broker"]
     assert broker["spec"]["ports"] == [{"number": 8787, "name": "tcp-broker", "protocol": "TCP"}]
 

@@ -105,6 +105,10 @@ def test_iptables_apply_idempotent_and_clean(netns):
     assert ("-A MESHIAM_OUTPUT -d 169.254.169.254/32 -p tcp -m tcp --dport 80 "
             "-j REDIRECT --to-ports 15001") in joined
     assert "-A MESHIAM_GUARD -d 169.254.169.254/32 -p tcp -j REJECT --reject-with tcp-reset" in joined
+    # The container-credentials address (EKS Pod Identity's) is captured the same way.
+    assert ("-A MESHIAM_OUTPUT -d 169.254.170.23/32 -p tcp -m tcp --dport 80 "
+            "-j REDIRECT --to-ports 15001") in joined
+    assert "-A MESHIAM_GUARD -d 169.254.170.23/32 -p tcp -j REJECT --reject-with tcp-reset" in joined
     assert sum(1 for line in once if line.startswith("-A OUTPUT")) == 2
 
     v6 = meshiam_lines(save(netns, "ip6tables-save"))
@@ -141,6 +145,8 @@ def test_iptables_captures_and_guards_traffic(netns):
         # The guard: other ports, and Envoy itself, are refused at once.
         assert connect(netns, "169.254.169.254", 81) == "refused"
         assert connect(netns, "169.254.169.254", 80, uid=1337) == "refused"
+        assert connect(netns, "169.254.170.23", 80) == "captured"
+        assert connect(netns, "169.254.170.23", 81) == "refused"
         # Other destinations are not the script's business.
         assert connect(netns, "10.254.0.9", 80) == "timeout"
 

@@ -61,6 +61,46 @@ def kube_request(state, method, path, body=None):
     return code
 
 
+def kube_json(state, method, path, body=None):
+    """Like kube_request, and the answer's JSON body too: (code, object or None)."""
+    url = f"http://127.0.0.1:{port(state, 'kube')}{path}"
+    data = json.dumps(body) if body is not None else None
+    argv = ["curl", "-s", "-m", "5", "-w", "\n%{http_code}", "-X", method, url]
+    if data is not None:
+        argv += ["-H", "Content-Type: application/json", "--data-binary", "@-"]
+    res = in_ns(state, NODE_NS if state["mode"] == "netns" else None, argv, check=False, capture=True,
+                input=data)
+    text, _, code = (res.stdout or "").rpartition("\n")
+    try:
+        obj = json.loads(text) if text else None
+    except ValueError:
+        obj = None
+    return int(code or 0), obj
+
+
+# The audience of the pods' container-credentials tokens: the broker's default
+# --container-token-audience.
+TOKEN_AUDIENCE = "meshiam"
+
+
+def api_pod_token(state, p, audience=TOKEN_AUDIENCE, seconds=3600):
+    """A projected service-account token for the pod, as the kubelet gets one: TokenRequest
+    for the pod's service account, bound to the pod (name and uid)."""
+    ns, name = p["namespace"], p["name"]
+    code, pod = kube_json(state, "GET", f"/api/v1/namespaces/{ns}/pods/{name}")
+    if code != 200 or not pod:
+        raise StackError(f"pod {pod_key(p)} is not in the API double ({code}): cannot issue its token")
+    sa = pod["spec"].get("serviceAccountName") or "default"
+    body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+            "spec": {"audiences": [audience], "expirationSeconds": seconds,
+                     "boundObjectRef": {"kind": "Pod", "apiVersion": "v1", "name": name,
+                                        "uid": pod["metadata"]["uid"]}}}
+    code, tr = kube_json(state, "POST", f"/api/v1/namespaces/{ns}/serviceaccounts/{sa}/token", body)
+    if code != 201 or not tr:
+        raise StackError(f"TokenRequest for {pod_key(p)} answered {code}")
+    return tr["status"]["token"]
+
+
 def api_add_namespace(state, ns):
     body = {"apiVersion": "v1", "kind": "Namespace",
             "metadata": {"name": ns["name"], "annotations": ns.get("annotations") or {}}}

@@ -40,6 +40,7 @@ import yaml
 
 from tests.stacklib import meshca, podsfile
 from tests.stacklib.kubeapi import api_add_namespace, api_add_pod, api_delete_pod, k8s_pod, kube_request, pod_key  # noqa: F401
+from tests.stacklib.kubeapi import api_pod_token
 from tests.stacklib.netns import delete_netns, make_node_netns, make_pod_netns  # noqa: F401
 from tests.stacklib.procs import alive, http_ok, in_ns, run, spawn, stop_proc, wait_until  # noqa: F401
 from tests.stacklib.sidecar import envoy_name, start_envoy  # noqa: F401
@@ -154,6 +155,7 @@ def start_component(state, name):
         for entry in state["pods"].values():
             if entry.get("registered"):
                 api_add_pod(state, entry["spec"])
+                write_pod_token(state, entry)
     elif name == "meshca":
         spawn(state, "meshca", [VENV / "bin/python", "-m", "tests.stacklib.meshca", "rotate-loop"])
     elif name == "broker":
@@ -205,7 +207,29 @@ def register_pod(state, key):
         raise StackError(f"no pod {key} in the stack")
     api_add_pod(state, entry["spec"])
     entry["registered"] = True
+    write_pod_token(state, entry)
     save_state(state)
+
+
+def token_file(spec):
+    return STATE_DIR / "tokens" / f"{spec['namespace']}.{spec['name']}" / "token"
+
+
+def write_pod_token(state, entry):
+    """The pod's projected service-account token (audience `meshiam`), where a kubelet would
+    mount it: a file of its own, no trailing newline (SDKs send it verbatim). For
+    AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE; the pod's `token_file` in the state."""
+    path = token_file(entry["spec"])
+    try:
+        token = api_pod_token(state, entry["spec"])
+    except StackError as e:
+        # Only the container-credentials door needs it: say so, keep the pod.
+        say(f"warning: no service-account token for {pod_key(entry['spec'])}: {e}")
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(token)
+    path.chmod(0o600)
+    entry["token_file"] = str(path)
 
 
 def annotate_pod(state, key, changes):
@@ -244,6 +268,7 @@ def delete_pod(state, key, api=True):
     if entry["netns"]:
         delete_netns(entry["netns"])
     shutil.rmtree(meshca.pod_dir(entry), ignore_errors=True)
+    shutil.rmtree(token_file(entry["spec"]).parent, ignore_errors=True)
     state["pods"].pop(key, None)
     save_state(state)
 

@@ -25,7 +25,8 @@ NODE_IP6 = "fd00:198:18::1"
 POD_PREFIX_LEN6 = 64
 # What the capture sends to the sidecar (and the guard refuses otherwise), per family: IMDS
 # and the container-credentials endpoint (EKS Pod Identity's addresses).
-METADATA_V4 = ["169.254.169.254"]
+# IMDS, and the container-credentials endpoint (EKS Pod Identity's address), per family.
+METADATA_V4 = ["169.254.169.254", "169.254.170.23"]
 METADATA_V6 = ["fd00:ec2::254", "fd00:ec2::23"]
 ENVOY_UID = 1337
 NODE_NAME = "node-1"
