@@ -19,7 +19,7 @@ import pytest
 from conftest import NODE_MARKERS, ROOT, Body, stack
 
 sys.path.insert(0, str(ROOT))
-from tests.stacklib.state import ENVOY_ADMIN  # noqa: E402
+from tests.stacklib.state import ENVOY_ADMIN, STATE_FILE  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0, reason="needs root: IPv6 capture needs the netns stack (network namespaces, ip6tables)")
@@ -201,14 +201,27 @@ def test_the_container_endpoints_ipv6_address_reaches_the_pods_filter(s):
     stats = f"http://127.0.0.1:{ENVOY_ADMIN}/stats?filter=http.meshiam_metadata.downstream_rq_total"
     rq_before = metadata_requests(s, stats)
     code, headers, body, _ = curl6(s, MYAPP, f"http://[{CONTAINER6}]/v1/credentials")
-    # The sidecar's metadata chain answered: the filter itself (with a reason code) where it
-    # serves this endpoint, else that chain's own fallback. Never another listener, never
-    # anything past the pod.
+    # The pod's filter answered, by its own rule: no Authorization header, no credentials.
+    print(f"GET [{CONTAINER6}]/v1/credentials without a token: {code} {headers.get('x-meshiam-reason')}")
     assert headers.get("server") == "envoy", headers
-    assert headers.get("x-meshiam-reason") or (code, body) == (503, "metadata request not answered"), \
-        (code, headers, body)
+    assert (code, headers.get("x-meshiam-reason")) == (401, "container-token-missing"), (code, headers, body)
     assert redirected(s, MYAPP, CONTAINER6) > before, "the request did not go through the IPv6 capture"
     assert metadata_requests(s, stats) == rq_before + 1, "not answered by the pod's metadata chain"
+
+    # boto3 with only the container provider's variables, pointed at the IPv6 address.
+    entry = json.loads(STATE_FILE.read_text())["pods"][MYAPP]
+    env = {"AWS_CONTAINER_CREDENTIALS_FULL_URI": f"http://[{CONTAINER6}]/v1/credentials",
+           "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE": entry["token_file"],
+           "AWS_EC2_METADATA_DISABLED": "true"}
+    code = ("import boto3, json; s = boto3.Session(); c = s.get_credentials(); "
+            "print(json.dumps({'method': c.method, 'arn': s.client('sts').get_caller_identity()['Arn']}))")
+    mid = redirected(s, MYAPP, CONTAINER6)
+    res = s.python(MYAPP, code, env=env)
+    print("boto3, container provider over IPv6:", res.returncode, res.stdout.strip(), res.stderr.strip()[-300:])
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = json.loads(res.stdout)
+    assert out["method"] == "container-role" and out["arn"].endswith(":assumed-role/myapp-iam-role/default.myapp")
+    assert redirected(s, MYAPP, CONTAINER6) > mid, "boto3 did not use the IPv6 container address"
 
 
 def metadata_requests(s, stats_url):
