@@ -15,6 +15,12 @@
 //! compared in the clear): an accepted token until its `exp` (read from the JWT, unverified —
 //! the API server verified it) but at most [`MAX_ACCEPTED_FOR`], a refused one for
 //! [`REFUSED_FOR`]; failures to get a verdict are not cached.
+//!
+//! A flood of made-up tokens must not become a flood of API calls: a token that is not
+//! shaped like a JWT is refused without asking, and each pod gets at most
+//! [`REVIEWS_PER_POD`] uncached reviews per [`REVIEW_WINDOW`] seconds (past them `429
+//! token-review-limit`). A pod's real token is reviewed once and then cached, so a pod that
+//! only sends its own token never comes near the budget.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -40,6 +46,10 @@ pub const REFUSED_FOR: u64 = 10;
 const UNKNOWN_EXP_FOR: u64 = 60;
 /// Verdicts kept at most (expired ones are dropped first, then all).
 const MAX_VERDICTS: usize = 4096;
+/// Uncached reviews a pod may cause per [`REVIEW_WINDOW`] seconds.
+pub const REVIEWS_PER_POD: u32 = 5;
+/// The window of [`REVIEWS_PER_POD`], in seconds.
+pub const REVIEW_WINDOW: u64 = 10;
 /// The longest wait for the API server's verdict: under the filter's call-out timeout.
 pub const REVIEW_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -80,6 +90,8 @@ pub enum ContainerError {
     Unbound(String),
     #[error("no token verdict: {0}")]
     ReviewUnavailable(String),
+    #[error("more than {REVIEWS_PER_POD} new tokens from this pod in {REVIEW_WINDOW} s")]
+    ReviewLimit,
 }
 
 impl ContainerError {
@@ -91,6 +103,7 @@ impl ContainerError {
             ContainerError::OtherPod { .. } => "container-token-other-pod",
             ContainerError::Unbound(_) => "container-token-unbound",
             ContainerError::ReviewUnavailable(_) => "token-review-unavailable",
+            ContainerError::ReviewLimit => "token-review-limit",
         }
     }
 
@@ -100,6 +113,7 @@ impl ContainerError {
             ContainerError::TokenRepeated => 400,
             ContainerError::OtherPod { .. } | ContainerError::Unbound(_) => 403,
             ContainerError::ReviewUnavailable(_) => 503,
+            ContainerError::ReviewLimit => 429,
         }
     }
 }
@@ -129,6 +143,8 @@ pub struct ContainerAuth {
     pub audience: String,
     reviewer: Reviewer,
     verdicts: Mutex<HashMap<String, (Verdict, u64)>>,
+    /// Uncached reviews per pod UID: (window start, reviews in it).
+    budgets: Mutex<HashMap<String, (u64, u32)>>,
 }
 
 impl ContainerAuth {
@@ -137,6 +153,7 @@ impl ContainerAuth {
             audience: audience.into(),
             reviewer,
             verdicts: Mutex::new(HashMap::new()),
+            budgets: Mutex::new(HashMap::new()),
         }
     }
 
@@ -149,10 +166,28 @@ impl ContainerAuth {
         self.verdicts.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The verdict on `token` (cached, or from the API server).
+    /// Takes one of the pod's uncached reviews, or says the budget is spent.
+    fn spend(&self, pod_uid: &str, now: u64) -> Result<(), ContainerError> {
+        let mut budgets = self.budgets.lock().unwrap_or_else(|e| e.into_inner());
+        if budgets.len() >= MAX_VERDICTS {
+            budgets.retain(|_, (start, _)| now < start.saturating_add(REVIEW_WINDOW));
+        }
+        let (start, used) = budgets.entry(pod_uid.to_string()).or_insert((now, 0));
+        if now >= start.saturating_add(REVIEW_WINDOW) {
+            (*start, *used) = (now, 0);
+        }
+        if *used >= REVIEWS_PER_POD {
+            return Err(ContainerError::ReviewLimit);
+        }
+        *used += 1;
+        Ok(())
+    }
+
+    /// The verdict on `token` sent by the pod `pod_uid` (cached, or from the API server).
     pub async fn review(
         &self,
         token: &str,
+        pod_uid: &str,
         clock: &Clock,
         metrics: &Metrics,
     ) -> Result<Verdict, ContainerError> {
@@ -161,6 +196,14 @@ impl ContainerAuth {
         if let Some((v, _)) = self.lock().get(&key).filter(|(_, u)| *u > now).cloned() {
             metrics.token_review("cached");
             return Ok(v);
+        }
+        if !jwt_shaped(token) {
+            metrics.token_review("malformed");
+            return Ok(Verdict::Refused("not a JSON Web Token".into()));
+        }
+        if let Err(e) = self.spend(pod_uid, now) {
+            metrics.token_review("limited");
+            return Err(e);
         }
         let client = match &self.reviewer {
             Reviewer::Kube(c) => c.clone(),
@@ -215,6 +258,22 @@ impl ContainerAuth {
         verdicts.insert(key, (verdict.clone(), until));
         Ok(verdict)
     }
+}
+
+/// Three non-empty base64url segments: what every service-account token is.
+fn jwt_shaped(token: &str) -> bool {
+    let mut parts = 0;
+    for part in token.split('.') {
+        parts += 1;
+        if part.is_empty()
+            || !part
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'=')
+        {
+            return false;
+        }
+    }
+    parts == 3
 }
 
 /// A kube error as one line without request content (the token is in the request body, and
@@ -337,6 +396,34 @@ pub type SharedContainerAuth = Arc<ContainerAuth>;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_jwt_shaped_tokens_are_sent_for_review() {
+        assert!(jwt_shaped("eyJhbGciOiJSUzI1NiJ9.eyJleHAiOjF9.c2ln"));
+        for junk in [
+            "", "abc", "a.b", "a.b.c.d", "a..c", "a.b.c ", "a.b/c.d", "a.b.c\n",
+        ] {
+            assert!(!jwt_shaped(junk), "{junk:?}");
+        }
+    }
+
+    #[test]
+    fn each_pod_has_a_budget_of_uncached_reviews() {
+        let auth = ContainerAuth::disabled();
+        for _ in 0..REVIEWS_PER_POD {
+            assert_eq!(auth.spend("uid-a", 100), Ok(()));
+        }
+        assert_eq!(auth.spend("uid-a", 100), Err(ContainerError::ReviewLimit));
+        assert_eq!(
+            auth.spend("uid-a", 100 + REVIEW_WINDOW - 1),
+            Err(ContainerError::ReviewLimit)
+        );
+        // Another pod's budget is its own; the window renews.
+        assert_eq!(auth.spend("uid-b", 100), Ok(()));
+        assert_eq!(auth.spend("uid-a", 100 + REVIEW_WINDOW), Ok(()));
+        assert_eq!(ContainerError::ReviewLimit.reason(), "token-review-limit");
+        assert_eq!(ContainerError::ReviewLimit.status(), 429);
+    }
 
     #[test]
     fn reads_exp_from_a_jwt() {

@@ -557,7 +557,7 @@ async fn serve_container(
 
     let reviewed = match broker
         .container
-        .review(auth, &broker.clock, &broker.metrics)
+        .review(auth, &pod.uid, &broker.clock, &broker.metrics)
         .await?
     {
         ContainerVerdict::Accepted(r) => r,

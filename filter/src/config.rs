@@ -337,9 +337,9 @@ fn hosts(field: &str, raw: Vec<String>) -> Result<Vec<String>, ConfigError> {
     for h in raw {
         match crate::identity::authority_host(&h.to_ascii_lowercase()) {
             // An IPv6 literal is kept in the one form the filter compares (identity.rs).
-            Some(host) if !host.is_empty() && is_token(host) => out.push(
-                crate::identity::canonical_host(host).unwrap_or_else(|| host.to_string()),
-            ),
+            Some(host) if !host.is_empty() && is_token(host) => {
+                out.push(crate::identity::canonical_host(host).unwrap_or_else(|| host.to_string()))
+            }
             _ => return err(format!("{field} entry {h:?} is not a host (port 80 only)")),
         }
     }
