@@ -28,6 +28,8 @@ PYTHON = os.path.join(VENV_BIN, "python")
 BROKER_BIN = os.path.join(ROOT, "target", "release", "meshiam-broker")
 FLOOR_BIN = os.path.join(ROOT, "target", "release", "examples", "bench_floor")
 WASM = os.path.join(ROOT, "target", "wasm32-wasip1", "release", "meshiam_filter.wasm")
+# Benchmark 6's baseline: the smallest proxy-wasm HTTP filter (bench/minimal-filter).
+MINIMAL_WASM = os.path.join(ROOT, "target", "wasm32-wasip1", "release", "meshiam_bench_minimal_filter.wasm")
 WRK_LUA = os.path.join(BENCH, "wrk_report.lua")
 
 # Envoy (and the servers under test) on one core, the load generator on the other.

@@ -12,6 +12,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ARTEFACTS = [
     "target/wasm32-wasip1/release/meshiam_filter.wasm",
+    "target/wasm32-wasip1/release/meshiam_bench_minimal_filter.wasm",
     "target/release/meshiam-broker",
     "target/release/examples/bench_floor",
 ]
@@ -22,8 +23,8 @@ LATENCY_KEYS = {"1", "5", "10", "25", "50", "75", "90", "95", "99", "99.9"}
 def results(tmp_path_factory):
     if not all(os.path.exists(os.path.join(ROOT, a)) for a in ARTEFACTS):
         # What `make build` builds.
-        subprocess.run(["cargo", "build", "--release", "--target", "wasm32-wasip1", "-p", "meshiam-filter"],
-                       cwd=ROOT, check=True)
+        subprocess.run(["cargo", "build", "--release", "--target", "wasm32-wasip1", "-p", "meshiam-filter",
+                        "-p", "meshiam-bench-minimal-filter"], cwd=ROOT, check=True)
         subprocess.run(["cargo", "build", "--release", "-p", "meshiam-broker", "-p", "meshiam-kube-double",
                         "--bins", "--example", "sdk_client", "--example", "bench_floor"], cwd=ROOT, check=True)
     out = tmp_path_factory.mktemp("bench")
@@ -87,7 +88,12 @@ def test_memory_cold_start_size(results):
     assert b5["modes"]["without_prefetch"]["worst_first_credentials_ms"] >= b5["sts_delay_ms"]
     b6 = results["benchmarks"]["6_size"]
     assert b6["wasm_bytes"] > 0 and b6["broker_bytes"] > 0
-    assert set(b6["envoy_rss_kib"]) == {"filter-1", "nofilter-1", "filter-2", "nofilter-2"}
+    # The minimal filter (the baseline of the VM's memory) is smaller than meshiam's.
+    assert 0 < b6["minimal_wasm_bytes"] < b6["wasm_bytes"]
+    assert set(b6["envoy_rss_kib"]) == {"filter-1", "minimal-1", "nofilter-1", "filter-2", "nofilter-2"}
+    # Each side measured in every round, and a wasm VM costs Envoy memory.
+    assert all(len(s) == b6["rounds"] for s in b6["envoy_rss_1_worker_samples_kib"].values())
+    assert b6["minimal_cost_1_worker_kib"] > 0 and b6["filter_vs_minimal_cost"] > 0
 
 
 def test_sts_model(results):
