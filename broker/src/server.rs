@@ -18,12 +18,14 @@
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::ConnectInfo;
+use axum::response::Response;
+use futures::FutureExt;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
@@ -70,7 +72,7 @@ content-length: 33\r\n\
 too many connections, retry later";
 
 /// Serves `app` on `listener` until `shutdown` completes, then lets open connections finish
-/// for up to 10 s.
+/// for up to 10 s. The caller's address reaches `app` as `ConnectInfo<SocketAddr>`.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
@@ -78,6 +80,27 @@ pub async fn serve(
     metrics: Metrics,
     shutdown: impl Future<Output = ()>,
 ) {
+    let handler = move |peer: SocketAddr, mut req: hyper::Request<Incoming>| {
+        req.extensions_mut().insert(ConnectInfo(peer));
+        app.clone()
+            .oneshot(req)
+            .map(|r| r.unwrap_or_else(|e| match e {}))
+    };
+    serve_fn(listener, handler, limits, metrics, shutdown).await;
+}
+
+/// [`serve`] with a plain function of the caller's address and the request, such as
+/// [`crate::imds::Imds::call`]: no router, no request extensions, per request.
+pub async fn serve_fn<H, F>(
+    listener: TcpListener,
+    handler: H,
+    limits: ConnLimits,
+    metrics: Metrics,
+    shutdown: impl Future<Output = ()>,
+) where
+    H: Fn(SocketAddr, hyper::Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response> + Send + 'static,
+{
     let slots = PeerLimiter::new(limits.max_connections_per_peer, limits.max_connections);
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
@@ -112,11 +135,9 @@ pub async fn serve(
             }
         };
         metrics.set_connections(slots.in_use());
-        let app = app.clone();
-        let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
-            req.extensions_mut().insert(ConnectInfo(peer));
-            let app = app.clone();
-            async move { Ok::<_, Infallible>(app.oneshot(req).await.unwrap_or_else(|e| match e {})) }
+        let handler = handler.clone();
+        let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
+            handler(peer, req).map(Ok::<_, Infallible>)
         });
         let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
         let (metrics, slots) = (metrics.clone(), slots.clone());
