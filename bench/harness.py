@@ -25,9 +25,12 @@ BENCH = os.path.join(ROOT, "bench")
 VENV_BIN = os.path.join(ROOT, ".venv", "bin")
 ENVOY_BIN = os.path.join(VENV_BIN, "envoy")
 PYTHON = os.path.join(VENV_BIN, "python")
-BROKER_BIN = os.path.join(ROOT, "target", "release", "meshiam-broker")
+# MESHIAM_BENCH_BROKER / MESHIAM_BENCH_WASM measure other builds with this harness (an
+# older commit's, for BENCHMARKS.md's before/after tables).
+BROKER_BIN = os.environ.get("MESHIAM_BENCH_BROKER") or os.path.join(ROOT, "target", "release", "meshiam-broker")
 FLOOR_BIN = os.path.join(ROOT, "target", "release", "examples", "bench_floor")
-WASM = os.path.join(ROOT, "target", "wasm32-wasip1", "release", "meshiam_filter.wasm")
+WASM = os.environ.get("MESHIAM_BENCH_WASM") or os.path.join(ROOT, "target", "wasm32-wasip1", "release",
+                                                             "meshiam_filter.wasm")
 # Benchmark 6's baseline: the smallest proxy-wasm HTTP filter (bench/minimal-filter).
 MINIMAL_WASM = os.path.join(ROOT, "target", "wasm32-wasip1", "release", "meshiam_bench_minimal_filter.wasm")
 WRK_LUA = os.path.join(BENCH, "wrk_report.lua")

@@ -33,6 +33,9 @@ def targets(results):
     add(2, "broker-cache hit p99", v, "≤ 2000 µs", v is not None and v <= 2000, "µs")
     v = _get(b, "3_broker_throughput", "throughput_ratio")
     add(3, "broker throughput / hyper floor (1 core)", v, "≥ 0.5", v is not None and v >= 0.5, "×")
+    x = _get(b, "3_broker_throughput", "at_1000_rps")
+    v = x and x["broker"]["latency_us"]["50"] / x["hyper_floor"]["latency_us"]["50"]
+    add(3, "broker p50 / hyper floor p50 at 1000 req/s", v, "≤ 1.5×", v is not None and v <= 1.5, "×")
     v = _get(b, "3_broker_throughput", "p99_at_1000_rps_us")
     add(3, "broker p99 at 1000 req/s", v, "≤ 1000 µs", v is not None and v <= 1000, "µs")
     v = _get(b, "4_broker_memory", "pods110_roles50_rss_kib")
@@ -328,6 +331,7 @@ def write_markdown(results, path, chart_rel):
             .replace("{{MISSES}}", misses(results))
             .replace("{{SOAK}}", soak_section(os.path.join(here, "soak.json")))
             .replace("{{HOSTILE_BEFORE}}", hostile_before_after(results, os.path.join(here, "hostile_before.json")))
+            .replace("{{PERF_BEFORE}}", perf_before_after(results, os.path.join(here, "perf_before.json")))
             .replace("{{PARTIAL}}\n", partial_runs(results) + "\n" if partial_runs(results) else ""))
     with open(path, "w") as f:
         f.write(text)
@@ -423,7 +427,7 @@ def misses(results):
             out.append(
                 f"- **6, VM memory** — the filter adds {x['filter_cost_1_worker_kib'] / 1024:.1f} MiB to Envoy's RSS, "
                 f"the minimal filter {x['minimal_cost_1_worker_kib'] / 1024:.1f} MiB: {v:.2f}× (target ≤ 1.15×). "
-                "See *What the filter's VM costs* below for what the difference is.")
+                "*What the filter's VM costs*, under *Benchmarks 3 and 6 before and after issue 14*, says what the difference is.")
     if 7 in nums:
         out.append("- **7, STS limiter** — a node exceeded burst + rate in a 1-second window in the model.")
     if 8 in nums:
@@ -549,6 +553,50 @@ def hostile_before_after(results, before_path):
            f"measured {before['date']} with the same harness, `bench/hostile_before.json`) and in this run:", "",
            f"| measure | before the limits (`{before['git']}`) | with the limits (this run) | goal |",
            "|---|---|---|---|"]
+    for m, v, goal in rows:
+        out.append(f"| {m} | {v} | {now.get(m, 'not run')} | {goal} |")
+    return "\n".join(out)
+
+
+def _perf_figures(b):
+    """Benchmarks 3 and 6 as (measure, value, goal) rows for the before/after table."""
+    out = []
+    x = b.get("3_broker_throughput")
+    if x:
+        t, r = x["throughput"], x["at_1000_rps"]
+        out += [
+            ("3 broker req/s, wrk -c16 / hyper floor (1 core)",
+             f"{x['throughput_ratio']:.2f}× ({t['broker']['rps']:,.0f} / {t['hyper_floor']['rps']:,.0f})", "≥ 0.5×"),
+            ("3 broker p50 at 1,000 req/s / hyper floor",
+             f"{r['broker']['latency_us']['50'] / r['hyper_floor']['latency_us']['50']:.2f}× "
+             f"({r['broker']['latency_us']['50']:.0f} / {r['hyper_floor']['latency_us']['50']:.0f} µs)", "≤ 1.5×"),
+        ]
+    x = b.get("6_size")
+    if x and "minimal_cost_1_worker_kib" in x:
+        out += [
+            ("6 release .wasm (minimal filter)", f"{x['wasm_bytes']:,} B ({x['minimal_wasm_bytes']:,} B)", "≤ 300 KB"),
+            ("6 Envoy RSS added, 1 worker: meshiam / minimal filter",
+             f"{x['filter_vs_minimal_cost']:.2f}× (+{x['filter_cost_1_worker_kib'] / 1024:.1f} / "
+             f"+{x['minimal_cost_1_worker_kib'] / 1024:.1f} MiB)", "≤ 1.15×"),
+        ]
+    return out
+
+
+def perf_before_after(results, before_path):
+    """Benchmarks 3 and 6 of this run next to the same harness run against the commit before
+    issue 14's work (bench/perf_before.json)."""
+    import json
+    try:
+        with open(before_path) as f:
+            before = json.load(f)
+    except OSError:
+        return "Not recorded."
+    now = {m: v for m, v, _ in _perf_figures(results["benchmarks"])}
+    rows = _perf_figures(before["benchmarks"])
+    out = [f"The same harness run against the broker and filter of commit `{before['git']}` (measured "
+           f"{before['date']}, `bench/perf_before.json`; each ratio against its baseline in that run) and in "
+           "this run:", "",
+           f"| measure | before (`{before['git']}`) | now (this run) | goal |", "|---|---|---|---|"]
     for m, v, goal in rows:
         out.append(f"| {m} | {v} | {now.get(m, 'not run')} | {goal} |")
     return "\n".join(out)
