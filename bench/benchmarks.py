@@ -16,8 +16,8 @@ import time
 import yaml
 
 from harness import (
-    BROKER_BIN, ENVOY_BIN, FLOOR_BIN, LOAD_CPU, PYTHON, ROOT, SERVER_CPU, VENV_BIN, WASM,
-    free_port, hey_fixed_rate, http_get, http_ok, log, median_run, rss_kib, wait_until, wrk,
+    BROKER_BIN, ENVOY_BIN, FLOOR_BIN, LOAD_CPU, MINIMAL_WASM, PYTHON, ROOT, SERVER_CPU, VENV_BIN, WASM,
+    free_port, hey_fixed_rate, http_get, http_ok, log, median, median_run, rss_kib, wait_until, wrk,
 )
 
 sys.path.insert(0, os.path.join(ROOT, "envoy"))
@@ -101,15 +101,16 @@ class Stack:
         wait_until(name, lambda: http_ok(f"http://127.0.0.1:{port}/"), procs=self.procs, name=name)
         return {"port": port, "pid": p.pid}
 
-    def envoy_config(self, name, broker, plugin=None, floor=None, with_filter=True):
+    def envoy_config(self, name, broker, plugin=None, floor=None, with_filter=True, wasm=WASM):
         """envoy/sidecar.yaml for the bench pod; without the filter, the metadata-host route
-        answers `floor` (the filter's own answers, byte for byte) with a direct_response."""
+        answers `floor` (the filter's own answers, byte for byte) with a direct_response.
+        `wasm` is the module in the filter's place (benchmark 6 puts the minimal filter there)."""
         port, admin = free_port(), free_port()
         cfg = {"brokerCluster": "meshiam_broker", "brokerAuthority": "meshiam-broker", **(plugin or {})}
         text = render(os.path.join(ROOT, "envoy", "sidecar.yaml"),
                       NODE_ID=f"bench~{name}", POD_NAME=SIDECAR_POD["name"], POD_NAMESPACE=SIDECAR_POD["namespace"],
                       ADMIN_ADDRESS="127.0.0.1", ADMIN_PORT=admin, CAPTURE_ADDRESS="127.0.0.1", CAPTURE_PORT=port,
-                      BROKER_ADDRESS="127.0.0.1", BROKER_PORT=broker["port"], WASM_PATH=WASM,
+                      BROKER_ADDRESS="127.0.0.1", BROKER_PORT=broker["port"], WASM_PATH=wasm,
                       PLUGIN_CONFIG=json.dumps(cfg, separators=(",", ":")), PASSTHROUGH_USE_HEADER="true", HEALTH_PORT=0)
         # The load generators connect to the listener directly: no loop guard.
         doc = without_loop_guard(yaml.safe_load(text))
@@ -421,21 +422,45 @@ def bench_cold_start(stack, cfg):
 # --------------------------------------------------------------------------- 6
 
 
-def bench_sizes(stack, broker):
-    log("6/9 sizes: wasm, broker binary, Envoy RSS with and without the filter (1 and 2 workers)")
-    out = {"wasm_bytes": os.path.getsize(WASM), "broker_bytes": os.path.getsize(BROKER_BIN), "envoy_rss_kib": {}}
-    for workers in (1, 2):
-        for with_filter in (True, False):
-            name = f"envoy-size-{'filter' if with_filter else 'nofilter'}-{workers}"
-            e = stack.start_envoy(name, broker, concurrency=workers, with_filter=with_filter)
-            for _ in range(20):
-                imds_get(e["port"], "/latest/api/token", method="PUT",
-                         headers={"x-aws-ec2-metadata-token-ttl-seconds": "60"})
-            out["envoy_rss_kib"][name.removeprefix("envoy-size-")] = settle_rss(e["pid"], 0.5)
-            stack.procs.stop(name)
+def bench_sizes(stack, broker, cfg):
+    """Sizes, and what the filter's wasm VM adds to Envoy's memory: the same Envoy without a
+    filter, with the minimal proxy-wasm filter (bench/minimal-filter: an HTTP context that
+    only continues, V8's floor) in the filter's place, and with meshiam's filter, one worker,
+    in alternating rounds; then 1 and 2 workers for the cost of each further worker's VM."""
+    rounds = max(cfg["rounds"], 1) + (2 if cfg["mode"] == "full" else 0)
+    log(f"6/9 sizes: wasm, broker binary; Envoy RSS without a filter / minimal filter / meshiam "
+        f"(1 worker, {rounds} round(s)), and with 2 workers")
+    out = {"wasm_bytes": os.path.getsize(WASM), "minimal_wasm_bytes": os.path.getsize(MINIMAL_WASM),
+           "broker_bytes": os.path.getsize(BROKER_BIN), "envoy_rss_kib": {}, "rounds": rounds}
+
+    def rss(name, workers, variant):
+        kw = {"nofilter": {"with_filter": False}, "minimal": {"wasm": MINIMAL_WASM}, "filter": {}}[variant]
+        e = stack.start_envoy(name, broker, concurrency=workers, **kw)
+        for _ in range(20):
+            imds_get(e["port"], "/latest/api/token", method="PUT",
+                     headers={"x-aws-ec2-metadata-token-ttl-seconds": "60"})
+        kib = settle_rss(e["pid"], 0.5)
+        stack.procs.stop(name)
+        return kib
+
+    variants = ["nofilter", "minimal", "filter"]
+    samples = {v: [] for v in variants}
+    for r in range(rounds):
+        for v in (variants if r % 2 == 0 else list(reversed(variants))):
+            samples[v].append(rss(f"envoy-size-{v}-1", 1, v))
+    r1 = {f"{v}-1": median(samples[v]) for v in variants}
+    out["envoy_rss_kib"].update(r1)
+    out["envoy_rss_1_worker_samples_kib"] = samples
+    for v in ("filter", "nofilter"):
+        out["envoy_rss_kib"][f"{v}-2"] = rss(f"envoy-size-{v}-2", 2, v)
     r = out["envoy_rss_kib"]
     out["filter_cost_1_worker_kib"] = r["filter-1"] - r["nofilter-1"]
+    out["minimal_cost_1_worker_kib"] = r["minimal-1"] - r["nofilter-1"]
+    out["filter_vs_minimal_cost"] = out["filter_cost_1_worker_kib"] / out["minimal_cost_1_worker_kib"]
     out["filter_cost_per_extra_worker_kib"] = (r["filter-2"] - r["filter-1"]) - (r["nofilter-2"] - r["nofilter-1"])
-    log(f"    wasm {out['wasm_bytes']} B, Envoy +{out['filter_cost_1_worker_kib'] / 1024:.1f} MiB with the filter, "
-        f"+{out['filter_cost_per_extra_worker_kib'] / 1024:.1f} MiB per extra worker")
+    log(f"    wasm {out['wasm_bytes']} B (minimal {out['minimal_wasm_bytes']} B); Envoy "
+        f"+{out['filter_cost_1_worker_kib'] / 1024:.1f} MiB with the filter, "
+        f"+{out['minimal_cost_1_worker_kib'] / 1024:.1f} MiB with the minimal filter "
+        f"({out['filter_vs_minimal_cost']:.2f}×), "
+        f"{out['filter_cost_per_extra_worker_kib'] / 1024:+.1f} MiB per extra worker")
     return out

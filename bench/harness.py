@@ -26,9 +26,13 @@ BENCH = os.path.join(ROOT, "bench")
 VENV_BIN = os.path.join(ROOT, ".venv", "bin")
 ENVOY_BIN = os.path.join(VENV_BIN, "envoy")
 PYTHON = os.path.join(VENV_BIN, "python")
-BROKER_BIN = str(artifacts.BROKER_BIN)
+# MESHIAM_BENCH_BROKER / MESHIAM_BENCH_WASM measure other builds with this harness (an
+# older commit's, for BENCHMARKS.md's before/after tables).
+BROKER_BIN = os.environ.get("MESHIAM_BENCH_BROKER") or str(artifacts.BROKER_BIN)
 FLOOR_BIN = str(artifacts.FLOOR_BIN)
-WASM = str(artifacts.WASM)
+WASM = os.environ.get("MESHIAM_BENCH_WASM") or str(artifacts.WASM)
+# Benchmark 6's baseline: the smallest proxy-wasm HTTP filter (bench/minimal-filter).
+MINIMAL_WASM = str(artifacts.MINIMAL_WASM)
 WRK_LUA = os.path.join(BENCH, "wrk_report.lua")
 
 # Envoy (and the servers under test) on one core, the load generator on the other.

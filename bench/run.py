@@ -30,7 +30,7 @@ import mtlsbench  # noqa: E402
 import report  # noqa: E402
 import stackbench  # noqa: E402
 import stsmodel  # noqa: E402
-from harness import BROKER_BIN, FLOOR_BIN, ROOT, WASM, Procs, log  # noqa: E402
+from harness import BROKER_BIN, FLOOR_BIN, MINIMAL_WASM, ROOT, WASM, Procs, log  # noqa: E402
 
 FULL = {"mode": "full", "rounds": 3, "seconds": 5, "large_pods": 10_000, "cold_trials": 3,
         "cold_start_after_s": 3.0, "cold_jitter": "2s", "sim": stsmodel.FULL}
@@ -106,7 +106,8 @@ def main():
     os.makedirs(out_dir, exist_ok=True)
     # Process logs are scratch: under bench/out (git-ignored) unless --out says otherwise.
     log_dir = os.path.join(args.out, "logs") if args.out else os.path.join(ROOT, "bench", "out", cfg["mode"], "logs")
-    for binary, how in ((WASM, "make wasm"), (BROKER_BIN, "make broker"), (FLOOR_BIN, "make broker")):
+    for binary, how in ((WASM, "make wasm"), (MINIMAL_WASM, "make bench-wasm"), (BROKER_BIN, "make broker"),
+                        (FLOOR_BIN, "make broker")):
         if not os.path.exists(binary):
             sys.exit(f"missing {binary}: run {how} (make bench builds everything)")
     for tool in ("wrk", "hey", "taskset"):
@@ -154,7 +155,7 @@ def main():
         if 3 in only:
             bm["3_broker_throughput"] = B.bench_broker_throughput(stack, broker, cfg)
         if 6 in only:
-            bm["6_size"] = B.bench_sizes(stack, broker)
+            bm["6_size"] = B.bench_sizes(stack, broker, cfg)
         if only & {1, 2, 3, 6}:
             procs.stop("broker")
         if 4 in only:

@@ -9,6 +9,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use axum::body::Bytes;
 use meshiam_imds::Credentials;
 use meshiam_imds::time::format_rfc3339;
 use rand::Rng;
@@ -99,6 +100,40 @@ pub enum Served {
     Stale,
 }
 
+/// Credentials as the cache keeps and hands them out: shared (a hit copies no secret), with
+/// their IMDS document rendered once, when they arrive from STS, not on every answer.
+#[derive(PartialEq, Eq)]
+pub struct Cached {
+    pub creds: Credentials,
+    imds_json: Bytes,
+}
+
+impl Cached {
+    pub fn new(creds: Credentials) -> Self {
+        let imds_json = Bytes::from(creds.to_imds_json());
+        Self { creds, imds_json }
+    }
+
+    /// The IMDS credential document (`Credentials::to_imds_json`), shared.
+    pub fn imds_json(&self) -> Bytes {
+        self.imds_json.clone()
+    }
+}
+
+impl std::ops::Deref for Cached {
+    type Target = Credentials;
+    fn deref(&self) -> &Credentials {
+        &self.creds
+    }
+}
+
+/// Never the document: it holds the secret key and the session token.
+impl std::fmt::Debug for Cached {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.creds.fmt(f)
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Failure {
     error: StsError,
@@ -108,7 +143,7 @@ struct Failure {
 
 #[derive(Debug, Default)]
 struct SlotState {
-    creds: Option<Credentials>,
+    creds: Option<Arc<Cached>>,
     failure: Option<Failure>,
 }
 
@@ -124,7 +159,7 @@ impl Slot {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn fresh(&self, now: u64, min_left: u64) -> Option<Credentials> {
+    fn fresh(&self, now: u64, min_left: u64) -> Option<Arc<Cached>> {
         self.state()
             .creds
             .as_ref()
@@ -215,6 +250,10 @@ impl CredentialCache {
 
     fn slot(&self, req: &AssumeRoleRequest) -> Arc<Slot> {
         let mut slots = self.slots();
+        // The key is cloned only when it is new (a hit hashes it, nothing more).
+        if let Some(slot) = slots.get(req) {
+            return slot.clone();
+        }
         let slot = slots.entry(req.clone()).or_default().clone();
         self.inner.metrics.set_cache_entries(slots.len());
         slot
@@ -246,7 +285,7 @@ impl CredentialCache {
         &self,
         req: &AssumeRoleRequest,
         purpose: Purpose,
-    ) -> Result<(Credentials, Served), StsError> {
+    ) -> Result<(Arc<Cached>, Served), StsError> {
         if purpose != Purpose::Request {
             return self.get_or_fetch(req, purpose).await;
         }
@@ -272,7 +311,7 @@ impl CredentialCache {
         &self,
         req: &AssumeRoleRequest,
         purpose: Purpose,
-    ) -> Result<(Credentials, Served), StsError> {
+    ) -> Result<(Arc<Cached>, Served), StsError> {
         let min_left = self.threshold(purpose);
         let slot = self.slot(req);
         let metrics = &self.inner.metrics;
@@ -304,6 +343,7 @@ impl CredentialCache {
         let result = self.call_sts(req, purpose).await;
         match result {
             Ok(c) => {
+                let c = Arc::new(Cached::new(c));
                 let mut st = slot.state();
                 st.creds = Some(c.clone());
                 st.failure = None;
@@ -330,7 +370,7 @@ impl CredentialCache {
     }
 
     /// STS failed: still-valid credentials are better than none.
-    fn fallback(&self, slot: &Slot, e: StsError) -> Result<(Credentials, Served), StsError> {
+    fn fallback(&self, slot: &Slot, e: StsError) -> Result<(Arc<Cached>, Served), StsError> {
         let floor = self.inner.cfg.stale_floor.as_secs();
         match slot.fresh(self.inner.clock.now(), floor.max(1)) {
             Some(c) => {
@@ -483,6 +523,27 @@ mod tests {
 
     const T0: u64 = 1_767_225_600;
 
+    /// A cache entry's document is rendered once and is the credentials' IMDS document; its
+    /// `Debug` never shows the secret or the token.
+    #[test]
+    fn cached_document_and_debug() {
+        let c = Credentials {
+            access_key_id: "ASIAEXAMPLE".into(),
+            secret_access_key: "very-secret".into(),
+            token: "session-token".into(),
+            expiration: T0 + 3600,
+            last_updated: T0,
+        };
+        let cached = Cached::new(c.clone());
+        assert_eq!(&cached.imds_json()[..], c.to_imds_json().as_bytes());
+        assert_eq!(cached.access_key_id, "ASIAEXAMPLE");
+        let shown = format!("{cached:?}");
+        assert!(
+            !shown.contains("very-secret") && !shown.contains("session-token"),
+            "{shown}"
+        );
+    }
+
     fn req(role: &str) -> AssumeRoleRequest {
         AssumeRoleRequest {
             role_arn: format!("arn:aws:iam::123456789012:role/{role}"),
@@ -523,7 +584,7 @@ mod tests {
         let mut keys = HashSet::new();
         for w in waiters {
             let (c, _) = w.await.unwrap().unwrap();
-            keys.insert(c.access_key_id);
+            keys.insert(c.access_key_id.clone());
         }
         assert_eq!(sts.calls(), 1);
         assert_eq!(keys.len(), 1);

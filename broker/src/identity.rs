@@ -5,10 +5,10 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::http::HeaderMap;
-use meshiam_imds::headers;
+use axum::http::{HeaderMap, HeaderName};
 
 use crate::error::BrokerError;
+use crate::imds::names;
 use crate::limits::{PeerLimiter, Permit};
 use crate::metrics::Metrics;
 use crate::pods::{IpLookup, Pod, PodStore, canonical};
@@ -93,13 +93,13 @@ pub async fn identify(
 /// Refuses when the call-out names a different pod than the one at the caller's address.
 /// Absent headers claim nothing.
 pub fn cross_check(pod: &Pod, headers_in: &HeaderMap) -> Result<(), BrokerError> {
-    let claimed = |name: &str| {
+    let claimed = |name: &HeaderName| {
         headers_in
             .get(name)
             .map(|v| v.to_str().unwrap_or("<not UTF-8>").to_string())
     };
-    let ns = claimed(headers::POD_NAMESPACE);
-    let name = claimed(headers::POD_NAME);
+    let ns = claimed(&names::POD_NAMESPACE);
+    let name = claimed(&names::POD_NAME);
     let ns_ok = ns.as_deref().is_none_or(|n| n == pod.namespace);
     let name_ok = name.as_deref().is_none_or(|n| n == pod.name);
     if ns_ok && name_ok {

@@ -15,8 +15,8 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{ConnectInfo, Request, State};
-use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::extract::{ConnectInfo, Request};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use meshiam_imds::rules::{self, Admission, ImdsHeaders, Seen};
 use meshiam_imds::{
@@ -26,7 +26,7 @@ use serde::Serialize;
 
 use crate::Broker;
 use crate::audit::{self, AuditEvent};
-use crate::cache::{Purpose, Served};
+use crate::cache::{Cached, Purpose, Served};
 use crate::container::{ContainerError, Verdict as ContainerVerdict};
 use crate::error::BrokerError;
 use crate::identity;
@@ -107,77 +107,112 @@ pub fn token_binding(pod: &Pod) -> Vec<u8> {
     b
 }
 
+/// The request headers the broker reads, as parsed names: a lookup by `&str` parses and
+/// checks the name on every call. `pub(crate)` for the identity cross-check.
+pub(crate) mod names {
+    use axum::http::HeaderName;
+    use meshiam_imds::headers;
+
+    pub static TOKEN: HeaderName = HeaderName::from_static(headers::TOKEN);
+    pub static TOKEN_TTL: HeaderName = HeaderName::from_static(headers::TOKEN_TTL);
+    pub static FORWARDED_FOR: HeaderName = HeaderName::from_static(headers::FORWARDED_FOR);
+    pub static FILTER: HeaderName = HeaderName::from_static(headers::FILTER);
+    pub static POD_NAME: HeaderName = HeaderName::from_static(headers::POD_NAME);
+    pub static POD_NAMESPACE: HeaderName = HeaderName::from_static(headers::POD_NAMESPACE);
+}
+
 /// What a request is served with: the broker, the slots of requests waiting for an unknown
 /// address, and the slots of identified requests doing work (`--max-concurrency`).
-#[derive(Clone)]
 struct Ctx {
     broker: Arc<Broker>,
     waiters: identity::Waiters,
-    work: Arc<tokio::sync::Semaphore>,
+    work: tokio::sync::Semaphore,
 }
 
 /// The IMDS service, with request timeout, body and concurrency limits. Concurrency is
 /// counted once the caller is known: a request waiting for an unknown address holds no
 /// shared slot (its own cap is `--max-pod-waiters`), so known pods never queue behind it.
+///
+/// Every path goes to one handler, so the IMDS listener calls [`Imds::call`] directly
+/// (`server::serve_fn`), without a router in between; [`router`] wraps the same call for
+/// tests and embedding. Cheap to clone.
+#[derive(Clone)]
+pub struct Imds {
+    ctx: Arc<Ctx>,
+}
+
+impl Imds {
+    pub fn new(broker: Arc<Broker>) -> Self {
+        let limits = &broker.serve;
+        let ctx = Ctx {
+            waiters: identity::Waiters::new(
+                limits.max_pod_waiters_per_peer,
+                limits.max_pod_waiters,
+                broker.metrics.clone(),
+            ),
+            work: tokio::sync::Semaphore::new(limits.max_concurrency),
+            broker,
+        };
+        Self { ctx: Arc::new(ctx) }
+    }
+
+    /// Answers one request from `peer`. Its body is never read: a request that declares a
+    /// body over `max_body_bytes` is refused `413`; one that takes longer than
+    /// `request_timeout` is answered `504`.
+    pub async fn call<B>(&self, peer: SocketAddr, req: http::Request<B>) -> Response {
+        let serve = &self.ctx.broker.serve;
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok());
+        if declared.is_some_and(|n| n > serve.max_body_bytes as u64) {
+            return text(StatusCode::PAYLOAD_TOO_LARGE, "length limit exceeded");
+        }
+        let (parts, _body) = req.into_parts();
+        match tokio::time::timeout(serve.request_timeout, handle(&self.ctx, peer, parts)).await {
+            Ok(r) => r,
+            Err(_) => StatusCode::GATEWAY_TIMEOUT.into_response(),
+        }
+    }
+}
+
+/// [`Imds`] as an axum router (the caller's address from `ConnectInfo`).
 pub fn router(broker: Arc<Broker>) -> Router {
-    let limits = broker.serve.clone();
-    let ctx = Ctx {
-        waiters: identity::Waiters::new(
-            limits.max_pod_waiters_per_peer,
-            limits.max_pod_waiters,
-            broker.metrics.clone(),
-        ),
-        work: Arc::new(tokio::sync::Semaphore::new(limits.max_concurrency)),
-        broker,
-    };
-    Router::new()
-        .fallback(handle)
-        .with_state(ctx)
-        .layer(tower_http::limit::RequestBodyLimitLayer::new(
-            limits.max_body_bytes,
-        ))
-        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
-            StatusCode::GATEWAY_TIMEOUT,
-            limits.request_timeout,
-        ))
+    let imds = Imds::new(broker);
+    Router::new().fallback(
+        move |ConnectInfo(peer): ConnectInfo<SocketAddr>, req: Request| async move {
+            imds.call(peer, req).await
+        },
+    )
 }
 
 /// What the audit line needs, filled in as the request goes.
 #[derive(Default)]
 struct Trail {
     pod: Option<Arc<Pod>>,
-    decision: Option<Decision>,
-    access_key_id: Option<String>,
+    decision: Option<Arc<Decision>>,
+    /// What was handed out (the audit line names its access key id).
+    issued: Option<Arc<Cached>>,
     served: Option<Served>,
     /// The verified SPIFFE ID of the connection's workload certificate.
     peer_identity: Option<String>,
 }
 
-async fn handle(
-    State(ctx): State<Ctx>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    req: Request,
-) -> Response {
-    let (parts, _body) = req.into_parts();
-    // Set by the IMDS listener; absent (a plain caller) when the router is driven directly.
+async fn handle(ctx: &Ctx, peer: SocketAddr, parts: http::request::Parts) -> Response {
+    // Set by the IMDS listener on a TLS connection; absent on a plain one.
     let transport = parts.extensions.get::<Transport>().cloned();
-    let path = parts
-        .uri
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/")
-        .to_string();
-    let class = classify(&path);
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let class = classify(path);
     let caller = canonical(peer.ip());
     // Informational only (audit): any caller can send the marker.
     let claimed_filter = filter_claim(&parts.headers);
     let mut trail = Trail::default();
     let broker = &ctx.broker;
     // The container-credentials door (EKS Pod Identity's path) has rules of its own.
-    let container = container::is_path(&path);
+    let container = container::is_path(path);
     let result = if container {
         serve_container(
-            &ctx,
+            ctx,
             &mut trail,
             &parts.method,
             &parts.headers,
@@ -187,7 +222,7 @@ async fn handle(
         .await
     } else {
         serve(
-            &ctx,
+            ctx,
             &mut trail,
             &parts.method,
             &class,
@@ -213,7 +248,7 @@ async fn handle(
                 audit::record(&event(
                     &trail,
                     caller,
-                    &path,
+                    path,
                     outcome,
                     200,
                     &claimed_filter,
@@ -240,7 +275,7 @@ async fn handle(
             audit::record(&event(
                 &trail,
                 caller,
-                &path,
+                path,
                 reason,
                 status,
                 &claimed_filter,
@@ -279,7 +314,7 @@ fn event<'a>(
         pod: t.pod.as_deref().map(|p| p.name.as_str()),
         role_arn: t.decision.as_ref().map(|d| d.role_arn.as_str()),
         session_name: t.decision.as_ref().map(|d| d.request.session_name.as_str()),
-        access_key_id: t.access_key_id.as_deref(),
+        access_key_id: t.issued.as_deref().map(|c| c.access_key_id.as_str()),
         path,
         outcome,
         status,
@@ -292,7 +327,7 @@ fn event<'a>(
 /// The `x-meshiam-filter` value a caller sent, cut to safe characters for the audit line.
 /// It proves nothing and changes no rule.
 fn filter_claim(h: &HeaderMap) -> String {
-    h.get(headers::FILTER)
+    h.get(&names::FILTER)
         .map(|v| {
             let s: String = v
                 .as_bytes()
@@ -318,20 +353,20 @@ fn text(status: StatusCode, body: impl Into<Body>) -> Response {
         .into_response()
 }
 
-fn json(body: String) -> Response {
+fn json(body: impl Into<Body>) -> Response {
     (
         StatusCode::OK,
         [(
             header::CONTENT_TYPE,
             HeaderValue::from_static(headers::APPLICATION_JSON),
         )],
-        body,
+        body.into(),
     )
         .into_response()
 }
 
 /// Every value of one header: a header sent twice is refused, never read as its first copy.
-fn seen<'a>(req_headers: &'a HeaderMap, name: &str) -> Seen<'a> {
+fn seen<'a>(req_headers: &'a HeaderMap, name: &HeaderName) -> Seen<'a> {
     Seen::of(
         req_headers
             .get_all(name)
@@ -350,11 +385,10 @@ async fn serve(
     transport: Option<&Transport>,
 ) -> Result<Response, BrokerError> {
     let broker = &*ctx.broker;
-    let header = |name: &str| req_headers.get(name).and_then(|v| v.to_str().ok());
     let imds_headers = ImdsHeaders {
-        ttl: seen(req_headers, headers::TOKEN_TTL),
-        token: seen(req_headers, headers::TOKEN),
-        forwarded_for: req_headers.contains_key(headers::FORWARDED_FOR),
+        ttl: seen(req_headers, &names::TOKEN_TTL),
+        token: seen(req_headers, &names::TOKEN),
+        forwarded_for: req_headers.contains_key(&names::FORWARDED_FOR),
     };
     let admission = admit(method.as_str(), class, &imds_headers).map_err(BrokerError::Imds)?;
     // Every answer below, the token PUT included, rests on the caller's address: not while
@@ -376,7 +410,7 @@ async fn serve(
             .issue(now, ttl, &token_binding(&pod), &Broker::token_nonce());
         let mut r = text(StatusCode::OK, token);
         r.headers_mut()
-            .insert(headers::TOKEN_TTL, HeaderValue::from(ttl));
+            .insert(names::TOKEN_TTL.clone(), HeaderValue::from(ttl));
         return Ok(r);
     }
 
@@ -395,7 +429,7 @@ async fn serve(
 
     // The token rule, the same for every read: checked against the pod at the address now,
     // so a token issued to a pod that is gone is refused for the pod that took its address.
-    let token = header(headers::TOKEN);
+    let token = req_headers.get(&names::TOKEN).and_then(|v| v.to_str().ok());
     let required = token_required(broker.serve.direct_mode, &pod);
     check_session(token, &broker.issuer, now, &token_binding(&pod), required)
         .map_err(BrokerError::Imds)?;
@@ -440,9 +474,10 @@ async fn serve(
                 .cache
                 .get(&decision.request, Purpose::Request)
                 .await?;
-            trail.access_key_id = Some(c.access_key_id.clone());
+            let doc = c.imds_json();
+            trail.issued = Some(c);
             trail.served = Some(served);
-            Ok(json(c.to_imds_json()))
+            Ok(json(doc))
         }
         // Answered from the node's IMDS above; the container door is `serve_container`.
         Resource::Allowed(_) | Resource::ContainerCredentials(_) => {
@@ -478,16 +513,21 @@ fn peer_check(
     }
 }
 
-/// The pod's role by the policy, refused when its namespace does not permit it.
-fn decide(broker: &Broker, trail: &mut Trail, pod: &Pod) -> Result<Decision, BrokerError> {
+/// The pod's role by the policy (remembered per pod object, see
+/// `RolePolicy::evaluate_cached`), refused when its namespace does not permit it.
+fn decide(
+    broker: &Broker,
+    trail: &mut Trail,
+    pod: &Arc<Pod>,
+) -> Result<Arc<Decision>, BrokerError> {
     let ns = broker.store.namespace(&pod.namespace);
-    let decision = broker.policy.evaluate(pod, ns.as_deref())?;
+    let decision = broker.policy.evaluate_cached(pod, ns.as_ref())?;
     // Keep what we know for the audit line even when the restriction refuses.
     trail.decision = Some(decision.clone());
     if !decision.verdict.permitted {
         return Err(PolicyError::NotPermitted {
             role_arn: decision.role_arn.to_string(),
-            rule: decision.verdict.rule,
+            rule: decision.verdict.rule.clone(),
         }
         .into());
     }
@@ -511,11 +551,11 @@ async fn serve_container(
     if method != Method::GET && method != Method::HEAD {
         return Err(BrokerError::Imds(rules::METHOD_NOT_ALLOWED));
     }
-    let session = seen(req_headers, headers::TOKEN);
+    let session = seen(req_headers, &names::TOKEN);
     if session == Seen::Repeated {
         return Err(BrokerError::Imds(rules::REPEATED_HEADER));
     }
-    let auth = match seen(req_headers, container::AUTHORIZATION) {
+    let auth = match seen(req_headers, &header::AUTHORIZATION) {
         Seen::Repeated => return Err(ContainerError::TokenRepeated.into()),
         Seen::Absent => return Err(ContainerError::TokenMissing.into()),
         Seen::Once(v) => match container::token(v) {
@@ -570,9 +610,9 @@ async fn serve_container(
         .cache
         .get(&decision.request, Purpose::Request)
         .await?;
-    trail.access_key_id = Some(c.access_key_id.clone());
-    trail.served = Some(served);
     let body = container::render(&c, container::account_of(decision.role_arn.as_str()));
+    trail.issued = Some(c);
+    trail.served = Some(served);
     let mut r = json(body);
     r.headers_mut()
         .insert(container::TOKEN_EXPIRES, HeaderValue::from(reviewed.until));

@@ -199,9 +199,13 @@ async fn main() {
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let imds = meshiam_broker::server::serve_with_tls(
+    let service = meshiam_broker::imds::Imds::new(broker.clone());
+    let imds = meshiam_broker::server::serve_fn(
         imds_listener,
-        meshiam_broker::router(broker.clone()),
+        move |peer, req| {
+            let service = service.clone();
+            async move { service.call(peer, req).await }
+        },
         cfg.conn_limits(),
         broker.metrics.clone(),
         tls,

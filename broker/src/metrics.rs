@@ -10,43 +10,45 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+// Label values are `&'static str`: every one is a fixed word (a path kind, a reason code), and
+// counting a request then allocates nothing.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     /// What the path asked for (`credentials`, `role_list`, `token`, …).
-    pub path: String,
+    pub path: &'static str,
     /// `ok` or the refusal's reason code.
-    pub outcome: String,
+    pub outcome: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StsLabels {
     /// `ok`, `throttled`, `denied`, `unavailable`, `timeout`.
-    pub result: String,
+    pub result: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PurposeLabels {
     /// `request`, `prefetch`, `refresh`.
-    pub purpose: String,
+    pub purpose: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct LimitLabels {
     /// `per-peer` or `total`.
-    pub limit: String,
+    pub limit: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
-    pub result: String,
+    pub result: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReloadLabels {
     /// `roots` or `certificate`.
-    pub what: String,
+    pub what: &'static str,
     /// `ok` or `invalid`.
-    pub result: String,
+    pub result: &'static str,
 }
 
 struct Inner {
@@ -234,22 +236,17 @@ impl Metrics {
         }
     }
 
-    pub fn request(&self, path: &str, outcome: &str) {
+    pub fn request(&self, path: &'static str, outcome: &'static str) {
         self.inner
             .requests
-            .get_or_create(&RequestLabels {
-                path: path.to_string(),
-                outcome: outcome.to_string(),
-            })
+            .get_or_create(&RequestLabels { path, outcome })
             .inc();
     }
 
-    pub fn sts_call(&self, result: &str, seconds: f64) {
+    pub fn sts_call(&self, result: &'static str, seconds: f64) {
         self.inner
             .sts_calls
-            .get_or_create(&StsLabels {
-                result: result.to_string(),
-            })
+            .get_or_create(&StsLabels { result })
             .inc();
         self.inner.sts_latency.observe(seconds);
     }
@@ -258,21 +255,17 @@ impl Metrics {
         self.inner.cache_hits.inc();
     }
 
-    pub fn cache_miss(&self, purpose: &str) {
+    pub fn cache_miss(&self, purpose: &'static str) {
         self.inner
             .cache_misses
-            .get_or_create(&PurposeLabels {
-                purpose: purpose.to_string(),
-            })
+            .get_or_create(&PurposeLabels { purpose })
             .inc();
     }
 
-    pub fn cache_refresh(&self, purpose: &str) {
+    pub fn cache_refresh(&self, purpose: &'static str) {
         self.inner
             .cache_refreshes
-            .get_or_create(&PurposeLabels {
-                purpose: purpose.to_string(),
-            })
+            .get_or_create(&PurposeLabels { purpose })
             .inc();
     }
 
@@ -293,12 +286,10 @@ impl Metrics {
     }
 
     /// One container-credentials token check (`authenticated`, `refused`, `error`, `cached`).
-    pub fn token_review(&self, result: &str) {
+    pub fn token_review(&self, result: &'static str) {
         self.inner
             .token_reviews
-            .get_or_create(&StsLabels {
-                result: result.to_string(),
-            })
+            .get_or_create(&StsLabels { result })
             .inc();
     }
 
@@ -314,12 +305,10 @@ impl Metrics {
         self.inner.connections.set(n as i64);
     }
 
-    pub fn connection_refused(&self, limit: &str) {
+    pub fn connection_refused(&self, limit: &'static str) {
         self.inner
             .connections_refused
-            .get_or_create(&LimitLabels {
-                limit: limit.to_string(),
-            })
+            .get_or_create(&LimitLabels { limit })
             .inc();
     }
 
@@ -327,31 +316,24 @@ impl Metrics {
         self.inner.pod_waiters.set(n as i64);
     }
 
-    pub fn mtls_connection(&self, result: &str) {
+    pub fn mtls_connection(&self, result: &'static str) {
         self.inner
             .mtls_connections
-            .get_or_create(&ResultLabels {
-                result: result.to_string(),
-            })
+            .get_or_create(&ResultLabels { result })
             .inc();
     }
 
-    pub fn mtls_check(&self, result: &str) {
+    pub fn mtls_check(&self, result: &'static str) {
         self.inner
             .mtls_checks
-            .get_or_create(&ResultLabels {
-                result: result.to_string(),
-            })
+            .get_or_create(&ResultLabels { result })
             .inc();
     }
 
-    pub fn mtls_reload(&self, what: &str, result: &str) {
+    pub fn mtls_reload(&self, what: &'static str, result: &'static str) {
         self.inner
             .mtls_reloads
-            .get_or_create(&ReloadLabels {
-                what: what.to_string(),
-                result: result.to_string(),
-            })
+            .get_or_create(&ReloadLabels { what, result })
             .inc();
     }
 

@@ -2,8 +2,9 @@
 //! restrictions (kube2iam's `allowed-roles` globs or regexps, kiam's `permitted` regex),
 //! each matched exactly as the project it comes from matches it.
 
-use std::collections::BTreeMap;
-use std::sync::{Mutex, RwLock};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 
 use serde::Serialize;
 use thiserror::Error;
@@ -323,6 +324,70 @@ pub enum PolicyError {
     NotPermitted { role_arn: String, rule: String },
 }
 
+/// The remembered decisions of [`RolePolicy::evaluate_cached`], by pod `Arc`. Each entry
+/// holds its pod's `Arc`, so the address it is keyed by cannot be reused by another pod while
+/// the entry exists; entries whose pod only the memo still holds (gone from the store) are
+/// dropped whenever the memo has doubled since the last sweep.
+#[derive(Debug, Default)]
+struct Memo {
+    entries: HashMap<usize, MemoEntry>,
+    sweep_at: usize,
+}
+
+#[derive(Debug)]
+struct MemoEntry {
+    pod: Arc<Pod>,
+    ns: Option<Arc<Namespace>>,
+    generation: u64,
+    decision: Arc<Decision>,
+}
+
+impl Memo {
+    fn get(
+        &self,
+        pod: &Arc<Pod>,
+        ns: Option<&Arc<Namespace>>,
+        generation: u64,
+    ) -> Option<Arc<Decision>> {
+        let e = self.entries.get(&(Arc::as_ptr(pod) as usize))?;
+        let same_ns = match (&e.ns, ns) {
+            (None, None) => true,
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        };
+        (Arc::ptr_eq(&e.pod, pod) && same_ns && e.generation == generation)
+            .then(|| e.decision.clone())
+    }
+
+    fn put(
+        &mut self,
+        pod: &Arc<Pod>,
+        ns: Option<&Arc<Namespace>>,
+        generation: u64,
+        decision: Arc<Decision>,
+    ) {
+        if self.entries.len() >= self.sweep_at {
+            self.entries.retain(|_, e| Arc::strong_count(&e.pod) > 1);
+            self.sweep_at = (2 * self.entries.len()).max(64);
+        }
+        self.entries.insert(
+            Arc::as_ptr(pod) as usize,
+            MemoEntry {
+                pod: pod.clone(),
+                ns: ns.cloned(),
+                generation,
+                decision,
+            },
+        );
+    }
+}
+
+/// The memo stays consistent even if a holder panicked (each update is one insert), so a
+/// poisoned lock is used as it is.
+fn lock(m: &Mutex<Memo>) -> std::sync::MutexGuard<'_, Memo> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// What the operator configured.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PolicyConfig {
@@ -364,12 +429,20 @@ impl Default for PolicyConfig {
 pub struct RolePolicy {
     cfg: PolicyConfig,
     base: RwLock<Option<BaseArn>>,
+    /// Bumped whenever the base ARN changes: decisions made before are out of date.
+    base_generation: AtomicU64,
+    memo: Mutex<Memo>,
 }
 
 impl RolePolicy {
     pub fn new(cfg: PolicyConfig) -> Self {
         let base = RwLock::new(cfg.base_arn.clone());
-        Self { cfg, base }
+        Self {
+            cfg,
+            base,
+            base_generation: AtomicU64::new(0),
+            memo: Mutex::default(),
+        }
     }
 
     pub fn config(&self) -> &PolicyConfig {
@@ -382,6 +455,26 @@ impl RolePolicy {
 
     pub fn set_base_arn(&self, base: BaseArn) {
         *self.base.write().unwrap_or_else(|e| e.into_inner()) = Some(base);
+        self.base_generation.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// [`Self::evaluate`], remembered per pod: a pod's decision depends only on the pod, its
+    /// namespace, the base ARN and the configuration, and the pod store replaces a pod's (or
+    /// namespace's) `Arc` whenever it changes. So while the same `Arc`s come back with the
+    /// same base ARN, the remembered decision is the one `evaluate` would make, without its
+    /// string work on every request. Refusals (`Err`) are not remembered.
+    pub fn evaluate_cached(
+        &self,
+        pod: &Arc<Pod>,
+        ns: Option<&Arc<Namespace>>,
+    ) -> Result<Arc<Decision>, PolicyError> {
+        let generation = self.base_generation.load(Ordering::SeqCst);
+        if let Some(d) = lock(&self.memo).get(pod, ns, generation) {
+            return Ok(d);
+        }
+        let decision = Arc::new(self.evaluate(pod, ns.map(|n| &**n))?);
+        lock(&self.memo).put(pod, ns, generation, decision.clone());
+        Ok(decision)
     }
 
     /// A role annotation (or the default role) as a full ARN.
@@ -751,6 +844,54 @@ mod tests {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect::<BTreeMap<_, _>>(),
         )
+    }
+
+    /// The remembered decision is the one `evaluate` makes, for the same pod and namespace
+    /// objects and base ARN only; a changed pod, namespace or base ARN is decided again.
+    #[test]
+    fn remembered_decisions_follow_the_pod_namespace_and_base_arn() {
+        let p = policy(Restriction::AllowedRoles);
+        let a = Arc::new(pod(&[(ROLE, "app")]));
+        let allowing = Arc::new(ns(&[(ALLOWED_ROLES, r#"["app"]"#)]));
+        let first = p.evaluate_cached(&a, Some(&allowing)).unwrap();
+        assert_eq!(*first, p.evaluate(&a, Some(&allowing)).unwrap());
+        assert!(first.verdict.permitted);
+        let again = p.evaluate_cached(&a, Some(&allowing)).unwrap();
+        assert!(Arc::ptr_eq(&first, &again), "same objects: remembered");
+
+        // The namespace changed (a new object): decided again, now refused.
+        let denying = Arc::new(ns(&[(ALLOWED_ROLES, r#"["other"]"#)]));
+        assert!(
+            !p.evaluate_cached(&a, Some(&denying))
+                .unwrap()
+                .verdict
+                .permitted
+        );
+        assert!(!p.evaluate_cached(&a, None).unwrap().verdict.permitted);
+
+        // The pod changed (a new object with another role).
+        let b = Arc::new(pod(&[(ROLE, "other")]));
+        let d = p.evaluate_cached(&b, Some(&denying)).unwrap();
+        assert_eq!(d.role_name(), "other");
+        assert!(d.verdict.permitted);
+
+        // The base ARN changed: decided again under the new one.
+        p.set_base_arn(BaseArn::parse("arn:aws:iam::210987654321:role/").unwrap());
+        let d = p.evaluate_cached(&a, Some(&allowing)).unwrap();
+        assert_eq!(d.role_arn.as_str(), "arn:aws:iam::210987654321:role/app");
+
+        // Refusals are never remembered, and pods gone from everywhere else are swept.
+        let none = Arc::new(pod(&[]));
+        assert_eq!(p.evaluate_cached(&none, None), Err(PolicyError::NoRole));
+        drop((a, b));
+        for _ in 0..100 {
+            let fresh = Arc::new(pod(&[(ROLE, "app")]));
+            p.evaluate_cached(&fresh, None).unwrap();
+        }
+        assert!(
+            lock(&p.memo).entries.len() <= 64,
+            "entries of dropped pods are swept"
+        );
     }
 
     #[test]

@@ -23,12 +23,14 @@
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::ConnectInfo;
+use axum::response::Response;
+use futures::FutureExt;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -77,7 +79,7 @@ content-length: 33\r\n\
 too many connections, retry later";
 
 /// Serves `app` on `listener` until `shutdown` completes, then lets open connections finish
-/// for up to 10 s.
+/// for up to 10 s. The caller's address reaches `app` as `ConnectInfo<SocketAddr>`.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
@@ -88,7 +90,8 @@ pub async fn serve(
     serve_with_tls(listener, app, limits, metrics, None, shutdown).await;
 }
 
-/// [`serve`], terminating TLS on connections that begin with a handshake when `tls` is set.
+/// [`serve`], terminating TLS on connections that begin with a handshake when `tls` is set
+/// (a TLS connection's requests carry its [`Transport`] as an extension).
 pub async fn serve_with_tls(
     listener: TcpListener,
     app: Router,
@@ -97,6 +100,29 @@ pub async fn serve_with_tls(
     tls: Option<TlsTerminator>,
     shutdown: impl Future<Output = ()>,
 ) {
+    let handler = move |peer: SocketAddr, mut req: hyper::Request<Incoming>| {
+        req.extensions_mut().insert(ConnectInfo(peer));
+        app.clone()
+            .oneshot(req)
+            .map(|r| r.unwrap_or_else(|e| match e {}))
+    };
+    serve_fn(listener, handler, limits, metrics, tls, shutdown).await;
+}
+
+/// [`serve_with_tls`] with a plain function of the caller's address and the request, such as
+/// [`crate::imds::Imds::call`]: no router in between. A TLS connection's requests carry its
+/// [`Transport`] as an extension; a plain connection's carry none.
+pub async fn serve_fn<H, F>(
+    listener: TcpListener,
+    handler: H,
+    limits: ConnLimits,
+    metrics: Metrics,
+    tls: Option<TlsTerminator>,
+    shutdown: impl Future<Output = ()>,
+) where
+    H: Fn(SocketAddr, hyper::Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response> + Send + 'static,
+{
     let slots = PeerLimiter::new(limits.max_connections_per_peer, limits.max_connections);
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
@@ -131,12 +157,12 @@ pub async fn serve_with_tls(
             }
         };
         metrics.set_connections(slots.in_use());
-        let (app, http, watcher) = (app.clone(), http.clone(), graceful.watcher());
+        let (handler, http, watcher) = (handler.clone(), http.clone(), graceful.watcher());
         let (metrics, slots, tls) = (metrics.clone(), slots.clone(), tls.clone());
         let handshake_timeout = limits.header_read_timeout;
         tokio::spawn(async move {
             let conn = Conn {
-                app,
+                handler,
                 http,
                 watcher,
                 peer,
@@ -198,29 +224,35 @@ async fn begin(stream: TcpStream, tls: &TlsTerminator) -> std::io::Result<Begun>
 }
 
 /// One accepted connection's HTTP side.
-struct Conn {
-    app: Router,
+struct Conn<H> {
+    handler: H,
     http: hyper::server::conn::http1::Builder,
     watcher: hyper_util::server::graceful::Watcher,
-    peer: std::net::SocketAddr,
+    peer: SocketAddr,
 }
 
-impl Conn {
+impl<H, F> Conn<H>
+where
+    H: Fn(SocketAddr, hyper::Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response> + Send + 'static,
+{
     async fn serve<I>(self, io: I, transport: Transport)
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let Conn {
-            app,
+            handler,
             http,
             watcher,
             peer,
         } = self;
+        let tls = matches!(transport, Transport::Tls(_));
         let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
-            req.extensions_mut().insert(ConnectInfo(peer));
-            req.extensions_mut().insert(transport.clone());
-            let app = app.clone();
-            async move { Ok::<_, Infallible>(app.oneshot(req).await.unwrap_or_else(|e| match e {})) }
+            // Plain requests carry nothing: the handler takes no extension as plain.
+            if tls {
+                req.extensions_mut().insert(transport.clone());
+            }
+            handler(peer, req).map(Ok::<_, Infallible>)
         });
         // Errors here are the peer's doing (reset, header timeout, bad request).
         let _ = watcher

@@ -11,9 +11,9 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
-from tests.stacklib.artifacts import BROKER_BIN, FLOOR_BIN, WASM  # noqa: E402
+from tests.stacklib.artifacts import BROKER_BIN, FLOOR_BIN, MINIMAL_WASM, WASM  # noqa: E402
 
-ARTEFACTS = [WASM, BROKER_BIN, FLOOR_BIN]
+ARTEFACTS = [WASM, MINIMAL_WASM, BROKER_BIN, FLOOR_BIN]
 LATENCY_KEYS = {"1", "5", "10", "25", "50", "75", "90", "95", "99", "99.9"}
 
 
@@ -83,7 +83,12 @@ def test_memory_cold_start_size(results):
     assert b5["modes"]["without_prefetch"]["worst_first_credentials_ms"] >= b5["sts_delay_ms"]
     b6 = results["benchmarks"]["6_size"]
     assert b6["wasm_bytes"] > 0 and b6["broker_bytes"] > 0
-    assert set(b6["envoy_rss_kib"]) == {"filter-1", "nofilter-1", "filter-2", "nofilter-2"}
+    # The minimal filter (the baseline of the VM's memory) is smaller than meshiam's.
+    assert 0 < b6["minimal_wasm_bytes"] < b6["wasm_bytes"]
+    assert set(b6["envoy_rss_kib"]) == {"filter-1", "minimal-1", "nofilter-1", "filter-2", "nofilter-2"}
+    # Each side measured in every round, and a wasm VM costs Envoy memory.
+    assert all(len(s) == b6["rounds"] for s in b6["envoy_rss_1_worker_samples_kib"].values())
+    assert b6["minimal_cost_1_worker_kib"] > 0 and b6["filter_vs_minimal_cost"] > 0
 
 
 def test_sts_model(results):

@@ -16,3 +16,5 @@ KUBE_DOUBLE_BIN = RELEASE_DIR / "meshiam-kube-double"
 SDK_CLIENT_BIN = RELEASE_DIR / "examples" / "sdk_client"
 FLOOR_BIN = RELEASE_DIR / "examples" / "bench_floor"
 WASM = ROOT / "target" / "wasm32-wasip1" / "release" / "meshiam_filter.wasm"
+# Benchmark 6's baseline, the smallest proxy-wasm HTTP filter (bench/minimal-filter).
+MINIMAL_WASM = ROOT / "target" / "wasm32-wasip1" / "release" / "meshiam_bench_minimal_filter.wasm"
