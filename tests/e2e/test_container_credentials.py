@@ -23,7 +23,7 @@ from tests.stacklib.state import STATE_FILE  # noqa: E402
 pytestmark = pytest.mark.usefixtures("default_stack")
 
 FULL_URI = "http://169.254.170.23/v1/credentials"
-SDK_CLIENT = ROOT / "target/release/examples/sdk_client"
+from tests.stacklib.artifacts import SDK_CLIENT_BIN as SDK_CLIENT  # noqa: E402
 
 
 @pytest.fixture(scope="module")
