@@ -89,6 +89,10 @@ def main(wasm, logdir):
                 got["curl"] = app_curl(f"http://169.254.169.254{ROLE_LIST}")
                 got["other_host"] = app_curl("-H", "Host: imds.example", f"http://169.254.169.254{ROLE_LIST}")
                 got["broker_calls"] = len(broker.requests) - calls
+                # The metadata Host on a connection to another address.
+                calls = len(broker.requests)
+                got["host_elsewhere"] = app_curl("-H", "Host: 169.254.169.254", f"http://{ELSEWHERE_IP}{ROLE_LIST}")
+                got["host_elsewhere_broker_calls"] = len(broker.requests) - calls
                 before = vm_calls(envoy)
                 got["ordinary"] = [app_curl(f"http://{ELSEWHERE_IP}/app") for _ in range(5)]
                 envoy.stop()  # the trace lines of the last stream are written by now
