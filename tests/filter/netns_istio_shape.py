@@ -91,7 +91,9 @@ def main(wasm, logdir):
                 got["broker_calls"] = len(broker.requests) - calls
                 # The metadata Host on a connection to another address.
                 calls = len(broker.requests)
-                got["host_elsewhere"] = app_curl("-H", "Host: 169.254.169.254", f"http://{ELSEWHERE_IP}{ROLE_LIST}")
+                # (From the pod's address: 198.18.2.1 is local here, and would be the source.)
+                got["host_elsewhere"] = app_curl("--interface", POD_IP, "-H", "Host: 169.254.169.254",
+                                                 f"http://{ELSEWHERE_IP}{ROLE_LIST}")
                 got["host_elsewhere_broker_calls"] = len(broker.requests) - calls
                 before = vm_calls(envoy)
                 got["ordinary"] = [app_curl(f"http://{ELSEWHERE_IP}/app") for _ in range(5)]
