@@ -1,6 +1,7 @@
 """Turns bench/results.json into the targets verdict, the console table, the latency chart
 (SVG written by hand, no plotting library) and BENCHMARKS.md."""
 
+import json
 import math
 import os
 
@@ -24,9 +25,14 @@ def targets(results):
             t.append({"benchmark": bench, "what": what, "value": value, "target": target, "met": bool(ok), "unit": unit})
 
     v = _get(b, "1_filter_overhead", "throughput_ratio")
-    add(1, "throughput with the filter / without", v, "≥ 0.97", v is not None and v >= 0.97, "×")
+    add(1, "throughput with the filter / without", v, "≥ 0.99", v is not None and v >= 0.99, "×")
     v = _get(b, "1_filter_overhead", "added_p50_us")
-    add(1, "added p50 latency", v, "≤ 20 µs", v is not None and v <= 20, "µs")
+    add(1, "added p50 latency", v, "≤ 2 µs", v is not None and v <= 2, "µs")
+    v = _get(b, "1_filter_overhead", "istio", "istio-shape-scoped", "throughput_ratio")
+    add(1, "Istio shape, shipped scoping: throughput with the filter / without", v, "≥ 0.97",
+        v is not None and v >= 0.97, "×")
+    v = _get(b, "1_filter_overhead", "istio", "istio-shape-scoped", "added_p50_us")
+    add(1, "Istio shape, shipped scoping: added p50 latency", v, "≤ 10 µs", v is not None and v <= 10, "µs")
     v = _get(b, "2_answer_latency", "sidecar_cache_hit_p50_vs_floor")
     add(2, "sidecar-cache hit p50 / direct_response floor", v, "≤ 1.5×", v is not None and v <= 1.5, "×")
     v = _get(b, "2_answer_latency", "broker_cache_hit_p99_us")
@@ -105,10 +111,21 @@ def rows(results):
     if x:
         w, wo = x["throughput"]["with_filter"], x["throughput"]["without_filter"]
         out.append(("1 filter overhead", "req/s, wrk -c16", f"{w['rps']:,.0f}", f"{wo['rps']:,.0f} (no filter)",
-                    f"{x['throughput_ratio']:.3f}"))
+                    f"{x['throughput_ratio']:.3f}" + (f" (CPU/req {x['cpu_ratio']:.2f}×)" if "cpu_ratio" in x else "")))
         w, wo = x["latency"]["with_filter"]["latency_us"], x["latency"]["without_filter"]["latency_us"]
         out.append(("", "p50 / p99 µs, wrk -c1", f"{w['50']:.0f} / {w['99']:.0f}", f"{wo['50']:.0f} / {wo['99']:.0f}",
-                    f"+{x['added_p50_us']:.0f} µs p50"))
+                    f"{x['added_p50_us']:+.0f} µs p50"))
+        for shape, label in (("istio-shape-scoped", "Istio shape, shipped (filter on 169.254.169.254_80 only)"),
+                             ("istio-shape", "Istio shape, WasmPlugin on port 80 (before)")):
+            y = _get(x, "istio", shape)
+            if not y:
+                continue
+            w, wo = y["throughput"]["with_filter"], y["throughput"]["without_filter"]
+            out.append(("", f"{label}: req/s, wrk -c16", f"{w['rps']:,.0f}", f"{wo['rps']:,.0f} (no filter)",
+                        f"{y['throughput_ratio']:.3f}" + (f" (CPU/req {y['cpu_ratio']:.2f}×)" if "cpu_ratio" in y else "")))
+            w, wo = y["latency"]["with_filter"]["latency_us"], y["latency"]["without_filter"]["latency_us"]
+            out.append(("", f"{label}: p50 / p99 µs, wrk -c1", f"{w['50']:.0f} / {w['99']:.0f}",
+                        f"{wo['50']:.0f} / {wo['99']:.0f}", f"{y['added_p50_us']:+.0f} µs p50"))
     x = b.get("2_answer_latency")
     if x:
         lat = x["latency"]
@@ -349,9 +366,41 @@ def write_markdown(results, path, chart_rel):
             .replace("{{SOAK}}", soak_section(os.path.join(here, "soak.json")))
             .replace("{{HOSTILE_BEFORE}}", hostile_before_after(results, os.path.join(here, "hostile_before.json")))
             .replace("{{PERF_BEFORE}}", perf_before_after(results, os.path.join(here, "perf_before.json")))
+            .replace("{{FILTER_BEFORE}}", filter_before_after(results, os.path.join(here, "filter_overhead_before.json")))
             .replace("{{PARTIAL}}\n", partial_runs(results) + "\n" if partial_runs(results) else ""))
     with open(path, "w") as f:
         f.write(text)
+
+
+def filter_before_after(results, before_path):
+    """Benchmark 1 of this run next to the same benchmark before issue 14
+    (bench/filter_overhead_before.json: the filter on every HTTP request of the sidecar)."""
+    x = _get(results, "benchmarks", "1_filter_overhead")
+    if not x or not os.path.exists(before_path):
+        return "(benchmark 1 not measured)"
+    with open(before_path) as f:
+        before = json.load(f)
+    y = before["benchmarks"]["1_filter_overhead"]
+    scoped, plugin = _get(x, "istio", "istio-shape-scoped"), _get(x, "istio", "istio-shape")
+
+    def pair(r):
+        if not r:
+            return "—"
+        cpu = f" / CPU {r['cpu_ratio']:.2f}×" if "cpu_ratio" in r else ""
+        return f"{r['throughput_ratio']:.3f}× / {r['added_p50_us']:+.0f} µs{cpu}"
+
+    return "\n".join([
+        f"Ordinary traffic, throughput ratio (wrk -c16) / added p50 (wrk -c1) / the Envoy's CPU time per "
+        "request (this run only), each against the same Envoy without the filter in the same run, the median of "
+        f"the per-round figures; before: commit `{before['git']}`, {before['date']} "
+        "(`bench/filter_overhead_before.json`).", "",
+        "| configuration | before issue 14 | this run | target |",
+        "|---|---|---|---|",
+        f"| `envoy/sidecar.yaml` (plain Envoy) | {pair(y)} (filter on every request) | {pair(x)} (filter on the "
+        "metadata chain only) | ≥ 0.99× / ≤ 2 µs |",
+        f"| Istio shape, shipped scoping (`envoy/istio-shape-scoped.yaml`) | {pair(plugin)} (WasmPlugin on port 80, "
+        f"this run) | {pair(scoped)} | ≥ 0.97× / ≤ 10 µs |",
+    ])
 
 
 def partial_runs(results):
@@ -379,15 +428,15 @@ def misses(results):
         x = b["1_filter_overhead"]
         out.append(
             f"- **1, filter overhead** — throughput {x['throughput_ratio']:.1%} of the Envoy without the filter "
-            f"(target 97%), {x['added_p50_us']:+.0f} µs at p50 (target ≤ 20 µs). The filter's own decision for a "
-            "non-metadata request is two header reads and one property read, but it runs in V8: Envoy creates a "
-            "wasm HTTP context for every request on a chain that carries the filter and enters the VM for each "
-            "callback (request headers, response headers, log, done), each crossing the proxy-wasm ABI. That fixed "
-            "per-request cost, not the filter's logic (see the micro-benchmarks), is what this measures. Remedy "
-            "(not done here): with iptables capture, metadata traffic already arrives on the `metadata` filter "
-            "chain by destination, so the filter could be left off the `passthrough` chain, or wrapped in an "
-            "`ExtensionWithMatcher` on `:authority`, making ordinary traffic pay nothing; the Host-based "
-            "recognition on the passthrough chain is what costs this.")
+            f"(target 99%), {x['added_p50_us']:+.0f} µs at p50 (target ≤ 2 µs); Istio shape "
+            f"{_get(x, 'istio', 'istio-shape-scoped', 'throughput_ratio') or 0:.1%} (target 97%), "
+            f"{_get(x, 'istio', 'istio-shape-scoped', 'added_p50_us') or 0:+.0f} µs (target ≤ 10 µs). Ordinary "
+            "traffic never enters the wasm VM in either (no filter on its chain; tests/filter count the calls into "
+            "the VM: 0), so the two Envoys compared run the same code for it, and the Envoy's CPU time per request "
+            f"agrees: {x.get('cpu_ratio', 0):.2f}× (plain), "
+            f"{_get(x, 'istio', 'istio-shape-scoped', 'cpu_ratio') or 0:.2f}× (Istio shape). A miss here is the "
+            "shared machine's noise, which moves identical Envoys by several percent between rounds (per-round "
+            f"throughput ratios {x.get('per_round_throughput_ratios')}).")
     key = (2, "sidecar-cache hit p50 / direct_response floor")
     if key in by and not by[key]["met"]:
         x = b["2_answer_latency"]

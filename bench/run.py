@@ -32,8 +32,8 @@ import stackbench  # noqa: E402
 import stsmodel  # noqa: E402
 from harness import BROKER_BIN, FLOOR_BIN, MINIMAL_WASM, ROOT, WASM, Procs, log  # noqa: E402
 
-FULL = {"mode": "full", "rounds": 3, "seconds": 5, "large_pods": 10_000, "cold_trials": 3,
-        "cold_start_after_s": 3.0, "cold_jitter": "2s", "sim": stsmodel.FULL}
+FULL = {"mode": "full", "rounds": 3, "seconds": 5, "overhead_rounds": 7, "overhead_seconds": 3,
+        "large_pods": 10_000, "cold_trials": 3, "cold_start_after_s": 3.0, "cold_jitter": "2s", "sim": stsmodel.FULL}
 QUICK = {"mode": "quick", "rounds": 1, "seconds": 1, "large_pods": 10_000, "cold_trials": 1,
          "cold_start_after_s": 0.6, "cold_jitter": "200ms", "sim": stsmodel.QUICK}
 

@@ -17,6 +17,7 @@ From Python (tests):  from render import render; text = render(path, CAPTURE_POR
 """
 
 import argparse
+import copy
 import ipaddress
 import json
 import os
@@ -182,6 +183,31 @@ def without_loop_guard(doc):
     own port. Returns the doc."""
     for listener in doc["static_resources"]["listeners"]:
         listener["filter_chains"] = [c for c in listener["filter_chains"] if c.get("name") != "loop_guard"]
+    return doc
+
+
+def for_direct_clients(doc, ordinary_port):
+    """For setups whose clients connect to the capture listener directly, with no iptables
+    REDIRECT and so no original destination (loopback tests, benchmarks, the stack's loopback
+    mode; never a pod), in a rendered sidecar.yaml (loaded as YAML): a connection to the
+    listener's own port stands for one to a metadata address (chain `direct_metadata`, a copy
+    of the `metadata` chain matched on that port, with the same source rule, in place of the
+    loop guard), and a second port of the listener, `ordinary_port`, on the same address, is
+    the door for ordinary traffic, which reaches the `passthrough` chain as redirected
+    ordinary traffic does. Returns the doc."""
+    for listener in doc["static_resources"]["listeners"]:
+        chains = listener["filter_chains"]
+        metadata = next((c for c in chains if c.get("name") == "metadata"), None)
+        if metadata is None:
+            continue
+        port = listener["address"]["socket_address"]["port_value"]
+        direct = copy.deepcopy(metadata)
+        direct["name"] = "direct_metadata"
+        direct["filter_chain_match"].pop("prefix_ranges", None)
+        direct["filter_chain_match"]["destination_port"] = int(port)
+        listener["filter_chains"] = [direct] + [c for c in chains if c.get("name") != "loop_guard"]
+        address = dict(listener["address"]["socket_address"], port_value=int(ordinary_port))
+        listener.setdefault("additional_addresses", []).append({"address": {"socket_address": address}})
     return doc
 
 

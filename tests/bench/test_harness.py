@@ -52,6 +52,12 @@ def test_filter_overhead_and_answer_latency(results):
         for v in ("with_filter", "without_filter"):
             run_shape(b1[part][v])
     assert b1["throughput_ratio"] > 0
+    # Istio's shape (envoy/istio-shape-scoped.yaml), with and without the filter.
+    b1i = b1["istio"]["istio-shape-scoped"]
+    for part in ("throughput", "latency"):
+        for v in ("with_filter", "without_filter"):
+            run_shape(b1i[part][v])
+    assert b1i["throughput_ratio"] > 0
     b2 = results["benchmarks"]["2_answer_latency"]
     assert set(b2["latency"]) == {"floor_direct_response", "sidecar_cache_hit", "broker_cache_hit",
                                   "floor_token_direct_response", "token_put", "sidecar_cache_hit_fresh30"}

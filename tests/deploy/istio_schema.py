@@ -22,7 +22,7 @@ CRDS = Path(__file__).resolve().parent / "istio_crds"
 ISTIO_VERSIONS = ("1.24", "1.25", "1.26", "1.27", "1.28", "1.29", "1.30")
 # Fields that exist in every supported minor (the objects meshiam ships use only these).
 KINDS = {("extensions.istio.io/v1alpha1", "WasmPlugin"), ("networking.istio.io/v1", "ServiceEntry"),
-         ("networking.istio.io/v1", "DestinationRule")}
+         ("networking.istio.io/v1", "DestinationRule"), ("networking.istio.io/v1alpha3", "EnvoyFilter")}
 
 _METADATA = {
     "type": "object",

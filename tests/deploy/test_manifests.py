@@ -131,7 +131,7 @@ def test_validators_reject_unknown_fields():
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(ds, KUBE_VERSIONS[0], strict=True)
     objs = {o["kind"]: o for o in render(ENABLE)}
-    for kind, field in [("WasmPlugin", "failStrategey"), ("ServiceEntry", "resolutoin"),
+    for kind, field in [("EnvoyFilter", "configPatchess"), ("ServiceEntry", "resolutoin"),
                         ("DestinationRule", "trafficPolicyy")]:
         bad = copy.deepcopy(objs[kind])
         bad["spec"][field] = "X"
@@ -142,42 +142,69 @@ def test_validators_reject_unknown_fields():
     bad["spec"]["trafficPolicy"]["tls"]["mod"] = "DISABLE"  # nested typo
     with pytest.raises(jsonschema.ValidationError):
         istio_schema.validate(bad, ISTIO_VERSIONS[0])
-    bad = copy.deepcopy(objs["WasmPlugin"])
-    bad["spec"]["match"] = [{"mode": "SIDECAR_OUTBOUND"}]  # the Istio API spells it CLIENT
+    bad = copy.deepcopy(objs["EnvoyFilter"])
+    bad["spec"]["configPatches"][1]["match"]["context"] = "OUTBOUND"  # the API spells it SIDECAR_OUTBOUND
     with pytest.raises(jsonschema.ValidationError):
         istio_schema.validate(bad, ISTIO_VERSIONS[0])
 
 
-@pytest.mark.parametrize("minor", ISTIO_VERSIONS)
-def test_fail_reload_only_where_istio_knows_it(minor, tmp_path):
-    """The FAIL_RELOAD component validates against Istio >= 1.27's schema and is refused by
-    the older ones (which is why it is a separate, opt-in component)."""
+def _enable(tmp_path, *components, extra=None):
+    """A kustomization of namespace team-a listing the given components of overlays/istio."""
     k = tmp_path / "k"
-    k.mkdir()
+    k.mkdir(parents=True)
     (k / "kustomization.yaml").write_text(yaml.safe_dump({
         "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization", "namespace": "team-a",
-        "components": [os.path.relpath(MANIFESTS / "overlays" / "istio" / c, k)
-                       for c in ("namespace", "fail-reload")]}))
-    (plugin,) = [o for o in render(k) if o["kind"] == "WasmPlugin"]
-    assert plugin["spec"]["failStrategy"] == "FAIL_RELOAD"
-    if tuple(map(int, minor.split("."))) >= (1, 27):
-        istio_schema.validate(plugin, minor)
-    else:
-        with pytest.raises(jsonschema.ValidationError):
-            istio_schema.validate(plugin, minor)
+        "components": [os.path.relpath(MANIFESTS / "overlays" / "istio" / c, k) for c in components],
+        **(extra or {})}))
+    return render(k)
+
+
+def _wasm_config(envoyfilter):
+    """The EnvoyFilter's EXTENSION_CONFIG: the meshiam filter's Wasm config."""
+    (patch,) = [p for p in envoyfilter["spec"]["configPatches"] if p["applyTo"] == "EXTENSION_CONFIG"]
+    return patch["patch"]["value"]["typed_config"]["config"]
+
+
+def test_fail_reload_component(tmp_path):
+    """The FAIL_RELOAD component sets the filter's failure_policy and nothing else. Istio's
+    schema cannot refuse it on older minors (an EnvoyFilter's value is Envoy's to judge):
+    Envoy >= 1.35 (Istio >= 1.27) knows it; test_envoyfilter_values_load_in_envoy loads it."""
+    plain = [o for o in _enable(tmp_path / "a", "namespace") if o["kind"] == "EnvoyFilter"]
+    reload = [o for o in _enable(tmp_path / "b", "namespace", "fail-reload") if o["kind"] == "EnvoyFilter"]
+    assert _wasm_config(plain[0])["failure_policy"] == "FAIL_CLOSED"
+    assert _wasm_config(reload[0])["failure_policy"] == "FAIL_RELOAD"
+    _wasm_config(reload[0])["failure_policy"] = "FAIL_CLOSED"
+    assert reload == plain
+    for minor in ISTIO_VERSIONS:
+        istio_schema.validate(reload[0], minor)
 
 
 def test_istio_wires_filter_to_broker():
     objs = render(ENABLE)
     (ds,) = [o for o in render(MANIFESTS / "overlays" / "istio") if o["kind"] == "DaemonSet"]
     entries = {o["metadata"]["name"]: o for o in objs if o["kind"] == "ServiceEntry"}
-    (plugin,) = [o for o in objs if o["kind"] == "WasmPlugin"]
+    (envoyfilter,) = [o for o in objs if o["kind"] == "EnvoyFilter"]
+    wasm = _wasm_config(envoyfilter)
+    plugin = json.loads(wasm["configuration"]["value"])
 
     imds = entries["meshiam-imds"]["spec"]
     # IMDS and the container-credentials endpoint (EKS Pod Identity's address), IPv4 and IPv6.
     assert imds["addresses"] == ["169.254.169.254/32", "169.254.170.23/32", "fd00:ec2::254/128", "fd00:ec2::23/128"]
-    assert imds["ports"] == [{"number": 80, "name": "http-imds", "protocol": "HTTP"}]
+    # TCP with single-host addresses: Istio gives each address a listener of its own,
+    # 169.254.169.254_80 and so on, the ones the EnvoyFilter patches.
+    assert imds["ports"] == [{"number": 80, "name": "tcp-imds", "protocol": "TCP"}]
     assert imds["location"] == "MESH_EXTERNAL"
+    patches = [p for p in envoyfilter["spec"]["configPatches"] if p["applyTo"] == "NETWORK_FILTER"]
+    # One listener patch per address, identical but for the listener's name.
+    assert [p["match"]["listener"]["name"] for p in patches] == [
+        f"{a.rsplit('/', 1)[0]}_{imds['ports'][0]['number']}" for a in imds["addresses"]]
+    listener_patch = patches[0]
+    for p in patches:
+        assert p["match"] == {"context": "SIDECAR_OUTBOUND", "listener": {
+            "name": p["match"]["listener"]["name"],
+            "filterChain": {"filter": {"name": "envoy.filters.network.tcp_proxy"}}}}
+        assert p["patch"] == listener_patch["patch"]
+    assert listener_patch["patch"]["operation"] == "REPLACE"
     # Anything that gets past the filter goes to the broker, never to the real IMDS.
     assert [e["address"] for e in imds["endpoints"]] == ["169.254.170.52"]
 
@@ -186,17 +213,84 @@ def test_istio_wires_filter_to_broker():
     (port,) = broker["ports"]
     (host,) = broker["hosts"]
     cluster = f"outbound|{port['number']}||{host}"
-    assert plugin["spec"]["pluginConfig"]["brokerCluster"] == cluster
+    assert plugin["brokerCluster"] == cluster
 
     # The cluster points at the address and port the broker listens on.
     args = ds["spec"]["template"]["spec"]["containers"][0]["args"]
     assert f"--listen={broker['endpoints'][0]['address']}:{port['number']}" in args
-    assert imds["endpoints"][0]["ports"]["http-imds"] == port["number"]
+    assert imds["endpoints"][0]["ports"]["tcp-imds"] == port["number"]
 
-    spec = plugin["spec"]
-    assert spec["url"].startswith("oci://") and spec["url"].rsplit(":", 1)[1]
-    assert spec["failStrategy"] == "FAIL_CLOSE"  # the one every supported Istio knows
-    assert spec["match"] == [{"mode": "CLIENT", "ports": [{"number": 80}]}]
+    uri = wasm["vm_config"]["code"]["remote"]["http_uri"]["uri"]
+    assert uri.startswith("oci://") and uri.rsplit(":", 1)[1]
+    assert wasm["failure_policy"] == "FAIL_CLOSED" and wasm["fail_open"] is False
+    # The HTTP filter the listener runs is the EXTENSION_CONFIG, by name; until it arrives, a
+    # refusal (RBAC with no policy), never nothing.
+    hcm = listener_patch["patch"]["value"]["typed_config"]
+    (ext,) = [p for p in envoyfilter["spec"]["configPatches"] if p["applyTo"] == "EXTENSION_CONFIG"]
+    first = hcm["http_filters"][0]
+    assert first["name"] == ext["patch"]["value"]["name"]
+    discovery = first["config_discovery"]
+    assert discovery["default_config"]["rules"] == {"action": "ALLOW"} and discovery["apply_default_config_without_warming"]
+    assert [f["name"] for f in hcm["http_filters"]][1:] == ["envoy.filters.http.router"]
+    routes = [r for vh in hcm["route_config"]["virtual_hosts"] for r in vh["routes"]]
+    assert routes and all("direct_response" in r for r in routes)
+
+
+WASM = REPO / "target" / "wasm32-wasip1" / "release" / "meshiam_filter.wasm"
+
+
+def _shape_with_envoyfilter(envoyfilter, wasm_path):
+    """(envoy/istio-shape-scoped.yaml rendered, the HTTP connection manager the EnvoyFilter
+    puts on 169.254.169.254_80 with the ECDS filter resolved as the istio-agent resolves it:
+    its oci:// module a local file)."""
+    sys.path.insert(0, str(REPO / "envoy"))
+    from render import render as render_envoy
+
+    listener_patch = [p for p in envoyfilter["spec"]["configPatches"] if p["applyTo"] == "NETWORK_FILTER"][0]
+    (ext,) = [p for p in envoyfilter["spec"]["configPatches"] if p["applyTo"] == "EXTENSION_CONFIG"]
+    hcm = copy.deepcopy(listener_patch["patch"]["value"])
+    resolved = copy.deepcopy(ext["patch"]["value"])
+    resolved["typed_config"]["config"]["vm_config"]["code"] = {"local": {"filename": str(wasm_path)}}
+    resolved["typed_config"]["config"].pop("fail_open")
+    hcm["typed_config"]["http_filters"][0] = resolved
+    plugin = resolved["typed_config"]["config"]["configuration"]["value"]
+    shape = yaml.safe_load(render_envoy(str(REPO / "envoy" / "istio-shape-scoped.yaml"), WASM_PATH=str(wasm_path),
+                                        PLUGIN_CONFIG=plugin))
+    return shape, listener_patch["match"]["listener"]["name"], hcm
+
+
+def _listener_hcm(shape, name):
+    (listener,) = [x for x in shape["static_resources"]["listeners"] if x["name"] == name]
+    (chain,) = listener["filter_chains"]
+    (hcm,) = chain["filters"]
+    return hcm
+
+
+def test_envoyfilter_is_the_istio_shape():
+    """envoy/istio-shape-scoped.yaml's 169.254.169.254_80 listener (what tests/filter and the
+    benchmarks run) is what the shipped EnvoyFilter makes of Istio's: the same HTTP connection
+    manager, once the ECDS filter is resolved."""
+    (envoyfilter,) = [o for o in render(ENABLE) if o["kind"] == "EnvoyFilter"]
+    shape, name, hcm = _shape_with_envoyfilter(envoyfilter, "/meshiam/filter/plugin.wasm")
+    assert _listener_hcm(shape, name) == hcm
+
+
+@pytest.mark.skipif(not WASM.exists(), reason="needs the release wasm (make wasm)")
+@pytest.mark.parametrize("components", [("namespace",), ("namespace", "fail-reload")])
+def test_envoyfilter_values_load_in_envoy(components, tmp_path):
+    """The EnvoyFilter's values, as Envoy receives them (FAIL_CLOSED, and FAIL_RELOAD from the
+    component), on the Istio shape's listener: `envoy --mode validate` accepts them."""
+    (envoyfilter,) = [o for o in _enable(tmp_path, *components) if o["kind"] == "EnvoyFilter"]
+    shape, name, hcm = _shape_with_envoyfilter(envoyfilter, WASM)
+    (listener,) = [x for x in shape["static_resources"]["listeners"] if x["name"] == name]
+    listener["filter_chains"][0]["filters"] = [hcm]
+    path = tmp_path / "shape.yaml"
+    path.write_text(yaml.safe_dump(shape))
+    envoy = REPO / ".venv" / "bin" / "envoy"
+    r = subprocess.run([str(envoy), "--mode", "validate", "-c", str(path), "-l", "error"], capture_output=True,
+                       timeout=60)
+    print("failure_policy", _wasm_config(envoyfilter)["failure_policy"], r.stdout.decode()[-200:])
+    assert r.returncode == 0, r.stdout.decode() + r.stderr.decode()
 
 
 def test_istio_objects_touch_one_namespace_only():
@@ -207,13 +301,15 @@ def test_istio_objects_touch_one_namespace_only():
     objs = [o for o in render(ENABLE) if istio_schema.is_istio(o)]
     assert sorted((o["kind"], o["metadata"]["name"]) for o in objs) == [
         ("DestinationRule", "meshiam-broker"), ("DestinationRule", "meshiam-imds"),
-        ("ServiceEntry", "meshiam-broker"), ("ServiceEntry", "meshiam-imds"), ("WasmPlugin", "meshiam")]
+        ("EnvoyFilter", "meshiam"), ("ServiceEntry", "meshiam-broker"), ("ServiceEntry", "meshiam-imds")]
     for o in objs:
         print(f"{o['kind']}/{o['metadata']['name']}: namespace {o['metadata']['namespace']}, "
-              f"exportTo {o['spec'].get('exportTo')}, selector {o['spec'].get('selector')}")
+              f"exportTo {o['spec'].get('exportTo')}, selector {o['spec'].get('workloadSelector')}")
         assert o["metadata"]["namespace"] == "myapp"
         assert o["metadata"]["labels"]["app.kubernetes.io/part-of"] == "meshiam"  # rollback by label
-        if o["kind"] != "WasmPlugin":
+        if o["kind"] == "EnvoyFilter":  # applies to its own namespace's workloads only
+            assert "workloadSelector" not in o["spec"] and "targetRefs" not in o["spec"]
+        else:
             assert o["spec"]["exportTo"] == ["."]
     # A second namespace gets its own copies, named the same, in its own namespace.
     other = [o for o in render(ENABLE) if o["metadata"].get("namespace") == "istio-system"]
@@ -221,22 +317,24 @@ def test_istio_objects_touch_one_namespace_only():
 
 
 def test_no_collateral_listeners():
-    """Nothing meshiam ships changes how other traffic is routed: no wildcard listener on
-    the broker's port (protocol TCP on one /32 address: Istio builds a listener for that
-    address alone), HTTP only for the metadata address on port 80, no ServiceEntry without
-    addresses (which would match every destination on its port); single hosts only (/32,
-    /128 for IPv6)."""
+    """Nothing meshiam ships changes how other traffic is routed: every port TCP on single-host
+    addresses (/32, /128) (Istio builds a listener for that address alone; an HTTP port would join the
+    shared wildcard listener 0.0.0.0_PORT), no ServiceEntry without addresses (which would
+    match every destination on its port), and the EnvoyFilter patches the metadata address's
+    own listeners only."""
     for o in render(ENABLE):
+        if o["kind"] == "EnvoyFilter":
+            for p in o["spec"]["configPatches"]:
+                if p["applyTo"] != "EXTENSION_CONFIG":
+                    assert p["match"]["listener"]["name"] in {
+                        "169.254.169.254_80", "169.254.170.23_80", "fd00:ec2::254_80", "fd00:ec2::23_80"}, p
+            continue
         if o["kind"] != "ServiceEntry":
             continue
         spec = o["spec"]
         assert spec["addresses"] and all(a.endswith("/32") or (":" in a and a.endswith("/128"))
                                          for a in spec["addresses"]), o["metadata"]["name"]
-        for p in spec["ports"]:
-            if p["protocol"] != "TCP":
-                assert (p["protocol"], p["number"]) == ("HTTP", 80), f"{o['metadata']['name']}: {p}"
-                assert set(spec["addresses"]) <= {"169.254.169.254/32", "169.254.170.23/32", "fd00:ec2::254/128",
-                                                  "fd00:ec2::23/128"}, f"{o['metadata']['name']}: {spec['addresses']}"
+        assert all(p["protocol"] == "TCP" for p in spec["ports"]), o["metadata"]["name"]
     broker = {o["metadata"]["name"]: o for o in render(ENABLE) if o["kind"] == "ServiceEntry"}["meshiam-broker"]
     assert broker["spec"]["ports"] == [{"number": 8787, "name": "tcp-broker", "protocol": "TCP"}]
 
@@ -271,16 +369,17 @@ def test_documented_digest_pin_renders_and_validates(tmp_path):
     """docs/install.md's pinning patch, applied after the component as documented: the url
     carries the digest, sha256 repeats it, and Istio's schemas of every minor accept it."""
     text = (REPO / "docs" / "install.md").read_text()
-    (block,) = [b for b in re.findall(r"```yaml\n(.*?)```", text, re.S) if "/spec/sha256" in b]
+    (block,) = [b for b in re.findall(r"```yaml\n(.*?)```", text, re.S) if "/remote/sha256" in b]
     k = tmp_path / "k"
     k.mkdir()
     doc = {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization", "namespace": "team-a",
            "components": [os.path.relpath(MANIFESTS / "overlays" / "istio" / "namespace", k)],
            **yaml.safe_load(block)}
     (k / "kustomization.yaml").write_text(yaml.safe_dump(doc))
-    (plugin,) = [o for o in render(k) if o["kind"] == "WasmPlugin"]
-    print(f"pinned: url {plugin['spec']['url']} sha256 {plugin['spec']['sha256']}")
-    assert plugin["spec"]["url"].endswith("@sha256:" + plugin["spec"]["sha256"])
-    assert re.fullmatch(r"[0-9a-f]{64}", plugin["spec"]["sha256"])
+    (envoyfilter,) = [o for o in render(k) if o["kind"] == "EnvoyFilter"]
+    remote = _wasm_config(envoyfilter)["vm_config"]["code"]["remote"]
+    print(f"pinned: uri {remote['http_uri']['uri']} sha256 {remote['sha256']}")
+    assert remote["http_uri"]["uri"].endswith("@sha256:" + remote["sha256"])
+    assert re.fullmatch(r"[0-9a-f]{64}", remote["sha256"])
     for minor in ISTIO_VERSIONS:
-        istio_schema.validate(plugin, minor)
+        istio_schema.validate(envoyfilter, minor)

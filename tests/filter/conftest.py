@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from meshiam_filter_harness import ENVOY_DIR, Broker, Envoy, Upstream, build_wasm, free_port, render
-from render import without_loop_guard
+from render import for_direct_clients
 
 
 @pytest.fixture(scope="session")
@@ -36,12 +36,14 @@ def upstream():
 @pytest.fixture
 def start_envoy(wasm, tmp_path):
     """Starts Envoy from envoy/sidecar.yaml: start_envoy(broker, plugin=dict, **placeholders).
-    The tests are clients of the listener itself, so the loop guard (which closes connections
-    to the listener's own port) is left out unless loop_guard=True."""
+    The tests are clients of the listener itself, with no iptables REDIRECT: unless
+    loop_guard=True (the config as rendered), render.for_direct_clients makes the listener's
+    own port (Envoy.url) stand for the metadata address and a second port (Envoy.ordinary_url)
+    the door for ordinary traffic, which reaches the passthrough chain."""
     started = []
 
-    def start(broker_port, plugin=None, loop_guard=False, **overrides):
-        port, admin = free_port(), free_port()
+    def start(broker_port, plugin=None, loop_guard=False, wasm_log="info", **overrides):
+        port, admin, ordinary = free_port(), free_port(), free_port()
         values = {
             "CAPTURE_ADDRESS": "127.0.0.1",
             "CAPTURE_PORT": port,
@@ -60,10 +62,11 @@ def start_envoy(wasm, tmp_path):
         config = tmp_path / f"envoy-{n}.yaml"
         text = render(os.path.join(ENVOY_DIR, "sidecar.yaml"), **values)
         if not loop_guard:
-            text = yaml.safe_dump(without_loop_guard(yaml.safe_load(text)), sort_keys=False)
+            text = yaml.safe_dump(for_direct_clients(yaml.safe_load(text), ordinary), sort_keys=False)
         config.write_text(text)
         log = str(tmp_path / f"envoy-{n}.log")
-        e = Envoy(str(config), int(values["CAPTURE_PORT"]), int(values["ADMIN_PORT"]), log)
+        e = Envoy(str(config), int(values["CAPTURE_PORT"]), int(values["ADMIN_PORT"]), log,
+                  ordinary_port=None if loop_guard else ordinary, wasm_log=wasm_log)
         started.append(e)
         return e
 

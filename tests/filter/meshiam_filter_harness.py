@@ -219,11 +219,15 @@ class Upstream(_Server):
 
 
 class Envoy:
-    def __init__(self, config_path, port, admin_port, log_path):
+    """A running Envoy: `url` is its capture listener; `ordinary_url`, when the config came
+    through render.for_direct_clients, its second port for ordinary traffic."""
+
+    def __init__(self, config_path, port, admin_port, log_path, ordinary_port=None, wasm_log="info"):
         self.port = port
         self.admin_port = admin_port
         self.log_path = log_path
         self.url = f"http://127.0.0.1:{port}"
+        self.ordinary_url = f"http://127.0.0.1:{ordinary_port}" if ordinary_port else None
         # In pytest's process group, as before: Ctrl-C ends it too.
         self.proc = proclib.start(
             [
@@ -232,7 +236,11 @@ class Envoy:
                 "--concurrency", "2",
                 "--disable-hot-restart",
                 "-l", "warning",
-                "--component-log-level", "wasm:info",
+                # wasm:trace logs every call Envoy makes into the VM ("[host->vm] ...").
+                "--component-log-level", f"wasm:{wasm_log}",
+                # Access-log lines (the sidecar's refusal audit line) written within 0.2 s,
+                # not Envoy's default 10 s.
+                "--file-flush-interval-msec", "200",
             ],
             log_path,
             new_session=False,

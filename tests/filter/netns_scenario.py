@@ -21,6 +21,7 @@ from render import without_loop_guard
 ROLE_LIST = "/latest/meta-data/iam/security-credentials/"
 POD_IP = "198.18.1.10"
 OTHER_IP = "198.18.1.99"  # another pod, as far as the sidecar can tell
+ELSEWHERE_IP = "198.18.2.1"  # some ordinary destination, redirected to Envoy like all traffic
 
 
 def sh(*cmd):
@@ -37,12 +38,19 @@ def try_curl(*args):
     return [r.returncode, status, reason, body]
 
 
-def start(logdir, name, wasm, loop_guard=True, **values):
+def start(logdir, name, wasm, loop_guard=True, any_source=False, **values):
     config = os.path.join(logdir, f"{name}.yaml")
     text = render(os.path.join(ENVOY_DIR, "sidecar.yaml"), WASM_PATH=wasm, POD_NAME="myapp-7d9f",
                   POD_NAMESPACE="default", POD_IPS=POD_IP, **values)
     if not loop_guard:
         text = yaml.safe_dump(without_loop_guard(yaml.safe_load(text)), sort_keys=False)
+    if any_source:
+        # A configuration mistake on purpose: the metadata chain accepts every source.
+        doc = yaml.safe_load(text)
+        for chain in doc["static_resources"]["listeners"][0]["filter_chains"]:
+            if chain.get("name") == "metadata":
+                chain["filter_chain_match"].pop("source_prefix_ranges")
+        text = yaml.safe_dump(doc, sort_keys=False)
     with open(config, "w") as f:
         f.write(text)
     return config, Envoy(config, 15001, 15000, os.path.join(logdir, f"{name}.log"))
@@ -55,9 +63,13 @@ def main(wasm, logdir):
     sh("ip", "addr", "add", f"{POD_IP}/16", "dev", "eth0")
     sh("ip", "addr", "add", f"{OTHER_IP}/16", "dev", "eth0")
     sh("ip", "link", "set", "eth0", "up")
-    sh("ip", "route", "add", "169.254.169.254/32", "dev", "eth0")
-    sh("iptables", "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-d", "169.254.169.254",
-       "--dport", "80", "-j", "REDIRECT", "--to-ports", "15001")
+    # The metadata addresses (IMDS, the container-credentials endpoint) and an ordinary
+    # destination, all redirected to Envoy (the capture of every outbound port-80 connection,
+    # as Istio's and a mesh's would be).
+    for dest in ("169.254.169.254", "169.254.170.23", ELSEWHERE_IP):
+        sh("ip", "route", "add", f"{dest}/32", "dev", "eth0")
+        sh("iptables", "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-d", dest,
+           "--dport", "80", "-j", "REDIRECT", "--to-ports", "15001")
     for k in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "NO_PROXY", "no_proxy"):
         os.environ.pop(k, None)
 
@@ -84,6 +96,17 @@ def main(wasm, logdir):
             (q["headers"].get("x-meshiam-pod-namespace"), q["headers"].get("x-meshiam-pod-name"))
             for q in broker.requests
         ]
+
+        # Issue 14: the other metadata address reaches the metadata chain too (the filter, and
+        # the chain's own routes: never an upstream); a metadata Host on a connection to an
+        # ordinary destination is refused by Envoy, never sent on.
+        before = envoy.stats("")
+        out["container_endpoint"] = try_curl("http://169.254.170.23/v1/credentials")
+        out["host_elsewhere"] = try_curl("-H", "Host: 169.254.169.254", f"http://{ELSEWHERE_IP}{ROLE_LIST}")
+        after = envoy.stats("")
+        out["issue14_stats"] = {k: after.get(k, 0) - before.get(k, 0) for k in (
+            "http.meshiam_metadata.downstream_rq_total", "http.meshiam_outbound.rq_direct_response",
+            "cluster.passthrough.upstream_cx_total")}
 
         # Another pod: to the metadata address from its own source (closed: no chain
         # matches), and straight to the pod's address on the listener port (nothing listens).
@@ -131,14 +154,18 @@ def main(wasm, logdir):
         out["open_listener_direct"] = try_curl("--interface", OTHER_IP, "-H", "Host: 169.254.169.254",
                                            f"http://{POD_IP}:15001{ROLE_LIST}")
         envoy.stop()
-        # ... and without the loop guard too: the filter itself refuses the other source, and
-        # a source claimed in X-Forwarded-For.
+        # ... and without the loop guard too: the connection reaches the passthrough chain,
+        # which refuses a metadata Host itself (with or without X-Forwarded-For naming the pod).
         _, envoy = start(logdir, "netns-envoy-4", wasm, loop_guard=False, CAPTURE_ADDRESS="0.0.0.0")
         out["filter_only_direct"] = try_curl("--interface", OTHER_IP, "-H", "Host: 169.254.169.254",
                                          f"http://{POD_IP}:15001{ROLE_LIST}")
         out["filter_only_xff"] = try_curl("--interface", OTHER_IP, "-H", "Host: 169.254.169.254",
                                       "-H", f"X-Forwarded-For: {POD_IP}",
                                       f"http://{POD_IP}:15001{ROLE_LIST}")
+        envoy.stop()
+        # The metadata chain open to every source: the filter alone refuses the other pod.
+        _, envoy = start(logdir, "netns-envoy-5", wasm, any_source=True)
+        out["filter_alone"] = try_curl("--interface", OTHER_IP, f"http://169.254.169.254{ROLE_LIST}")
         out["filter_only_stats"] = envoy.stats()
         out["mistakes_broker_calls"] = len(broker.requests) - calls
     finally:

@@ -175,8 +175,10 @@ def test_other_metadata_paths(envoy, broker):
 
 def test_non_metadata_requests_pass_through_untouched(envoy, broker, upstream):
     body = "payload=1&x-meshiam-pod-name=keep"
+    # Through the listener's door for ordinary traffic (render.for_direct_clients): the
+    # passthrough chain, as redirected ordinary traffic reaches it.
     r = requests.post(
-        envoy.url + "/latest/meta-data/iam/security-credentials/?q=1",
+        envoy.ordinary_url + "/latest/meta-data/iam/security-credentials/?q=1",
         data=body,
         headers={
             "Host": "api.example.com",
@@ -303,13 +305,15 @@ def test_recognised_by_original_destination_whatever_the_host(start_envoy, broke
 
 
 def test_a_metadata_host_is_never_routed_upstream(start_envoy, broker, upstream):
-    # Defence in depth: with a filter that does not recognise the host (misconfigured on
-    # purpose), the route for metadata hosts still answers 503 and forwards nothing.
+    # Defence in depth: with a filter that does not recognise the request (misconfigured on
+    # purpose), the metadata chain's route still answers 503 and forwards nothing. (A metadata
+    # Host on ordinary traffic: tests/filter/test_ordinary_traffic.py.)
     e = start_envoy(
         broker.port, plugin={"metadataHosts": ["nothing.example"], "metadataAddresses": []}
     )
     r = e.get(CREDS, headers={"x-envoy-original-dst-host": f"127.0.0.1:{upstream.port}"})
     assert (r.status_code, r.text) == (503, "metadata request not answered")
+    assert r.headers["x-meshiam-reason"] == "not-answered"
     assert upstream.requests == [] and broker.requests == []
 
 

@@ -46,6 +46,19 @@ def test_pod_namespace_with_iptables_capture(wasm, tmp_path):
     assert out["stats"].get("wasmcustom.meshiam.tokens_issued", 0) >= 1
     assert out["unrecognised"] == [503, "metadata request not answered"]
 
+    # Issue 14: 169.254.170.23 reaches the metadata chain (whatever the filter answers there,
+    # a meshiam answer with its reason, never the passthrough); a metadata Host sent to an
+    # ordinary destination is refused by Envoy.
+    print("curl http://169.254.170.23/v1/credentials:", out["container_endpoint"])
+    print("curl -H 'Host: 169.254.169.254' http://198.18.2.1/...:", out["host_elsewhere"])
+    print("stats over those two:", out["issue14_stats"])
+    assert out["container_endpoint"][1] != 0 and out["container_endpoint"][2] not in (None, "not-metadata-destination")
+    assert out["host_elsewhere"][1:] == [403, "not-metadata-destination",
+                                         "metadata is answered only on connections to the metadata address"]
+    assert out["issue14_stats"] == {"http.meshiam_metadata.downstream_rq_total": 1,
+                                    "http.meshiam_outbound.rq_direct_response": 1,
+                                    "cluster.passthrough.upstream_cx_total": 0}
+
     # Another pod gets nothing: to the metadata address the connection is closed (curl: empty
     # reply / reset), straight to the pod's address nothing listens (7: refused).
     print("another source to 169.254.169.254:", out["other_source"])
@@ -68,9 +81,11 @@ def test_pod_namespace_with_iptables_capture(wasm, tmp_path):
     print("listener on 0.0.0.0, direct:", out["open_listener_direct"])
     print("and no loop guard, direct:", out["filter_only_direct"])
     print("and no loop guard, X-Forwarded-For naming the pod:", out["filter_only_xff"])
+    print("the metadata chain open to every source:", out["filter_alone"])
     assert out["open_listener_direct"][0] in (52, 56) and out["open_listener_direct"][1] == 0
-    assert out["filter_only_direct"][1:] == [403, "source-not-pod",
-                                            "metadata is answered only to the pod itself"]
-    assert out["filter_only_xff"][1:3] == [403, "source-forwarded"]
-    assert out["filter_only_stats"].get("wasmcustom.meshiam.source_refusals") == 2
+    # A direct connection is ordinary traffic: the passthrough chain refuses the metadata Host.
+    assert out["filter_only_direct"][1:3] == [403, "not-metadata-destination"]
+    assert out["filter_only_xff"][1:3] == [403, "not-metadata-destination"]
+    assert out["filter_alone"][1:] == [403, "source-not-pod", "metadata is answered only to the pod itself"]
+    assert out["filter_only_stats"].get("wasmcustom.meshiam.source_refusals") == 1
     assert out["mistakes_broker_calls"] == 0

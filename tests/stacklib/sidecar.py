@@ -5,7 +5,7 @@ import sys
 
 import yaml
 
-from tests.stacklib.procs import http_ok, spawn, wait_until
+from tests.stacklib.procs import free_port, http_ok, spawn, wait_until
 from tests.stacklib.state import (ENVOY_ADMIN, ENVOY_LISTEN, ENVOY_UID, ROOT, STATE_DIR, VENV, WASM, StackError,
                                   families, node_addr, port)
 
@@ -35,7 +35,7 @@ def plugin_config(state, entry):
 
 def render_envoy(state, entry):
     sys.path.insert(0, str(ROOT / "envoy"))
-    from render import render, without_loop_guard  # envoy/render.py
+    from render import for_direct_clients, render  # envoy/render.py
 
     spec = entry["spec"]
     loop = state["mode"] == "loopback"
@@ -66,9 +66,10 @@ def render_envoy(state, entry):
     text = render(str(ROOT / "envoy/sidecar.yaml"), **values)
     if loop:
         # The broker knows a pod by its address: on loopback each sidecar calls it from the
-        # pod's own 127.1.0.x. And the pods call their sidecar's listener directly, which the
-        # loop guard (for connections to the listener's own port) would close.
-        doc = without_loop_guard(yaml.safe_load(text))
+        # pod's own 127.1.0.x. And the pods call their sidecar's listener directly, with no
+        # original destination: its port stands for the metadata address (and a second,
+        # unused port is the listener's door for ordinary traffic), in place of the loop guard.
+        doc = for_direct_clients(yaml.safe_load(text), free_port())
         for c in doc["static_resources"]["clusters"]:
             if c["name"] == "meshiam_broker":
                 c["upstream_bind_config"] = {"source_address": {"address": entry["ip"], "port_value": 0}}

@@ -22,6 +22,7 @@ KINDS = {
     ("extensions.istio.io", "WasmPlugin", "v1alpha1"),
     ("networking.istio.io", "ServiceEntry", "v1"),
     ("networking.istio.io", "DestinationRule", "v1"),
+    ("networking.istio.io", "EnvoyFilter", "v1alpha3"),
 }
 
 
