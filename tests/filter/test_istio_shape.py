@@ -65,7 +65,9 @@ def test_shipped_envoyfilter_refuses_until_the_filter_arrives(wasm, broker, tmp_
     with open(manifest) as f:
         patches = yaml.safe_load(f)["spec"]["configPatches"]
     (ext,) = [p["patch"]["value"] for p in patches if p["applyTo"] == "EXTENSION_CONFIG"]
-    (hcm,) = [p["patch"]["value"] for p in patches if p["applyTo"] == "NETWORK_FILTER"]
+    # One listener patch per metadata address, identical but for the listener's name
+    # (tests/deploy checks that): the first, 169.254.169.254_80's.
+    hcm = [p["patch"]["value"] for p in patches if p["applyTo"] == "NETWORK_FILTER"][0]
     ecds = tmp_path / "ecds.yaml"
     ecds.write_text(yaml.safe_dump({"version_info": "0", "resources": []}))
     discovery = hcm["typed_config"]["http_filters"][0]["config_discovery"]
