@@ -48,8 +48,9 @@ async fn start(limits: ConnLimits) -> (SocketAddr, Metrics) {
                     Ok(id) => id.to_string(),
                     Err(e) => format!("tls {e:?}"),
                 },
-                Some(Transport::Plain) => "plain".to_string(),
-                None => "none".to_string(),
+                Some(Transport::Plain) => "plain extension".to_string(),
+                // A plain connection's requests carry no transport (server::serve_fn).
+                None => "plain".to_string(),
             }
         }),
     );

@@ -398,11 +398,11 @@ mod tests {
     #[test]
     fn ipv6_metadata_hosts_and_addresses_are_kept_in_one_spelling() {
         let c = parse(
-            br#"{"metadataHosts":["[FD00:EC2:0::254]:80","[fd00:ec2::23]"],
+            br#"{"metadataHosts":["[FD00:EC2:0::254]:80","[FD00:EC2::0:abcd]"],
                 "metadataAddresses":["[FD00:EC2:0:0:0:0:0:254]:80","[::ffff:169.254.169.254]:80"]}"#,
         )
         .unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(c.metadata_hosts, ["[fd00:ec2::254]", "[fd00:ec2::23]"]);
+        assert_eq!(c.metadata_hosts, ["[fd00:ec2::254]", "[fd00:ec2::abcd]"]);
         assert_eq!(
             c.metadata_addresses,
             ["[fd00:ec2::254]:80", "169.254.169.254:80"]
