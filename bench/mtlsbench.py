@@ -74,7 +74,7 @@ def make_certs(work):
 
 def tls_envoy(stack, name, broker, pod_dir):
     """A sidecar like stack.start_envoy's, its broker cluster over mTLS."""
-    path, port, admin = stack.envoy_config(name, broker, plugin={"cacheFreshSeconds": 0})
+    path, port, admin, _ordinary = stack.envoy_config(name, broker, plugin={"cacheFreshSeconds": 0})
     with open(path) as f:
         doc = yaml.safe_load(f)
     import render as R  # envoy/render.py
