@@ -140,7 +140,7 @@ class Stack:
         no pod uses). Returns (netns or None, ip)."""
         if not self.netns:
             return None, "127.1.0.250"
-        S.make_pod_netns(self.state, {"netns": netns, "ip": ip, "veth": veth})
+        S.make_pod_netns(self.state, {"netns": netns, "veth": veth, "spec": {"ips": [ip]}})
         return netns, ip
 
     def remove_unknown_address(self, netns):
