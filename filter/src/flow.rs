@@ -234,16 +234,8 @@ impl RequestFlow {
             },
         };
         let key = Resource::ContainerCredentials(container::token_digest(token));
-        let now = h.now();
-        if let Some(e) = cache::get(h, &key)
-            && e.is_fresh(
-                now,
-                cfg.cache_fresh_seconds,
-                cfg.stale_min_remaining_seconds,
-            )
-        {
-            h.count(metrics::CACHE_HITS);
-            return answer(h, label, 200, &e.content_type, &e.body, head, Some("cache"));
+        if answered_from_cache(h, cfg, &key, label, head) {
+            return;
         }
         let auth = Some(PodToken(String::from(token)));
         self.call_broker(
@@ -328,16 +320,8 @@ impl RequestFlow {
             Ok(k) => k,
             Err(r) => return refuse(h, label, r, head),
         };
-        let now = h.now();
-        if let Some(e) = cache::get(h, &key)
-            && e.is_fresh(
-                now,
-                cfg.cache_fresh_seconds,
-                cfg.stale_min_remaining_seconds,
-            )
-        {
-            h.count(metrics::CACHE_HITS);
-            return answer(h, label, 200, &e.content_type, &e.body, head, Some("cache"));
+        if answered_from_cache(h, cfg, &key, label, head) {
+            return;
         }
         self.call_broker(
             h,
@@ -816,6 +800,30 @@ fn refuse_source<H: Host>(h: &H, why: SourceRefusal, ip: Option<IpAddr>, door: D
 
 /// An IMDS rule refused the request: IMDS's status and body, and the rule's reason code in
 /// `x-meshiam-reason` for whoever debugs the application.
+/// Answers from the sidecar cache when `key`'s entry is still fresh (both doors); false
+/// when the broker must be asked.
+fn answered_from_cache<H: Host>(
+    h: &H,
+    cfg: &Config,
+    key: &Resource,
+    label: &str,
+    head: bool,
+) -> bool {
+    let Some(e) = cache::get(h, key) else {
+        return false;
+    };
+    if !e.is_fresh(
+        h.now(),
+        cfg.cache_fresh_seconds,
+        cfg.stale_min_remaining_seconds,
+    ) {
+        return false;
+    }
+    h.count(metrics::CACHE_HITS);
+    answer(h, label, 200, &e.content_type, &e.body, head, Some("cache"));
+    true
+}
+
 fn refuse<H: Host>(h: &H, label: &str, r: Refusal, head: bool) {
     h.count(&metrics::request(label, r.status));
     h.reply(
