@@ -35,7 +35,9 @@ def run_shape(r):
     assert r["rps"] > 0 and r["requests"] > 0
     assert set(r["latency_us"]) == LATENCY_KEYS
     values = [r["latency_us"][k] for k in sorted(LATENCY_KEYS, key=float)]
-    assert values == sorted(values) and values[0] > 0
+    assert values == sorted(values) and values[-1] > 0
+    # A percentile below the load tool's resolution reads 0 (hey's: 100 µs); wrk's is 1 µs.
+    assert values[0] > 0 or r.get("resolution_us", 1) >= 100
 
 
 def test_top_level(results):
@@ -111,7 +113,9 @@ def probe_shape(r):
     assert r["requests"] > 0 and r["requests"] == sum(r["statuses"].values())
     assert r["ok"] == r["statuses"].get("200", 0) and r["failed"] == r["requests"] - r["ok"]
     values = [r["latency_us"][k] for k in sorted(LATENCY_KEYS, key=float)]
-    assert values == sorted(values) and values[0] > 0
+    assert values == sorted(values) and values[-1] > 0
+    # A percentile below the load tool's resolution reads 0 (hey's: 100 µs); wrk's is 1 µs.
+    assert values[0] > 0 or r.get("resolution_us", 1) >= 100
 
 
 def test_hostile_load(results):
