@@ -168,11 +168,17 @@ class Stack:
             yaml.safe_dump(doc, f, sort_keys=False)
         return path, port, admin, None
 
-    def start_envoy(self, name, broker, concurrency=1, istio_shape=None, **kw):
+    def start_envoy(self, name, broker, concurrency=1, istio_shape=None, release_free_memory=False, **kw):
         if istio_shape:
             path, port, admin, ordinary = self.istio_config(name, broker, istio_shape, **kw)
         else:
             path, port, admin, ordinary = self.envoy_config(name, broker, **kw)
+        if release_free_memory:
+            with open(path) as f:
+                doc = yaml.safe_load(f)
+            doc["memory_allocator_manager"] = {"bytes_to_release": 1 << 20, "memory_release_interval": "0.1s"}
+            with open(path, "w") as f:
+                yaml.safe_dump(doc, f, sort_keys=False)
         p = self.procs.start(name, [ENVOY_BIN, "-c", path, "--disable-hot-restart", "--concurrency", concurrency,
                                     "-l", "warning"], cpu=SERVER_CPU)
         wait_until(f"{name} ready", lambda: http_ok(f"http://127.0.0.1:{admin}/ready"), timeout=60,
@@ -516,13 +522,19 @@ def bench_sizes(stack, broker, cfg):
     out = {"wasm_bytes": os.path.getsize(WASM), "minimal_wasm_bytes": os.path.getsize(MINIMAL_WASM),
            "broker_bytes": os.path.getsize(BROKER_BIN), "envoy_rss_kib": {}, "rounds": rounds}
 
-    def rss(name, workers, variant):
+    heap = {}  # Envoy's /memory (tcmalloc), KiB, of each variant's last one-worker round
+
+    def rss(name, workers, variant, release=False):
         kw = {"nofilter": {"with_filter": False}, "minimal": {"wasm": MINIMAL_WASM}, "filter": {}}[variant]
-        e = stack.start_envoy(name, broker, concurrency=workers, **kw)
+        e = stack.start_envoy(name, broker, concurrency=workers, release_free_memory=release, **kw)
         for _ in range(20):
             imds_get(e["port"], "/latest/api/token", method="PUT",
                      headers={"x-aws-ec2-metadata-token-ttl-seconds": "60"})
         kib = settle_rss(e["pid"], 0.5)
+        if workers == 1:
+            _, text = http_get(f"http://127.0.0.1:{e['admin']}/memory")
+            heap[variant + ("-release" if release else "")] = {
+                k: int(v) // 1024 for k, v in json.loads(text).items() if str(v).isdigit()}
         stack.procs.stop(name)
         return kib
 
@@ -534,12 +546,19 @@ def bench_sizes(stack, broker, cfg):
     r1 = {f"{v}-1": median(samples[v]) for v in variants}
     out["envoy_rss_kib"].update(r1)
     out["envoy_rss_1_worker_samples_kib"] = samples
+    # The same three with tcmalloc's free pages handed back to the system every 100 ms
+    # (bootstrap `memory_allocator_manager`): what an operator's setting could win, one round.
+    for v in variants:
+        out["envoy_rss_kib"][f"{v}-1-release"] = rss(f"envoy-size-{v}-1r", 1, v, release=True)
+    out["envoy_heap_kib"] = heap
     for v in ("filter", "nofilter"):
         out["envoy_rss_kib"][f"{v}-2"] = rss(f"envoy-size-{v}-2", 2, v)
     r = out["envoy_rss_kib"]
     out["filter_cost_1_worker_kib"] = r["filter-1"] - r["nofilter-1"]
     out["minimal_cost_1_worker_kib"] = r["minimal-1"] - r["nofilter-1"]
     out["filter_vs_minimal_cost"] = out["filter_cost_1_worker_kib"] / out["minimal_cost_1_worker_kib"]
+    out["filter_vs_minimal_cost_release"] = ((r["filter-1-release"] - r["nofilter-1-release"])
+                                             / (r["minimal-1-release"] - r["nofilter-1-release"]))
     out["filter_cost_per_extra_worker_kib"] = (r["filter-2"] - r["filter-1"]) - (r["nofilter-2"] - r["nofilter-1"])
     log(f"    wasm {out['wasm_bytes']} B (minimal {out['minimal_wasm_bytes']} B); Envoy "
         f"+{out['filter_cost_1_worker_kib'] / 1024:.1f} MiB with the filter, "

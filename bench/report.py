@@ -182,6 +182,20 @@ def rows(results):
                         f"+{x['minimal_cost_1_worker_kib'] / 1024:.1f} MiB ({r['minimal-1'] / 1024:.1f} MiB, minimal "
                         f"filter); no filter {r['nofilter-1'] / 1024:.1f} MiB",
                         f"{x['filter_vs_minimal_cost']:.2f}× the minimal filter's"))
+            if "filter-1-release" in r:
+                fr, mr, nr = r["filter-1-release"], r["minimal-1-release"], r["nofilter-1-release"]
+                out.append(("", "same, tcmalloc's free pages released (one round)",
+                            f"+{(fr - nr) / 1024:.1f} MiB ({fr / 1024:.1f} MiB)",
+                            f"+{(mr - nr) / 1024:.1f} MiB ({mr / 1024:.1f} MiB, minimal filter); "
+                            f"no filter {nr / 1024:.1f} MiB",
+                            f"{x['filter_vs_minimal_cost_release']:.2f}× the minimal filter's"))
+            h = x.get("envoy_heap_kib", {})
+            if all(v in h for v in ("nofilter", "minimal", "filter")):
+                def heap(v):
+                    return (f"live {h[v]['allocated'] / 1024:.1f}, caches {h[v]['total_thread_cache'] / 1024:.1f}, "
+                            f"heap {h[v]['total_physical_bytes'] / 1024:.1f} MiB")
+                out.append(("", "Envoy's tcmalloc heap (/memory), 1 worker", heap("filter"),
+                            f"{heap('minimal')} (minimal filter); {heap('nofilter')} (no filter)", ""))
         else:
             out.append(("", "Envoy RSS, 1 worker", f"{r['filter-1'] / 1024:.1f} MiB",
                         f"{r['nofilter-1'] / 1024:.1f} MiB (no filter)",

@@ -93,10 +93,17 @@ def test_memory_cold_start_size(results):
     assert b6["wasm_bytes"] > 0 and b6["broker_bytes"] > 0
     # The minimal filter (the baseline of the VM's memory) is smaller than meshiam's.
     assert 0 < b6["minimal_wasm_bytes"] < b6["wasm_bytes"]
-    assert set(b6["envoy_rss_kib"]) == {"filter-1", "minimal-1", "nofilter-1", "filter-2", "nofilter-2"}
+    assert set(b6["envoy_rss_kib"]) == {"filter-1", "minimal-1", "nofilter-1", "filter-2", "nofilter-2",
+                                        "filter-1-release", "minimal-1-release", "nofilter-1-release"}
     # Each side measured in every round, and a wasm VM costs Envoy memory.
     assert all(len(s) == b6["rounds"] for s in b6["envoy_rss_1_worker_samples_kib"].values())
     assert b6["minimal_cost_1_worker_kib"] > 0 and b6["filter_vs_minimal_cost"] > 0
+    assert b6["filter_vs_minimal_cost_release"] > 0
+    # Envoy's /memory (tcmalloc) of each one-worker Envoy: the filter's VM holds live memory.
+    heap = b6["envoy_heap_kib"]
+    assert set(heap) == {"nofilter", "minimal", "filter", "nofilter-release", "minimal-release", "filter-release"}
+    assert all(h["allocated"] > 0 and h["total_physical_bytes"] >= h["allocated"] for h in heap.values())
+    assert heap["filter"]["allocated"] > heap["nofilter"]["allocated"]
 
 
 def test_sts_model(results):
