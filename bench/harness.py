@@ -4,8 +4,9 @@ Every process the harness starts gets its own session (process group) and is rem
 `Procs`; `Procs.stop_all()` ends exactly those groups, by id, also on an error or Ctrl-C.
 Starting, waiting and stopping are tests/stacklib/procs.py's, shared with tests/stack and
 the filter's Envoy tests.
-Load comes from wrk (throughput and unloaded latency, through a Lua `done` hook that prints
-one JSON line) and hey (fixed request rate, per-request times from its CSV output).
+Load comes from wrk: throughput and latency through a Lua `done` hook that prints one JSON
+line, and a paced form (each connection waits after each answer) for latency at about a
+fixed rate.
 """
 
 import json
@@ -104,16 +105,21 @@ def rss_kib(pid):
     raise RuntimeError(f"no VmRSS for {pid}")
 
 
-# ------------------------------------------------------------------------------- wrk, hey
+# ------------------------------------------------------------------------------- wrk
 
 
-def wrk(url, seconds, connections, headers=(), method=None):
-    """wrk on the load core: requests/s and latency percentiles (µs)."""
+def wrk(url, seconds, connections, headers=(), method=None, delay_ms=None):
+    """wrk on the load core: requests/s and latency percentiles (µs, wrk's 1 µs resolution).
+    `delay_ms` paces it: each connection waits that long after each answer."""
     argv = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "5s", "-s", WRK_LUA]
     for h in headers:
         argv += ["-H", h]
     argv.append(url)
-    env = dict(os.environ, WRK_METHOD=method) if method else None
+    env = dict(os.environ)
+    if method:
+        env["WRK_METHOD"] = method
+    if delay_ms is not None:
+        env["WRK_DELAY_MS"] = str(delay_ms)
     out = subprocess.run(pinned(LOAD_CPU, argv), capture_output=True, text=True, timeout=seconds + 60, env=env)
     m = re.search(r"^WRKJSON (.*)$", out.stdout, re.M)
     if out.returncode != 0 or not m:
@@ -129,33 +135,6 @@ def wrk(url, seconds, connections, headers=(), method=None):
         "requests": r["requests"],
         "latency_us": {str(p): r["p"][str(p)] for p in PERCENTILES},
     }
-
-
-def hey_fixed_rate(url, seconds, rate, headers=()):
-    """hey at a fixed total rate (10 workers × rate/10 each): per-request times from CSV."""
-    workers = 10
-    argv = ["hey", "-z", f"{seconds}s", "-c", str(workers), "-q", str(rate / workers), "-o", "csv"]
-    for h in headers:
-        argv += ["-H", h]
-    argv.append(url)
-    out = subprocess.run(pinned(LOAD_CPU, argv), capture_output=True, text=True, timeout=seconds + 60)
-    if out.returncode != 0:
-        raise RuntimeError(f"hey failed ({out.returncode}):\n{out.stderr[-2000:]}")
-    times, bad = [], 0
-    for line in out.stdout.splitlines()[1:]:
-        cols = line.split(",")
-        if len(cols) < 7:
-            continue
-        # response-time,DNS+dialup,DNS,Request-write,Response-delay,Response-read,status-code,offset
-        if cols[6].strip() != "200":
-            bad += 1
-            continue
-        times.append(float(cols[0]) * 1e6)
-    if bad or not times:
-        raise RuntimeError(f"hey: {bad} non-200 answers, {len(times)} good ones from {url}")
-    # hey writes each time in seconds with four decimals: percentiles below 50 µs read 0.
-    return {"requests": len(times), "rps": len(times) / seconds, "latency_us": percentiles(times),
-            "resolution_us": 100}
 
 
 def percentiles(samples_us):
@@ -174,7 +153,7 @@ def median(xs):
 
 
 def median_run(runs):
-    """The median of several wrk/hey runs, per figure."""
+    """The median of several wrk runs, per figure."""
     return {
         "rps": median([r["rps"] for r in runs]),
         "requests": sum(r["requests"] for r in runs),

@@ -110,7 +110,7 @@ def main():
                         (FLOOR_BIN, "make broker")):
         if not os.path.exists(binary):
             sys.exit(f"missing {binary}: run {how} (make bench builds everything)")
-    for tool in ("wrk", "hey", "taskset"):
+    for tool in ("wrk", "taskset"):
         if not shutil.which(tool):
             sys.exit(f"missing {tool} on PATH")
 

@@ -5,6 +5,15 @@ if method then
   wrk.method = method
 end
 
+-- A paced run (WRK_DELAY_MS): each connection waits that long after each answer before its
+-- next request, so N connections make about N * 1000 / (delay + latency) requests a second.
+local pace = tonumber(os.getenv("WRK_DELAY_MS") or "")
+if pace then
+  delay = function()
+    return pace
+  end
+end
+
 done = function(summary, latency, requests)
   local ps = {1, 5, 10, 25, 50, 75, 90, 95, 99, 99.9}
   local parts = {}

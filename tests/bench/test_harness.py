@@ -35,9 +35,7 @@ def run_shape(r):
     assert r["rps"] > 0 and r["requests"] > 0
     assert set(r["latency_us"]) == LATENCY_KEYS
     values = [r["latency_us"][k] for k in sorted(LATENCY_KEYS, key=float)]
-    assert values == sorted(values) and values[-1] > 0
-    # A percentile below the load tool's resolution reads 0 (hey's: 100 µs); wrk's is 1 µs.
-    assert values[0] > 0 or r.get("resolution_us", 1) >= 100
+    assert values == sorted(values) and values[0] > 0
 
 
 def test_top_level(results):
@@ -79,6 +77,9 @@ def test_broker_throughput(results):
         for v in ("broker", "hyper_floor"):
             run_shape(b3[part][v])
     assert 0 < b3["throughput_ratio"]
+    # The paced run is paced: well below what the same server does unpaced.
+    for v in ("broker", "hyper_floor"):
+        assert b3["at_1000_rps"][v]["rps"] < b3["throughput"][v]["rps"] / 2
 
 
 def test_memory_cold_start_size(results):
@@ -120,9 +121,7 @@ def probe_shape(r):
     assert r["requests"] > 0 and r["requests"] == sum(r["statuses"].values())
     assert r["ok"] == r["statuses"].get("200", 0) and r["failed"] == r["requests"] - r["ok"]
     values = [r["latency_us"][k] for k in sorted(LATENCY_KEYS, key=float)]
-    assert values == sorted(values) and values[-1] > 0
-    # A percentile below the load tool's resolution reads 0 (hey's: 100 µs); wrk's is 1 µs.
-    assert values[0] > 0 or r.get("resolution_us", 1) >= 100
+    assert values == sorted(values) and values[0] > 0
 
 
 def test_hostile_load(results):
