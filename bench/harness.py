@@ -27,13 +27,14 @@ BENCH = os.path.join(ROOT, "bench")
 VENV_BIN = os.path.join(ROOT, ".venv", "bin")
 ENVOY_BIN = os.path.join(VENV_BIN, "envoy")
 PYTHON = os.path.join(VENV_BIN, "python")
-# MESHIAM_BENCH_BROKER / MESHIAM_BENCH_WASM measure other builds with this harness (an
-# older commit's, for BENCHMARKS.md's before/after tables).
+# MESHIAM_BENCH_BROKER / MESHIAM_BENCH_WASM / MESHIAM_BENCH_MINIMAL_WASM measure other
+# builds with this harness (an older commit's, for BENCHMARKS.md's before/after tables, or
+# the modules after a post-link optimiser, for benchmark 6).
 BROKER_BIN = os.environ.get("MESHIAM_BENCH_BROKER") or str(artifacts.BROKER_BIN)
 FLOOR_BIN = str(artifacts.FLOOR_BIN)
 WASM = os.environ.get("MESHIAM_BENCH_WASM") or str(artifacts.WASM)
 # Benchmark 6's baseline: the smallest proxy-wasm HTTP filter (bench/minimal-filter).
-MINIMAL_WASM = str(artifacts.MINIMAL_WASM)
+MINIMAL_WASM = os.environ.get("MESHIAM_BENCH_MINIMAL_WASM") or str(artifacts.MINIMAL_WASM)
 WRK_LUA = os.path.join(BENCH, "wrk_report.lua")
 
 # Envoy (and the servers under test) on one core, the load generator on the other.

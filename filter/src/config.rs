@@ -181,6 +181,31 @@ impl Fields {
 
 /// Parses and validates the plugin configuration. Empty input means all defaults.
 pub fn parse(bytes: &[u8]) -> Result<Config, ConfigError> {
+    validate(read(bytes)?)
+}
+
+/// The configuration's fields as written, before validation.
+struct Raw {
+    broker_cluster: Option<String>,
+    broker_authority: Option<String>,
+    timeout: Option<u64>,
+    hosts: Option<Vec<String>>,
+    addresses: Option<Vec<String>>,
+    container_hosts: Option<Vec<String>>,
+    container_addresses: Option<Vec<String>>,
+    require_imdsv2: Option<bool>,
+    allow: Option<Vec<String>>,
+    fresh: Option<u64>,
+    stale: Option<u64>,
+    pod_ips: Option<Vec<String>>,
+    identity: Option<(String, Option<String>, Option<String>)>,
+}
+
+// Reading and validating are two functions, not inlined into one: V8's compile of the
+// module in every sidecar leaves Envoy's heap as large as its largest functions made it, and
+// as one function of 7.6 KB this cost each sidecar 1.7 MiB more (BENCHMARKS.md, benchmark 6).
+#[inline(never)]
+fn read(bytes: &[u8]) -> Result<Raw, ConfigError> {
     let trimmed = bytes.trim_ascii();
     let mut f = if trimmed.is_empty() {
         Fields(Vec::new())
@@ -195,29 +220,51 @@ pub fn parse(bytes: &[u8]) -> Result<Config, ConfigError> {
             }
         }
     };
-    let raw_broker_cluster = f.string("brokerCluster")?;
-    let raw_broker_authority = f.string("brokerAuthority")?;
-    let raw_timeout = f.number("brokerTimeoutMs", 60_000)?;
-    let raw_hosts = f.strings("metadataHosts")?;
-    let raw_addresses = f.strings("metadataAddresses")?;
-    let raw_container_hosts = f.strings("containerHosts")?;
-    let raw_container_addresses = f.strings("containerAddresses")?;
-    let require_imdsv2 = f.bool("requireImdsv2")?;
-    let raw_allow = f.strings("allowPaths")?;
-    let raw_fresh = f.number("cacheFreshSeconds", 3600)?;
-    let raw_stale = f.number("staleMinRemainingSeconds", 43_200)?;
-    let raw_pod_ips = f.strings("podIps")?;
-    let raw_identity = match f.object("identity")? {
-        None => None,
-        Some(mut i) => {
-            let source = i.string("source")?;
-            let namespace = i.string("namespace")?;
-            let name = i.string("name")?;
-            i.finish("identity.")?;
-            Some((source.unwrap_or_default(), namespace, name))
-        }
+    let raw = Raw {
+        broker_cluster: f.string("brokerCluster")?,
+        broker_authority: f.string("brokerAuthority")?,
+        timeout: f.number("brokerTimeoutMs", 60_000)?,
+        hosts: f.strings("metadataHosts")?,
+        addresses: f.strings("metadataAddresses")?,
+        container_hosts: f.strings("containerHosts")?,
+        container_addresses: f.strings("containerAddresses")?,
+        require_imdsv2: f.bool("requireImdsv2")?,
+        allow: f.strings("allowPaths")?,
+        fresh: f.number("cacheFreshSeconds", 3600)?,
+        stale: f.number("staleMinRemainingSeconds", 43_200)?,
+        pod_ips: f.strings("podIps")?,
+        identity: match f.object("identity")? {
+            None => None,
+            Some(mut i) => {
+                let source = i.string("source")?;
+                let namespace = i.string("namespace")?;
+                let name = i.string("name")?;
+                i.finish("identity.")?;
+                Some((source.unwrap_or_default(), namespace, name))
+            }
+        },
     };
     f.finish("")?;
+    Ok(raw)
+}
+
+#[inline(never)]
+fn validate(raw: Raw) -> Result<Config, ConfigError> {
+    let Raw {
+        broker_cluster: raw_broker_cluster,
+        broker_authority: raw_broker_authority,
+        timeout: raw_timeout,
+        hosts: raw_hosts,
+        addresses: raw_addresses,
+        container_hosts: raw_container_hosts,
+        container_addresses: raw_container_addresses,
+        require_imdsv2,
+        allow: raw_allow,
+        fresh: raw_fresh,
+        stale: raw_stale,
+        pod_ips: raw_pod_ips,
+        identity: raw_identity,
+    } = raw;
     let d = Config::default();
     let broker_cluster = raw_broker_cluster.unwrap_or(d.broker_cluster);
     if broker_cluster.is_empty() || !is_token(&broker_cluster) {
