@@ -129,6 +129,17 @@ struct Ctx {
     work: tokio::sync::Semaphore,
 }
 
+impl Ctx {
+    /// One of the `--max-concurrency` slots of identified requests doing work (node IMDS,
+    /// STS, TokenReview). The semaphore is never closed, so acquiring fails only if it were.
+    async fn work_slot(&self) -> Result<tokio::sync::SemaphorePermit<'_>, BrokerError> {
+        self.work
+            .acquire()
+            .await
+            .map_err(|_| BrokerError::NodeImds("shutting down".into()))
+    }
+}
+
 /// The IMDS service, with request timeout, body and concurrency limits. Concurrency is
 /// counted once the caller is known: a request waiting for an unknown address holds no
 /// shared slot (its own cap is `--max-pod-waiters`), so known pods never queue behind it.
@@ -434,13 +445,8 @@ async fn serve(
     check_session(token, &broker.issuer, now, &token_binding(&pod), required)
         .map_err(BrokerError::Imds)?;
 
-    // From here on the request does work (node IMDS, STS): take a shared slot. The
-    // semaphore is never closed, so acquiring fails only if it were.
-    let _work = ctx
-        .work
-        .acquire()
-        .await
-        .map_err(|_| BrokerError::NodeImds("shutting down".into()))?;
+    // From here on the request does work (node IMDS, STS): take a shared slot.
+    let _work = ctx.work_slot().await?;
 
     if let Resource::Allowed(rel) = &resource {
         let (status, body) = broker
@@ -589,11 +595,7 @@ async fn serve_container(
     )
     .map_err(BrokerError::Imds)?;
 
-    let _work = ctx
-        .work
-        .acquire()
-        .await
-        .map_err(|_| BrokerError::NodeImds("shutting down".into()))?;
+    let _work = ctx.work_slot().await?;
 
     let reviewed = match broker
         .container
