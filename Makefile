@@ -24,6 +24,7 @@ help:
 	@echo "make manifests - regenerate the plain-Envoy sidecar config (after editing envoy/sidecar.yaml)"
 	@echo "make fuzz   - run every fuzz target for FUZZ_SECONDS (default 30) each"
 	@echo "make bench  - the benchmarks (BENCHMARKS.md); 8-9 use the local stack"
+	@echo "make bench-compile-cost - what V8's compile of never-called code costs Envoy (bench/compile_cost.json)"
 	@echo "make soak   - pods in SDK loops with pods churning for SOAK_SECONDS (default 180): errors, memory"
 
 setup:
@@ -108,7 +109,7 @@ clean:
 # the harness (brief runs, results in bench/out/quick). Not part of `make test`'s timing runs.
 # Benchmarks 8-9 and `make soak` bring up the local stack (tests/stack): on a machine shared
 # with other stack users, run them under `flock /tmp/meshiam-stack.lock`.
-.PHONY: bench bench-quick soak
+.PHONY: bench bench-quick bench-compile-cost soak
 
 # `build` also builds bench_floor, the hyper floor server of benchmark 3 (one cargo call, so
 # the dependencies are built once with one feature set).
@@ -117,6 +118,12 @@ bench: setup build
 
 bench-quick: setup build
 	$(PY) bench/run.py --quick
+
+# What V8's compile of a module costs Envoy (benchmark 6's analysis, BENCHMARKS.md): the
+# minimal filter with never-called code added, through benchmark 6; about 5 minutes. Writes
+# bench/compile_cost.json.
+bench-compile-cost: setup build
+	$(PY) bench/compile_cost.py --record
 
 # Soak (issue 10): pods in SDK-like loops while pods churn, on the local stack; not part of
 # `make test`. Exits non-zero on any error or memory that is not flat; the summary goes to

@@ -380,6 +380,7 @@ def write_markdown(results, path, chart_rel):
             .replace("{{CHART}}", chart_rel)
             .replace("{{MISSES}}", misses(results))
             .replace("{{SOAK}}", soak_section(os.path.join(here, "soak.json")))
+            .replace("{{COMPILE_COST}}", compile_cost_section(os.path.join(here, "compile_cost.json")))
             .replace("{{HOSTILE_BEFORE}}", hostile_before_after(results, os.path.join(here, "hostile_before.json")))
             .replace("{{PERF_BEFORE}}", perf_before_after(results, os.path.join(here, "perf_before.json")))
             .replace("{{FILTER_BEFORE}}", filter_before_after(results, os.path.join(here, "filter_overhead_before.json")))
@@ -534,6 +535,42 @@ def misses(results):
             f"{x['probe_timeout_ms']:,} ms counts as the sidecar's 504). The attacker's answers: "
             f"{_outcomes(a['answers'])}.")
     return "\n".join(out)
+
+
+def compile_cost_section(path):
+    """The table of what V8's compile of never-called code costs Envoy, from the run
+    `bench/compile_cost.py --record` wrote."""
+    try:
+        with open(path) as f:
+            c = json.load(f)
+    except OSError:
+        return "Not recorded yet: `make bench-compile-cost` records it here."
+    v = c["variants"]
+    base = v["base"]
+    what = {"small": f"{c['small']} small functions added, never called",
+            "large": "one large function added, never called",
+            "meshiam": "meshiam's filter"}
+    lines = [f"Run {c['date']} (commit `{c['git']}`), `{c['command']}`; `base` is the minimal filter "
+             f"({base['functions']} functions, {base['code_bytes'] / 1000:.1f} KB of code, largest "
+             f"{base['largest_function_bytes'] / 1000:.1f} KB), measured in the minimal filter's place of each run.",
+             "",
+             "| in the filter's place | functions | code | largest function | added to Envoy's RSS "
+             "(`base`) | ratio | per KB of code beyond `base` |",
+             "|---|---|---|---|---|---|---|"]
+    for k in ("small", "large", "meshiam"):
+        r = v[k]
+        lines.append(f"| {what[k]} | {r['functions']} | {r['code_bytes'] / 1000:.1f} KB | "
+                     f"{r['largest_function_bytes'] / 1000:.1f} KB | +{r['added_kib'] / 1024:.1f} MiB "
+                     f"(+{r['base_added_kib'] / 1024:.1f}) | {r['ratio']:.2f}× | "
+                     f"{r['kib_per_kb_of_code']:.0f} KiB |")
+    m = v["meshiam"]
+    room = 0.15 * m["base_added_kib"]  # what 1.15× of the floor leaves beyond it
+    prices = sorted(v[k]["kib_per_kb_of_code"] for k in ("small", "meshiam"))
+    lines += ["", f"At the prices per KB of the small functions and of meshiam's filter ({prices[0]:.0f} and "
+              f"{prices[1]:.0f} KiB), 1.15× of the floor (+{room / 1024:.1f} MiB beyond it) leaves room for "
+              f"{room / prices[1]:.0f} to {room / prices[0]:.0f} KB of code beyond `base`; meshiam's filter has "
+              f"{(m['code_bytes'] - base['code_bytes']) / 1000:.0f} KB beyond it."]
+    return "\n".join(lines)
 
 
 def soak_section(path):

@@ -13,40 +13,9 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "bench"))
 from tests.stacklib.artifacts import MINIMAL_WASM, WASM  # noqa: E402
-
-
-def leb128(data, i):
-    value = shift = 0
-    while True:
-        byte = data[i]
-        i += 1
-        value |= (byte & 0x7F) << shift
-        shift += 7
-        if byte < 0x80:
-            return value, i
-
-
-def function_sizes(path):
-    """The size in bytes of each function body in the module's code section."""
-    with open(path, "rb") as f:
-        data = f.read()
-    assert data[:4] == b"\0asm", f"{path} is not a wasm module"
-    i = 8
-    while i < len(data):
-        section, i = data[i], i + 1
-        size, i = leb128(data, i)
-        if section == 10:  # code
-            count, j = leb128(data, i)
-            sizes = []
-            for _ in range(count):
-                body, j = leb128(data, j)
-                sizes.append(body)
-                j += body
-            assert j == i + size, "code section read past its end"
-            return sizes
-        i += size
-    raise AssertionError(f"{path} has no code section")
+from wasmfile import function_sizes  # noqa: E402
 
 
 def test_no_function_larger_than_the_minimal_filters_largest():
