@@ -565,11 +565,9 @@ def compile_cost_section(path):
                      f"{r['kib_per_kb_of_code']:.0f} KiB |")
     m = v["meshiam"]
     room = 0.15 * m["base_added_kib"]  # what 1.15× of the floor leaves beyond it
-    prices = sorted(v[k]["kib_per_kb_of_code"] for k in ("small", "meshiam"))
-    lines += ["", f"At the prices per KB of the small functions and of meshiam's filter ({prices[0]:.0f} and "
-              f"{prices[1]:.0f} KiB), 1.15× of the floor (+{room / 1024:.1f} MiB beyond it) leaves room for "
-              f"{room / prices[1]:.0f} to {room / prices[0]:.0f} KB of code beyond `base`; meshiam's filter has "
-              f"{(m['code_bytes'] - base['code_bytes']) / 1000:.0f} KB beyond it."]
+    lines += ["", f"At meshiam's price per KB of code ({m['kib_per_kb_of_code']:.0f} KiB), 1.15× of the floor "
+              f"(+{room / 1024:.1f} MiB beyond it) leaves room for {room / m['kib_per_kb_of_code']:.0f} KB of code "
+              f"beyond `base`; meshiam's filter has {(m['code_bytes'] - base['code_bytes']) / 1000:.0f} KB beyond it."]
     return "\n".join(lines)
 
 
