@@ -5,6 +5,16 @@ import json
 import math
 import os
 
+
+def _recorded(path):
+    """A JSON file a run recorded (bench/*.json), or None when it has not been recorded."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except OSError:
+        return None
+
+
 MB = 1_000_000
 
 
@@ -393,10 +403,9 @@ def filter_before_after(results, before_path):
     """Benchmark 1 of this run next to the same benchmark before issue 14
     (bench/filter_overhead_before.json: the filter on every HTTP request of the sidecar)."""
     x = _get(results, "benchmarks", "1_filter_overhead")
-    if not x or not os.path.exists(before_path):
+    before = _recorded(before_path)
+    if not x or before is None:
         return "(benchmark 1 not measured)"
-    with open(before_path) as f:
-        before = json.load(f)
     y = before["benchmarks"]["1_filter_overhead"]
     scoped, plugin = _get(x, "istio", "istio-shape-scoped"), _get(x, "istio", "istio-shape")
 
@@ -540,10 +549,8 @@ def misses(results):
 def compile_cost_section(path):
     """The table of what V8's compile of never-called code costs Envoy, from the run
     `bench/compile_cost.py --record` wrote."""
-    try:
-        with open(path) as f:
-            c = json.load(f)
-    except OSError:
+    c = _recorded(path)
+    if c is None:
         return "Not recorded yet: `make bench-compile-cost` records it here."
     v = c["variants"]
     base = v["base"]
@@ -573,11 +580,8 @@ def compile_cost_section(path):
 
 def soak_section(path):
     """The Soak section of BENCHMARKS.md from the run `bench/soak.py --record` wrote."""
-    import json
-    try:
-        with open(path) as f:
-            s = json.load(f)
-    except OSError:
+    s = _recorded(path)
+    if s is None:
         return "Not recorded yet: `make soak` runs it; `.venv/bin/python bench/soak.py --record` records it here."
     rss = s["rss"]
     stable = {k: r for k, r in rss.items() if k.startswith("envoy") and r["flat"] is not None}
@@ -656,11 +660,8 @@ def _gauge(x, name, fallback):
 def hostile_before_after(results, before_path):
     """Benchmarks 8 and 9 of this run next to the same benchmarks against the broker before
     its connection and pod-wait limits (bench/hostile_before.json)."""
-    import json
-    try:
-        with open(before_path) as f:
-            before = json.load(f)
-    except OSError:
+    before = _recorded(before_path)
+    if before is None:
         return ""
     now = {m: v for m, v, _ in _hostile_figures(results["benchmarks"])}
     rows = _hostile_figures(before["benchmarks"])
@@ -702,11 +703,8 @@ def _perf_figures(b):
 def perf_before_after(results, before_path):
     """Benchmarks 3 and 6 of this run next to the same harness run against the commit before
     issue 14's work (bench/perf_before.json)."""
-    import json
-    try:
-        with open(before_path) as f:
-            before = json.load(f)
-    except OSError:
+    before = _recorded(before_path)
+    if before is None:
         return "Not recorded."
     now = {m: v for m, v, _ in _perf_figures(results["benchmarks"])}
     rows = _perf_figures(before["benchmarks"])
