@@ -131,7 +131,11 @@ def test_hostile_load(results):
     # The victim's broker works before the attack: every unattacked call-out got credentials.
     assert b8["probe"]["unattacked"]["ok"] == b8["probe"]["unattacked"]["requests"]
     r = b8["rss_kib"]
-    assert 0 < r["start"] <= r["peak_during"] and r["after"] > 0
+    assert r["start"] > 0 and r["peak_during"] > 0 and r["after"] > 0
+    # The peak is the largest sample taken during the attack (RSS may dip below the sample
+    # taken just before it, so the peak is not compared with that one).
+    during = [kib for t, kib in b8["rss_series_kib"] if 0 <= t <= b8["attack_s"] + 1]
+    assert during and r["peak_during"] >= max(during)
     a = b8["attacker"]
     assert a["opened"] > 0 and 0 < a["peak_held"] <= b8["connections"]
     b9 = results["benchmarks"]["9_unknown_address_flood"]
