@@ -29,7 +29,7 @@ ENVOY_BIN = os.path.join(VENV_BIN, "envoy")
 PYTHON = os.path.join(VENV_BIN, "python")
 # MESHIAM_BENCH_BROKER / MESHIAM_BENCH_WASM / MESHIAM_BENCH_MINIMAL_WASM measure other
 # builds with this harness (an older commit's, for BENCHMARKS.md's before/after tables, or
-# the modules after a post-link optimiser, for benchmark 6).
+# other modules in benchmark 6's two places: bench/compile_cost.py, or A/B builds).
 BROKER_BIN = os.environ.get("MESHIAM_BENCH_BROKER") or str(artifacts.BROKER_BIN)
 FLOOR_BIN = str(artifacts.FLOOR_BIN)
 WASM = os.environ.get("MESHIAM_BENCH_WASM") or str(artifacts.WASM)
