@@ -126,7 +126,7 @@ def measure(out, name, wasm, base, quick):
     if quick:
         argv.append("--quick")
     env = {**os.environ, "MESHIAM_BENCH_WASM": wasm, "MESHIAM_BENCH_MINIMAL_WASM": base}
-    subprocess.run(argv, check=True, env=env, stdout=subprocess.DEVNULL)
+    subprocess.run(argv, check=True, env=env)  # its progress lines show
     with open(os.path.join(run_out, "results.json")) as f:
         r = json.load(f)["benchmarks"]["6_size"]
     return {"added_kib": r["filter_cost_1_worker_kib"], "base_added_kib": r["minimal_cost_1_worker_kib"],
@@ -143,16 +143,26 @@ def main():
     ap.add_argument("--build-only", action="store_true", help="build the variants, print their facts, stop")
     ap.add_argument("--record", action="store_true", help="also write bench/compile_cost.json (BENCHMARKS.md cites it)")
     args = ap.parse_args()
+    if args.small < 1 or args.large < 1:
+        ap.error("--small and --large need at least 1: a variant without added code measures nothing")
+    if not os.path.exists(WASM):
+        sys.exit(f"missing {WASM}: run `make build` (the meshiam filter is measured too)")
     os.makedirs(args.out, exist_ok=True)
     log(f"compile cost: building the minimal filter as it is, with {args.small} small functions and with "
         f"one function of {args.large} steps (nothing calls them)")
-    wasm = {v: build(args.out, v, args.small, args.large) for v in ("base", "small", "large")}
+    try:
+        wasm = {v: build(args.out, v, args.small, args.large) for v in ("base", "small", "large")}
+    except subprocess.CalledProcessError as e:
+        sys.exit(f"compile cost: building a variant failed (cargo exited {e.returncode}; its output is above)")
     wasm["meshiam"] = WASM
     rows = {v: module_facts(p) for v, p in wasm.items()}
     if not args.build_only:
         for v in ("small", "large", "meshiam"):
             log(f"compile cost: benchmark 6 with `{v}` in the filter's place, `base` as the minimal filter")
-            rows[v].update(measure(args.out, v, wasm[v], wasm["base"], args.quick))
+            try:
+                rows[v].update(measure(args.out, v, wasm[v], wasm["base"], args.quick))
+            except subprocess.CalledProcessError as e:
+                sys.exit(f"compile cost: benchmark 6 failed for `{v}` (exit {e.returncode}; its log is above)")
     base = rows["base"]
     print(f"{'variant':10} {'wasm B':>9} {'functions':>9} {'code B':>9} {'largest':>8} "
           f"{'added MiB':>10} {'base MiB':>9} {'ratio':>6} {'KiB per KB code':>16}")

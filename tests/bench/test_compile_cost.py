@@ -28,3 +28,11 @@ def test_variants_add_never_called_code(tmp_path):
     assert v["meshiam"]["functions"] > base["functions"]
     # Nothing was measured: no benchmark figures in a build-only run.
     assert all("added_kib" not in r for r in v.values())
+
+
+def test_a_variant_without_added_code_is_refused(tmp_path):
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "compile_cost.py"), "--build-only",
+                          "--small", "0", "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2
+    assert "--small and --large need at least 1" in run.stderr
+    assert not (tmp_path / "crates").exists()  # refused before building anything
